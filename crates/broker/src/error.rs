@@ -1,0 +1,99 @@
+//! [`BrokerError`]: what went wrong, in terms a caller can act on. The server maps each variant
+//! to exactly one gRPC status (see `ordo-server`'s `status` module).
+
+use crate::NodeId;
+
+/// Every failure of a broker operation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The request is malformed.
+    #[error("{message}")]
+    InvalidArgument {
+        /// Stable machine-readable reason, e.g. `INVALID_TOPIC_NAME`.
+        reason: &'static str,
+        /// What to fix.
+        message: String,
+    },
+    /// A value is over a configured limit.
+    #[error("{name} is {actual}, above the limit of {max}; split the request or raise the limit")]
+    LimitExceeded {
+        /// The limit's name, as in the config.
+        name: &'static str,
+        /// The limit.
+        max: u64,
+        /// The value seen.
+        actual: u64,
+    },
+    /// No such topic.
+    #[error("topic {0:?} does not exist; create it with CreateTopic (ordo topic create)")]
+    TopicNotFound(String),
+    /// No such partition in the topic.
+    #[error("topic {topic:?} has partitions 0..{partitions}; partition {partition} does not exist")]
+    PartitionNotFound {
+        /// The topic.
+        topic: String,
+        /// The partition asked for.
+        partition: u32,
+        /// How many partitions the topic has.
+        partitions: u32,
+    },
+    /// The topic already exists.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    /// The cluster cannot do this in its present shape.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The offset is outside the partition's log.
+    #[error(
+        "offset {offset} is outside the log; valid offsets are {start}..={end} (end = next offset to be written)"
+    )]
+    OffsetOutOfRange {
+        /// The offset asked for.
+        offset: u64,
+        /// First offset in the log.
+        start: u64,
+        /// The high watermark.
+        end: u64,
+    },
+    /// No leader could be reached; nothing was written. Safe to retry.
+    #[error("{message}")]
+    Unavailable {
+        /// What was tried.
+        message: String,
+        /// The leader last heard of.
+        leader: Option<NodeId>,
+        /// Its address.
+        leader_address: Option<String>,
+    },
+    /// The records were proposed but not confirmed in time: they may or may not be in the log.
+    #[error(
+        "{message}; the records may or may not have been written, and a retry may duplicate them"
+    )]
+    OutcomeUnknown {
+        /// What happened.
+        message: String,
+    },
+    /// Too much in flight.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A bug or a storage failure on the server.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl BrokerError {
+    pub(crate) fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
+        BrokerError::InvalidArgument {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn unavailable(message: impl Into<String>, leader: Option<NodeId>) -> Self {
+        BrokerError::Unavailable {
+            message: message.into(),
+            leader,
+            leader_address: None,
+        }
+    }
+}

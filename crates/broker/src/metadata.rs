@@ -1,0 +1,315 @@
+//! The cluster metadata: topics and where their partitions live. Replicated by the metadata
+//! Raft group; every node applies the same commands in the same order, so `apply` must be
+//! deterministic (no clocks, no randomness, no I/O).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::NodeId;
+
+/// Bits of a group id that hold the partition; the topic id is above them.
+const PARTITION_BITS: u32 = 20;
+
+/// A topic and its replica assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topic {
+    /// Unique for the life of the cluster; a re-created topic gets a new id (and new groups).
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// Replicas per partition.
+    pub replication_factor: u32,
+    /// For each partition, its replicas; the first is the preferred leader.
+    pub partitions: Vec<Vec<NodeId>>,
+    /// Free-form config.
+    pub config: BTreeMap<String, String>,
+}
+
+impl Topic {
+    /// The Raft group of a partition.
+    pub fn group(&self, partition: u32) -> u64 {
+        group_of(self.id, partition)
+    }
+}
+
+/// The group id of `(topic id, partition)`. Group 0 is the metadata group; topic ids start at 1.
+pub fn group_of(topic_id: u64, partition: u32) -> u64 {
+    (topic_id << PARTITION_BITS) | u64::from(partition)
+}
+
+/// The whole metadata state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    /// Topics by name.
+    pub topics: BTreeMap<String, Topic>,
+    /// The next topic id to hand out.
+    pub next_topic_id: u64,
+    /// Index of the last applied command.
+    pub applied_index: u64,
+}
+
+/// Commands of the metadata log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Create a topic, assigning replicas over `nodes`.
+    CreateTopic {
+        /// Name (validated by the proposer).
+        name: String,
+        /// Partition count (validated by the proposer).
+        partitions: u32,
+        /// Replicas per partition (validated by the proposer).
+        replication_factor: u32,
+        /// Config.
+        config: BTreeMap<String, String>,
+        /// The nodes to place replicas on.
+        nodes: Vec<NodeId>,
+    },
+    /// Delete a topic.
+    DeleteTopic {
+        /// Name.
+        name: String,
+    },
+}
+
+/// Answers of metadata commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaAnswer {
+    /// The topic was created.
+    Created(Topic),
+    /// The topic was deleted.
+    Deleted,
+    /// The topic already exists.
+    AlreadyExists,
+    /// No such topic.
+    NotFound,
+    /// The command cannot be applied.
+    Rejected(String),
+}
+
+impl MetaState {
+    /// Applies one command. Deterministic.
+    pub fn apply(&mut self, index: u64, command: MetaCommand) -> MetaAnswer {
+        self.applied_index = index;
+        match command {
+            MetaCommand::CreateTopic {
+                name,
+                partitions,
+                replication_factor,
+                config,
+                nodes,
+            } => {
+                if self.topics.contains_key(&name) {
+                    return MetaAnswer::AlreadyExists;
+                }
+                let Some(assignment) = self.assign(partitions, replication_factor, &nodes) else {
+                    return MetaAnswer::Rejected(format!(
+                        "replication factor {replication_factor} needs that many nodes; {} known",
+                        nodes.len()
+                    ));
+                };
+                self.next_topic_id = self.next_topic_id.max(1);
+                let topic = Topic {
+                    id: self.next_topic_id,
+                    name: name.clone(),
+                    replication_factor,
+                    partitions: assignment,
+                    config,
+                };
+                self.next_topic_id += 1;
+                self.topics.insert(name, topic.clone());
+                MetaAnswer::Created(topic)
+            }
+            MetaCommand::DeleteTopic { name } => match self.topics.remove(&name) {
+                Some(_) => MetaAnswer::Deleted,
+                None => MetaAnswer::NotFound,
+            },
+        }
+    }
+
+    /// Replica assignment: for each partition, `replication_factor` distinct nodes, choosing the
+    /// preferred leader (first replica) as the node that currently prefers the fewest
+    /// partitions, then followers by fewest replicas, ties by node id. Spreads leaders and data
+    /// evenly across the cluster, including over many topics.
+    fn assign(
+        &self,
+        partitions: u32,
+        replication_factor: u32,
+        nodes: &[NodeId],
+    ) -> Option<Vec<Vec<NodeId>>> {
+        let mut nodes: Vec<NodeId> = nodes.to_vec();
+        nodes.sort_unstable();
+        nodes.dedup();
+        if replication_factor == 0 || replication_factor as usize > nodes.len() {
+            return None;
+        }
+        let mut leaders: BTreeMap<NodeId, u64> = nodes.iter().map(|node| (*node, 0)).collect();
+        let mut replicas: BTreeMap<NodeId, u64> = leaders.clone();
+        for topic in self.topics.values() {
+            for partition in &topic.partitions {
+                for (position, node) in partition.iter().enumerate() {
+                    if position == 0 {
+                        if let Some(count) = leaders.get_mut(node) {
+                            *count += 1;
+                        }
+                    }
+                    if let Some(count) = replicas.get_mut(node) {
+                        *count += 1;
+                    }
+                }
+            }
+        }
+        let mut assignment = Vec::with_capacity(partitions as usize);
+        for _ in 0..partitions {
+            let leader = *nodes
+                .iter()
+                .min_by_key(|node| (leaders[*node], replicas[*node], **node))
+                .expect("nodes is not empty");
+            let mut chosen = vec![leader];
+            let mut followers: Vec<NodeId> = nodes
+                .iter()
+                .copied()
+                .filter(|node| *node != leader)
+                .collect();
+            followers.sort_by_key(|node| (replicas[node], *node));
+            chosen.extend(followers.into_iter().take(replication_factor as usize - 1));
+            *leaders.get_mut(&leader).expect("leader is a node") += 1;
+            for node in &chosen {
+                *replicas.get_mut(node).expect("replica is a node") += 1;
+            }
+            assignment.push(chosen);
+        }
+        Some(assignment)
+    }
+}
+
+/// The metadata state machine the Raft layer drives; publishes each new state on a watch.
+pub(crate) struct MetaMachine {
+    state: MetaState,
+    published: watch::Sender<Arc<MetaState>>,
+}
+
+impl MetaMachine {
+    pub(crate) fn new(published: watch::Sender<Arc<MetaState>>) -> Self {
+        Self {
+            state: MetaState::default(),
+            published,
+        }
+    }
+}
+
+impl ordo_raft::MetaApply for MetaMachine {
+    fn apply(&mut self, index: u64, command: &[u8]) -> Vec<u8> {
+        let answer = match postcard::from_bytes::<MetaCommand>(command) {
+            Ok(command) => self.state.apply(index, command),
+            Err(error) => MetaAnswer::Rejected(format!("undecodable metadata command: {error}")),
+        };
+        postcard::to_stdvec(&answer).unwrap_or_default()
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        postcard::to_stdvec(&self.state).unwrap_or_default()
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
+        self.state = postcard::from_bytes(snapshot).map_err(|error| error.to_string())?;
+        Ok(())
+    }
+
+    fn publish(&self) {
+        if **self.published.borrow() != self.state {
+            self.published.send_replace(Arc::new(self.state.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(name: &str, partitions: u32, replication_factor: u32) -> MetaCommand {
+        MetaCommand::CreateTopic {
+            name: name.into(),
+            partitions,
+            replication_factor,
+            config: BTreeMap::new(),
+            nodes: vec![1, 2, 3],
+        }
+    }
+
+    /// Leaders and replicas spread evenly; replicas of a partition are distinct.
+    #[test]
+    fn assignment_is_balanced() {
+        let mut state = MetaState::default();
+        let MetaAnswer::Created(topic) = state.apply(1, create("a", 6, 3)) else {
+            panic!("created");
+        };
+        let mut leaders = BTreeMap::new();
+        for replicas in &topic.partitions {
+            let mut distinct = replicas.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 3);
+            *leaders.entry(replicas[0]).or_insert(0) += 1;
+        }
+        assert_eq!(leaders.values().copied().collect::<Vec<_>>(), vec![2, 2, 2]);
+        // A second topic keeps the balance across topics.
+        let MetaAnswer::Created(second) = state.apply(2, create("b", 1, 1)) else {
+            panic!("created");
+        };
+        assert_eq!(second.partitions.len(), 1);
+        assert_eq!(second.id, topic.id + 1);
+    }
+
+    /// Duplicate names, deleting unknown topics and impossible replication factors are refused;
+    /// a re-created topic gets a new id.
+    #[test]
+    fn commands_are_checked() {
+        let mut state = MetaState::default();
+        assert!(matches!(
+            state.apply(1, create("a", 1, 3)),
+            MetaAnswer::Created(_)
+        ));
+        assert_eq!(state.apply(2, create("a", 1, 3)), MetaAnswer::AlreadyExists);
+        assert!(matches!(
+            state.apply(3, create("b", 1, 4)),
+            MetaAnswer::Rejected(_)
+        ));
+        assert_eq!(
+            state.apply(4, MetaCommand::DeleteTopic { name: "x".into() }),
+            MetaAnswer::NotFound
+        );
+        let first_id = state.topics["a"].id;
+        assert_eq!(
+            state.apply(5, MetaCommand::DeleteTopic { name: "a".into() }),
+            MetaAnswer::Deleted
+        );
+        let MetaAnswer::Created(again) = state.apply(6, create("a", 1, 3)) else {
+            panic!("created");
+        };
+        assert_ne!(again.id, first_id);
+        assert_ne!(again.group(0), group_of(first_id, 0));
+    }
+
+    /// Applying the same commands gives the same state (determinism).
+    #[test]
+    fn apply_is_deterministic() {
+        let commands = vec![
+            create("a", 3, 3),
+            create("b", 5, 2),
+            MetaCommand::DeleteTopic { name: "a".into() },
+            create("c", 2, 1),
+        ];
+        let run = || {
+            let mut state = MetaState::default();
+            for (index, command) in commands.iter().enumerate() {
+                state.apply(index as u64 + 1, command.clone());
+            }
+            state
+        };
+        assert_eq!(run(), run());
+    }
+}

@@ -1,0 +1,58 @@
+//! Topic name rules (as Kafka's): 1 to 249 characters of ASCII letters, digits, `.`, `_`, `-`;
+//! not `.` or `..`.
+
+use crate::BrokerError;
+
+/// Longest topic name.
+pub const TOPIC_NAME_LEN_MAX: usize = 249;
+
+/// Checks a topic name.
+pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
+    let reason = "INVALID_TOPIC_NAME";
+    if name.is_empty() {
+        return Err(BrokerError::invalid(reason, "topic name is empty"));
+    }
+    if name.len() > TOPIC_NAME_LEN_MAX {
+        return Err(BrokerError::invalid(
+            reason,
+            format!(
+                "topic name is {} characters; the limit is {TOPIC_NAME_LEN_MAX}",
+                name.len()
+            ),
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(BrokerError::invalid(
+            reason,
+            "topic name cannot be '.' or '..'",
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(BrokerError::invalid(
+            reason,
+            format!(
+                "topic name {name:?} contains {bad:?}; use ASCII letters, digits, '.', '_' and '-'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Good names pass; each kind of bad name is refused.
+    #[test]
+    fn topic_names() {
+        for good in ["a", "orders", "orders.v1", "my_topic-2", &"x".repeat(249)] {
+            assert!(validate_topic_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".", "..", "bad name", "sl/ash", "ünï", &"x".repeat(250)] {
+            assert!(validate_topic_name(bad).is_err(), "{bad}");
+        }
+    }
+}

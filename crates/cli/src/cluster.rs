@@ -1,0 +1,64 @@
+//! `ordo cluster ...`: the cluster as one node sees it.
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use crate::GlobalArgs;
+use crate::output::{self, OutputFormat, or_dash};
+
+/// Cluster commands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Nodes, their reachability and partition counts, and the metadata leader.
+    Status,
+}
+
+/// Runs a cluster command.
+pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Status => status(global).await,
+    }
+}
+
+async fn status(global: &GlobalArgs) -> anyhow::Result<()> {
+    let client = global.client().await?;
+    let status = client
+        .cluster_status()
+        .await
+        .context("cannot get cluster status")?;
+    if global.output == OutputFormat::Json {
+        return output::print_json(&status);
+    }
+    let mut table = output::table([
+        "node",
+        "address",
+        "reachable",
+        "leaders",
+        "replicas",
+        "role",
+    ]);
+    for node in &status.nodes {
+        let role = if status.metadata_leader == Some(node.node_id) {
+            "metadata leader"
+        } else {
+            ""
+        };
+        table.add_row(vec![
+            node.node_id.to_string(),
+            node.address.clone(),
+            if node.reachable { "yes" } else { "NO" }.to_owned(),
+            node.leader_count.to_string(),
+            node.replica_count.to_string(),
+            role.to_owned(),
+        ]);
+    }
+    output::print_line(&table.to_string())?;
+    output::print_line(&format!(
+        "metadata leader: {} (term {}); {} topics, {} partitions; answered by node {}",
+        or_dash(status.metadata_leader.map(|id| format!("node {id}"))),
+        status.metadata_term,
+        status.topics,
+        status.partitions,
+        status.answered_by
+    ))
+}

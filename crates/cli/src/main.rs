@@ -1,0 +1,204 @@
+//! `ordo`: the one binary of Ordo. It runs a node (`serve`), a local cluster (`dev`), and talks
+//! to a cluster through `ordo-client` (topics, produce, consume, cluster status, benchmarks).
+//!
+//! # Layout
+//! - `main.rs`: command line, tracing set-up, and the one place errors become an exit code.
+//! - `serve`: hands `ordo serve` to the server crate; the only module that knows it.
+//! - `dev`: starts and supervises a cluster of child `ordo serve` processes.
+//! - `topic`, `produce`, `consume`, `cluster`, `bench`: one module per command group.
+//! - `output`: table and JSON printing shared by the commands.
+//! - `signals`: Ctrl-C and SIGTERM as one awaitable.
+//!
+//! Commands never build wire structs: they use only `ordo-client`'s domain types.
+
+mod bench;
+mod cluster;
+mod consume;
+mod dev;
+mod output;
+mod produce;
+mod serve;
+mod signals;
+mod topic;
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ordo_client::{Client, ClientError, ClientOptions};
+use tracing_subscriber::EnvFilter;
+
+use crate::output::OutputFormat;
+
+/// Endpoints of the cluster `ordo dev` starts with its default flags.
+const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
+
+/// Ordo: a replicated, partitioned log.
+#[derive(Debug, Parser)]
+#[command(name = "ordo", version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every client command accepts.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// gRPC endpoints of cluster nodes, comma separated; tried in turn when one is unreachable.
+    #[arg(
+        long,
+        global = true,
+        env = "ORDO_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = DEFAULT_ENDPOINTS
+    )]
+    pub endpoints: Vec<String>,
+    /// Output format: human-readable tables or JSON.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// Deadline of each request, retries included (e.g. 500ms, 10s, 1m).
+    #[arg(long, global = true, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub timeout: Duration,
+}
+
+impl GlobalArgs {
+    /// A client for `--endpoints` with `--timeout` as its request deadline.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        client_for(self.endpoints.clone(), self.timeout).await
+    }
+}
+
+/// A client for `endpoints` with `timeout` as its request deadline.
+pub async fn client_for(endpoints: Vec<String>, timeout: Duration) -> anyhow::Result<Client> {
+    let options = ClientOptions {
+        request_timeout: timeout,
+        ..ClientOptions::default()
+    };
+    Client::connect_with_options(endpoints, options)
+        .await
+        .context("invalid --endpoints")
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one node of a cluster.
+    Serve(ordo_server::ServeArgs),
+    /// Run a local cluster of child `ordo serve` processes until Ctrl-C.
+    Dev(dev::DevArgs),
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(topic::TopicCommand),
+    /// Append records to a topic, from arguments or from stdin lines.
+    Produce(produce::ProduceArgs),
+    /// Read records from a topic.
+    Consume(consume::ConsumeArgs),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
+    /// Measure throughput and latency.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => report(&error),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let global = cli.global;
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Dev(args) => dev::run(args).await,
+        Command::Topic(command) => topic::run(command, &global).await,
+        Command::Produce(args) => produce::run(args, &global).await,
+        Command::Consume(args) => consume::run(args, &global).await,
+        Command::Cluster(command) => cluster::run(command, &global).await,
+        Command::Bench(command) => bench::run(command, &global).await,
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`), so stdout carries only output.
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Prints `error: ...` with the whole context chain on one line and returns exit code 1.
+///
+/// A closed stdout (`ordo consume ... | head`) is the reader's choice, not an error.
+fn report(error: &anyhow::Error) -> ExitCode {
+    let broken_pipe = error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        return ExitCode::SUCCESS;
+    }
+    let mut line = format!("error: {error:#}").replace('\n', " ");
+    // The leader hint is part of the Unavailable message; say so when there is none either.
+    let unavailable_without_hint = error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<ClientError>(),
+            Some(ClientError::Unavailable {
+                leader_hint: None,
+                leader_address: None,
+                ..
+            })
+        )
+    });
+    if unavailable_without_hint {
+        line.push_str(" (no leader known)");
+    }
+    eprintln!("{line}");
+    ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The default endpoints are split on commas like a given list.
+    #[test]
+    fn default_endpoints_are_split() {
+        let cli = Cli::try_parse_from(["ordo", "topic", "list"]).expect("valid command line");
+        assert_eq!(cli.global.endpoints.len(), 3);
+        assert_eq!(cli.global.timeout, Duration::from_secs(10));
+        let cli = Cli::try_parse_from([
+            "ordo",
+            "topic",
+            "list",
+            "--endpoints",
+            "a:1,b:2",
+            "--timeout",
+            "500ms",
+            "--output",
+            "json",
+        ])
+        .expect("valid command line");
+        assert_eq!(cli.global.endpoints, vec!["a:1", "b:2"]);
+        assert_eq!(cli.global.timeout, Duration::from_millis(500));
+        assert_eq!(cli.global.output, OutputFormat::Json);
+    }
+
+    /// The command line definition is consistent (clap's own checks).
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,145 @@
+//! `ordo topic ...`: create, list, describe and delete topics.
+
+use anyhow::Context;
+use clap::Subcommand;
+use ordo_client::TopicDescription;
+
+use crate::GlobalArgs;
+use crate::output::{self, OutputFormat, or_dash};
+
+/// Topic commands.
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name.
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 3)]
+        partitions: u32,
+        /// Replicas per partition (at most the number of nodes).
+        #[arg(long, default_value_t = 3)]
+        replication_factor: u32,
+    },
+    /// List topics.
+    List,
+    /// Show each partition of a topic: leader, replicas, high watermark, term, replica lag.
+    Describe {
+        /// Topic name.
+        name: String,
+    },
+    /// Delete a topic and its records.
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+}
+
+/// Runs a topic command.
+pub async fn run(command: TopicCommand, global: &GlobalArgs) -> anyhow::Result<()> {
+    let client = global.client().await?;
+    match command {
+        TopicCommand::Create {
+            name,
+            partitions,
+            replication_factor,
+        } => {
+            let topic = client
+                .create_topic(&name, partitions, replication_factor)
+                .await
+                .with_context(|| format!("cannot create topic {name}"))?;
+            match global.output {
+                OutputFormat::Json => output::print_json(&topic),
+                OutputFormat::Table => {
+                    output::print_line(&format!(
+                        "created topic {} ({} partitions, replication factor {})",
+                        topic.name,
+                        topic.partitions.len(),
+                        topic.replication_factor
+                    ))?;
+                    print_partitions(&topic)
+                }
+            }
+        }
+        TopicCommand::List => {
+            let topics = client.list_topics().await.context("cannot list topics")?;
+            match global.output {
+                OutputFormat::Json => output::print_json(&topics),
+                OutputFormat::Table => {
+                    let mut table = output::table(["topic", "partitions", "replication factor"]);
+                    for topic in &topics {
+                        table.add_row(vec![
+                            topic.name.clone(),
+                            topic.partitions.to_string(),
+                            topic.replication_factor.to_string(),
+                        ]);
+                    }
+                    output::print_line(&table.to_string())
+                }
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let topic = client
+                .describe_topic(&name)
+                .await
+                .with_context(|| format!("cannot describe topic {name}"))?;
+            match global.output {
+                OutputFormat::Json => output::print_json(&topic),
+                OutputFormat::Table => {
+                    output::print_line(&format!(
+                        "topic {} (replication factor {})",
+                        topic.name, topic.replication_factor
+                    ))?;
+                    print_partitions(&topic)
+                }
+            }
+        }
+        TopicCommand::Delete { name } => {
+            client
+                .delete_topic(&name)
+                .await
+                .with_context(|| format!("cannot delete topic {name}"))?;
+            match global.output {
+                OutputFormat::Json => output::print_json(&serde_json::json!({ "deleted": name })),
+                OutputFormat::Table => output::print_line(&format!("deleted topic {name}")),
+            }
+        }
+    }
+}
+
+/// One table row per partition.
+fn print_partitions(topic: &TopicDescription) -> anyhow::Result<()> {
+    let mut table = output::table([
+        "partition",
+        "leader",
+        "replicas",
+        "high watermark",
+        "log start",
+        "term",
+        "lag (node:entries)",
+    ]);
+    for partition in &topic.partitions {
+        let replicas = partition
+            .replicas
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let lag = partition
+            .replica_status
+            .iter()
+            .map(|replica| format!("{}:{}", replica.node_id, or_dash(replica.lag)))
+            .collect::<Vec<_>>()
+            .join(" ");
+        table.add_row(vec![
+            partition.partition.to_string(),
+            or_dash(partition.leader),
+            replicas,
+            partition.high_watermark.to_string(),
+            partition.log_start_offset.to_string(),
+            partition.term.to_string(),
+            lag,
+        ]);
+    }
+    output::print_line(&table.to_string())
+}

@@ -1,0 +1,669 @@
+//! The [`Client`]: one lazily connected gRPC channel per endpoint, a deadline on every call, and
+//! bounded retries of calls that wrote nothing.
+//!
+//! This module owns endpoints, deadlines and retries. It never interprets a `Status` itself
+//! (`error.rs` does) and never touches a wire struct field by field (`convert.rs` does).
+//!
+//! Endpoint choice is sticky: calls go to the current endpoint until a retryable error
+//! ([`ClientError::is_retryable`]) moves the client to the leader the error hints at, when that
+//! is one of its endpoints, or else to the next endpoint in turn. Any node accepts any call and
+//! forwards it, so stickiness only saves connections; it is never needed for correctness.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ordo_proto::v1 as proto;
+use ordo_proto::v1::admin_client::AdminClient;
+use ordo_proto::v1::log_client::LogClient;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+use crate::convert;
+use crate::error::{ClientError, Effect};
+use crate::subscribe::Subscription;
+use crate::types::{
+    ClusterStatus, FetchResult, Record, RecordAck, StartAt, TopicDescription, TopicSummary,
+};
+
+/// Tunables of a [`Client`]. Every field has a documented default; build with
+/// `ClientOptions { request_timeout: .., ..Default::default() }`.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline of each call, retries included; sent to the server as the gRPC timeout.
+    /// A fetch's deadline is this plus its `max_wait`. Default 10 s.
+    pub request_timeout: Duration,
+    /// How long the client waits past a deadline for the server's own answer before giving up
+    /// locally, so that a server-decided outcome wins over a local guess. Default 500 ms.
+    pub deadline_grace: Duration,
+    /// Bound on establishing a TCP connection to one endpoint. Default 2 s.
+    pub connect_timeout: Duration,
+    /// Interval of HTTP/2 keepalive pings, which detect a dead peer on an idle or streaming
+    /// connection. Default 10 s.
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection is closed. Default 5 s.
+    pub keepalive_timeout: Duration,
+    /// First pause before retrying a call on another endpoint; doubles per retry. Default 50 ms.
+    pub retry_backoff_initial: Duration,
+    /// Largest pause between retries. Default 1 s.
+    pub retry_backoff_max: Duration,
+    /// Most retries of one call (the deadline usually ends them first). Default 10.
+    pub retries_max: u32,
+    /// Most consecutive failed attempts to (re)open a subscription before its stream ends with
+    /// the last error. Reset by every message received. Default 10.
+    pub subscribe_retries_max: u32,
+    /// Largest response message the client decodes, in bytes. Default 64 MiB.
+    pub response_bytes_max: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            request_timeout: Duration::from_secs(10),
+            deadline_grace: Duration::from_millis(500),
+            connect_timeout: Duration::from_secs(2),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            retry_backoff_initial: Duration::from_millis(50),
+            retry_backoff_max: Duration::from_secs(1),
+            retries_max: 10,
+            subscribe_retries_max: 10,
+            response_bytes_max: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// A handle to an Ordo cluster. Cheap to clone; clones share connections.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    nodes: Vec<Node>,
+    /// Index into `nodes` of the endpoint calls go to, modulo `nodes.len()`.
+    current: AtomicUsize,
+    options: ClientOptions,
+}
+
+/// One endpoint and its channel.
+#[derive(Debug)]
+struct Node {
+    /// The endpoint URI, e.g. `http://127.0.0.1:7001`, as reported in errors.
+    address: Arc<str>,
+    /// `host:port`, to match a leader address hinted by the server.
+    authority: String,
+    channel: Channel,
+}
+
+/// The endpoint a call went to, for mapping errors that arrive later (on a stream).
+pub(crate) type EndpointName = Arc<str>;
+
+impl Client {
+    /// Creates a client for `endpoints` (`127.0.0.1:7001` or `http://127.0.0.1:7001`) with
+    /// default [`ClientOptions`].
+    ///
+    /// Connections are made lazily, on first use, so this fails only on an empty list or an
+    /// invalid address. It must run inside a tokio runtime: each channel spawns its worker task.
+    pub async fn connect(
+        endpoints: impl IntoIterator<Item = String>,
+    ) -> Result<Client, ClientError> {
+        Self::connect_with_options(endpoints, ClientOptions::default()).await
+    }
+
+    /// Creates a client for `endpoints` with `options`. See [`Client::connect`].
+    pub async fn connect_with_options(
+        endpoints: impl IntoIterator<Item = String>,
+        options: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let mut nodes = Vec::new();
+        for endpoint in endpoints {
+            let endpoint = endpoint.trim();
+            if endpoint.is_empty() {
+                continue;
+            }
+            nodes.push(Node::new(endpoint, &options)?);
+        }
+        if nodes.is_empty() {
+            return Err(ClientError::InvalidEndpoint {
+                endpoint: String::new(),
+                message: "no endpoint given".to_owned(),
+            });
+        }
+        Ok(Client {
+            inner: Arc::new(Inner {
+                nodes,
+                current: AtomicUsize::new(0),
+                options,
+            }),
+        })
+    }
+
+    /// The endpoint URIs this client uses, in order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner
+            .nodes
+            .iter()
+            .map(|node| node.address.to_string())
+            .collect()
+    }
+
+    /// The options this client was built with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.inner.options
+    }
+
+    /// Appends `records` to `topic`, all to `partition` when given, and returns where each landed,
+    /// in request order.
+    ///
+    /// Returns only once a quorum has the records durably committed. A call that fails with a
+    /// retryable error (nothing was written) is retried on the next endpoint until the deadline;
+    /// [`ClientError::OutcomeUnknown`] is returned as is and never retried, because the records
+    /// may already be in the log.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+    ) -> Result<Vec<RecordAck>, ClientError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sent = records.len();
+        let request = proto::ProduceRequest {
+            topic: topic.to_owned(),
+            partition,
+            records: records.into_iter().map(proto::Record::from).collect(),
+        };
+        let (response, _) = self
+            .call(Effect::Write, Duration::ZERO, |channel, timeout| {
+                let request = timed(request.clone(), timeout);
+                async move { self.log(channel).produce(request).await }
+            })
+            .await?;
+        convert::produce_acks(response.into_inner(), sent)
+    }
+
+    /// Reads committed records of `partition` of `topic` from `offset`, up to about `max_bytes`
+    /// (at least one record when any is available). When `offset` is at the end of the log the
+    /// server waits up to `max_wait` for records; the call's deadline is extended by `max_wait`.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait: Duration,
+    ) -> Result<FetchResult, ClientError> {
+        let request = proto::FetchRequest {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            max_bytes,
+            max_wait_ms: u32::try_from(max_wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        let (response, _) = self
+            .call(Effect::Read, max_wait, |channel, timeout| {
+                let request = timed(request.clone(), timeout);
+                async move { self.log(channel).fetch(request).await }
+            })
+            .await?;
+        Ok(FetchResult::from(response.into_inner()))
+    }
+
+    /// Streams committed records of `partition` of `topic` from `start`, then follows the tail.
+    ///
+    /// The first connection is made before this returns, so an unknown topic fails here. Later,
+    /// when the stream breaks with a retryable error, the subscription reopens on the next
+    /// endpoint after the last offset it delivered (up to
+    /// [`ClientOptions::subscribe_retries_max`] consecutive failures); any other error is yielded
+    /// once and ends the stream.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: StartAt,
+        max_bytes: u32,
+    ) -> Result<Subscription, ClientError> {
+        let (stream, endpoint) = self
+            .open_subscription(topic, partition, start, max_bytes)
+            .await?;
+        Ok(Subscription::new(
+            self.clone(),
+            topic.to_owned(),
+            partition,
+            start,
+            max_bytes,
+            stream,
+            endpoint,
+        ))
+    }
+
+    /// Opens one Subscribe stream, retrying retryable errors like any call. The deadline covers
+    /// only opening: the stream itself has none, or it would end after the deadline.
+    pub(crate) async fn open_subscription(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: StartAt,
+        max_bytes: u32,
+    ) -> Result<(tonic::Streaming<proto::FetchResponse>, EndpointName), ClientError> {
+        let request = proto::SubscribeRequest {
+            topic: topic.to_owned(),
+            partition,
+            max_bytes,
+            start: Some(start.into()),
+        };
+        let (response, endpoint) = self
+            .call(Effect::Read, Duration::ZERO, |channel, _timeout| {
+                let request = Request::new(request.clone());
+                async move { self.log(channel).subscribe(request).await }
+            })
+            .await?;
+        Ok((response.into_inner(), endpoint))
+    }
+
+    /// Creates `name` with `partitions` partitions of `replication_factor` replicas each.
+    pub async fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+    ) -> Result<TopicDescription, ClientError> {
+        let request = proto::CreateTopicRequest {
+            name: name.to_owned(),
+            partitions,
+            replication_factor,
+            config: None,
+        };
+        let (response, _) = self
+            .call(Effect::Write, Duration::ZERO, |channel, timeout| {
+                let request = timed(request.clone(), timeout);
+                async move { self.admin(channel).create_topic(request).await }
+            })
+            .await?;
+        convert::required_topic(response.into_inner().topic, "create topic")
+    }
+
+    /// Deletes topic `name` and its records.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        let request = proto::DeleteTopicRequest {
+            name: name.to_owned(),
+        };
+        self.call(Effect::Write, Duration::ZERO, |channel, timeout| {
+            let request = timed(request.clone(), timeout);
+            async move { self.admin(channel).delete_topic(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Lists every topic.
+    pub async fn list_topics(&self) -> Result<Vec<TopicSummary>, ClientError> {
+        let (response, _) = self
+            .call(Effect::Read, Duration::ZERO, |channel, timeout| {
+                let request = timed(proto::ListTopicsRequest {}, timeout);
+                async move { self.admin(channel).list_topics(request).await }
+            })
+            .await?;
+        let mut topics: Vec<TopicSummary> = response
+            .into_inner()
+            .topics
+            .into_iter()
+            .map(TopicSummary::from)
+            .collect();
+        topics.sort_by(|left, right| left.name.cmp(&right.name));
+        Ok(topics)
+    }
+
+    /// Describes topic `name` and each of its partitions.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicDescription, ClientError> {
+        let request = proto::DescribeTopicRequest {
+            name: name.to_owned(),
+        };
+        let (response, _) = self
+            .call(Effect::Read, Duration::ZERO, |channel, timeout| {
+                let request = timed(request.clone(), timeout);
+                async move { self.admin(channel).describe_topic(request).await }
+            })
+            .await?;
+        convert::required_topic(response.into_inner().topic, "describe topic")
+    }
+
+    /// The cluster's nodes and metadata leader, as seen by the node that answers.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        let (response, _) = self
+            .call(Effect::Read, Duration::ZERO, |channel, timeout| {
+                let request = timed(proto::ClusterStatusRequest {}, timeout);
+                async move { self.admin(channel).cluster_status(request).await }
+            })
+            .await?;
+        Ok(ClusterStatus::from(response.into_inner()))
+    }
+
+    fn log(&self, channel: Channel) -> LogClient<Channel> {
+        LogClient::new(channel).max_decoding_message_size(self.inner.options.response_bytes_max)
+    }
+
+    fn admin(&self, channel: Channel) -> AdminClient<Channel> {
+        AdminClient::new(channel).max_decoding_message_size(self.inner.options.response_bytes_max)
+    }
+
+    /// Runs `attempt` against the current endpoint, retrying retryable errors on other endpoints
+    /// with exponential backoff, all within `request_timeout + extra`.
+    ///
+    /// `attempt` receives the channel and the time left, to send as the gRPC timeout. Each
+    /// attempt is also bounded locally by the time left plus `deadline_grace`, so a server that
+    /// never answers cannot hold the caller past its deadline.
+    async fn call<T, F, Fut>(
+        &self,
+        effect: Effect,
+        extra: Duration,
+        mut attempt: F,
+    ) -> Result<(T, EndpointName), ClientError>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let options = &self.inner.options;
+        let started = Instant::now();
+        let budget = options.request_timeout.saturating_add(extra);
+        let mut backoff = options.retry_backoff_initial;
+        let mut retries = 0_u32;
+        loop {
+            let index = self.inner.current.load(Ordering::Relaxed) % self.inner.nodes.len();
+            let node = &self.inner.nodes[index];
+            let remaining = budget.saturating_sub(started.elapsed());
+            let local_limit = remaining.saturating_add(options.deadline_grace);
+            let outcome =
+                tokio::time::timeout(local_limit, attempt(node.channel.clone(), remaining)).await;
+            let error = match outcome {
+                Ok(Ok(value)) => return Ok((value, Arc::clone(&node.address))),
+                Ok(Err(status)) => ClientError::from_status(status, effect, &node.address),
+                Err(_elapsed) => {
+                    return Err(ClientError::local_timeout(
+                        effect,
+                        &node.address,
+                        local_limit,
+                    ));
+                }
+            };
+            if !error.is_retryable() {
+                return Err(error);
+            }
+            self.move_after_failure(index, &error);
+            let remaining = budget.saturating_sub(started.elapsed());
+            if retries >= options.retries_max || remaining <= backoff {
+                return Err(error);
+            }
+            retries += 1;
+            tracing::debug!(
+                endpoint = %node.address,
+                %error,
+                retry = retries,
+                backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                "retrying call on another endpoint"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = backoff.saturating_mul(2).min(options.retry_backoff_max);
+        }
+    }
+
+    /// Moves the current endpoint away from `failed`: to the hinted leader when it is one of
+    /// ours, else to the next endpoint. Only the first of several concurrent failures of the
+    /// same endpoint moves it, so they do not skip endpoints.
+    pub(crate) fn move_after_failure(&self, failed: usize, error: &ClientError) {
+        let count = self.inner.nodes.len();
+        let hinted = match error {
+            ClientError::Unavailable {
+                leader_address: Some(address),
+                ..
+            } => {
+                let wanted = authority_of(address);
+                self.inner
+                    .nodes
+                    .iter()
+                    .position(|node| node.authority == wanted)
+            }
+            _ => None,
+        };
+        let next = match hinted {
+            Some(index) if index != failed => index,
+            _ => (failed + 1) % count,
+        };
+        let current = self.inner.current.load(Ordering::Relaxed);
+        if current % count == failed {
+            // A lost race means another failure already moved the client; that choice stands.
+            let _ = self.inner.current.compare_exchange(
+                current,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Index of the endpoint named `endpoint`, for moving away from it after a stream broke.
+    pub(crate) fn index_of(&self, endpoint: &str) -> Option<usize> {
+        self.inner
+            .nodes
+            .iter()
+            .position(|node| &*node.address == endpoint)
+    }
+}
+
+impl Node {
+    fn new(endpoint: &str, options: &ClientOptions) -> Result<Node, ClientError> {
+        let address = if endpoint.contains("://") {
+            endpoint.to_owned()
+        } else {
+            format!("http://{endpoint}")
+        };
+        let invalid = |message: String| ClientError::InvalidEndpoint {
+            endpoint: endpoint.to_owned(),
+            message,
+        };
+        let builder = Endpoint::from_shared(address.clone())
+            .map_err(|error| invalid(error.to_string()))?
+            .connect_timeout(options.connect_timeout)
+            .http2_keep_alive_interval(options.keepalive_interval)
+            .keep_alive_timeout(options.keepalive_timeout)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        let authority = builder
+            .uri()
+            .authority()
+            .map(|authority| authority.as_str().to_owned())
+            .ok_or_else(|| invalid("no host:port".to_owned()))?;
+        Ok(Node {
+            address: Arc::from(address),
+            authority,
+            channel: builder.connect_lazy(),
+        })
+    }
+}
+
+/// The `host:port` part of an address given with or without a scheme.
+fn authority_of(address: &str) -> &str {
+    let without_scheme = address.split_once("://").map_or(address, |(_, rest)| rest);
+    without_scheme.trim_end_matches('/')
+}
+
+/// A request with its gRPC timeout set.
+fn timed<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leader address matches an endpoint whether or not either carries a scheme.
+    #[test]
+    fn authority_ignores_scheme() {
+        assert_eq!(authority_of("http://127.0.0.1:7001"), "127.0.0.1:7001");
+        assert_eq!(authority_of("127.0.0.1:7002"), "127.0.0.1:7002");
+        assert_eq!(authority_of("http://host:1/"), "host:1");
+    }
+
+    /// The defaults are the documented ones.
+    #[test]
+    fn default_options() {
+        let options = ClientOptions::default();
+        assert_eq!(options.request_timeout, Duration::from_secs(10));
+        assert_eq!(options.connect_timeout, Duration::from_secs(2));
+    }
+
+    /// An empty endpoint list is rejected before any connection is attempted.
+    #[tokio::test]
+    async fn empty_endpoints_rejected() {
+        let error = Client::connect(Vec::<String>::new())
+            .await
+            .expect_err("no endpoint");
+        assert!(matches!(error, ClientError::InvalidEndpoint { .. }));
+    }
+
+    /// A retryable failure moves the client to the hinted leader, else to the next endpoint.
+    /// Channels connect lazily, so no socket is opened.
+    #[tokio::test]
+    async fn failure_moves_to_hinted_leader_or_next() {
+        let client = Client::connect(
+            ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"].map(String::from),
+        )
+        .await
+        .expect("valid endpoints");
+        assert_eq!(client.endpoints()[0], "http://127.0.0.1:7001");
+        let transport = ClientError::Transport {
+            endpoint: "http://127.0.0.1:7001".into(),
+            message: "refused".into(),
+        };
+        client.move_after_failure(0, &transport);
+        assert_eq!(client.inner.current.load(Ordering::Relaxed), 1);
+        // A stale failure of endpoint 0 does not move the client again.
+        client.move_after_failure(0, &transport);
+        assert_eq!(client.inner.current.load(Ordering::Relaxed), 1);
+        let hint = ClientError::Unavailable {
+            leader_hint: Some(3),
+            leader_address: Some("127.0.0.1:7003".into()),
+            message: "not leader".into(),
+        };
+        client.move_after_failure(1, &hint);
+        assert_eq!(client.inner.current.load(Ordering::Relaxed), 2);
+        client.move_after_failure(2, &transport);
+        assert_eq!(client.inner.current.load(Ordering::Relaxed), 0);
+        assert_eq!(client.index_of("http://127.0.0.1:7002"), Some(1));
+    }
+
+    fn three_endpoints() -> [String; 3] {
+        ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"].map(String::from)
+    }
+
+    fn connect_refused() -> Status {
+        Status::from_error(Box::new(tonic::ConnectError(Box::new(
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused"),
+        ))))
+    }
+
+    /// Unreachable endpoints are tried in turn with backoff, and the call gives up by its
+    /// deadline with the transport error. Time is paused, so the sleeps cost nothing.
+    #[tokio::test(start_paused = true)]
+    async fn unreachable_endpoints_are_tried_in_turn_until_deadline() {
+        let options = ClientOptions {
+            request_timeout: Duration::from_secs(1),
+            ..ClientOptions::default()
+        };
+        let client = Client::connect_with_options(three_endpoints(), options)
+            .await
+            .expect("valid endpoints");
+        let started = Instant::now();
+        let mut attempts = 0_u32;
+        let mut timeouts = Vec::new();
+        let result: Result<((), EndpointName), ClientError> = client
+            .call(Effect::Write, Duration::ZERO, |_channel, timeout| {
+                attempts += 1;
+                timeouts.push(timeout);
+                async { Err(connect_refused()) }
+            })
+            .await;
+        let error = result.expect_err("every endpoint refuses");
+        assert!(matches!(error, ClientError::Transport { .. }), "{error:?}");
+        assert!(attempts > 3, "only {attempts} attempts");
+        assert!(started.elapsed() <= Duration::from_secs(1));
+        // Each attempt is sent with the time left, never more than the deadline.
+        assert_eq!(timeouts[0], Duration::from_secs(1));
+        assert!(timeouts.windows(2).all(|pair| pair[1] < pair[0]));
+    }
+
+    /// A write whose outcome is unknown is returned after one attempt, never retried.
+    #[tokio::test(start_paused = true)]
+    async fn outcome_unknown_is_not_retried() {
+        let client = Client::connect(three_endpoints())
+            .await
+            .expect("valid endpoints");
+        let mut attempts = 0_u32;
+        let result: Result<((), EndpointName), ClientError> = client
+            .call(Effect::Write, Duration::ZERO, |_channel, _timeout| {
+                attempts += 1;
+                async { Err(Status::deadline_exceeded("proposed, not committed")) }
+            })
+            .await;
+        assert!(matches!(result, Err(ClientError::OutcomeUnknown { .. })));
+        assert_eq!(attempts, 1);
+    }
+
+    /// After an unavailable answer the call succeeds on the next endpoint, which stays current.
+    #[tokio::test(start_paused = true)]
+    async fn unavailable_then_success_on_next_endpoint() {
+        let client = Client::connect(three_endpoints())
+            .await
+            .expect("valid endpoints");
+        let mut attempts = 0_u32;
+        let (value, endpoint) = client
+            .call(Effect::Write, Duration::ZERO, |_channel, _timeout| {
+                attempts += 1;
+                let first = attempts == 1;
+                async move {
+                    if first {
+                        Err(Status::unavailable("no leader yet"))
+                    } else {
+                        Ok(7_u32)
+                    }
+                }
+            })
+            .await
+            .expect("second attempt succeeds");
+        assert_eq!(value, 7);
+        assert_eq!(&*endpoint, "http://127.0.0.1:7002");
+        assert_eq!(client.inner.current.load(Ordering::Relaxed), 1);
+    }
+
+    /// A server that never answers cannot hold a write past its deadline plus the grace; the
+    /// write is then reported as outcome unknown, a read as deadline exceeded.
+    #[tokio::test(start_paused = true)]
+    async fn silent_server_times_out_locally() {
+        let client = Client::connect(three_endpoints())
+            .await
+            .expect("valid endpoints");
+        let started = Instant::now();
+        let write: Result<((), EndpointName), ClientError> = client
+            .call(Effect::Write, Duration::ZERO, |_channel, _timeout| {
+                futures::future::pending()
+            })
+            .await;
+        assert!(matches!(write, Err(ClientError::OutcomeUnknown { .. })));
+        assert_eq!(started.elapsed(), Duration::from_millis(10_500));
+        let read: Result<((), EndpointName), ClientError> = client
+            .call(
+                Effect::Read,
+                Duration::from_secs(5),
+                |_channel, _timeout| futures::future::pending(),
+            )
+            .await;
+        assert!(matches!(read, Err(ClientError::DeadlineExceeded { .. })));
+    }
+}

@@ -1,0 +1,43 @@
+//! Async Rust client for Ordo's public gRPC API (`ordo.v1`).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), ordo_client::ClientError> {
+//! use ordo_client::{Client, Record, StartAt};
+//! use futures::StreamExt;
+//!
+//! let client = Client::connect(["127.0.0.1:7001".to_owned()]).await?;
+//! client.create_topic("demo", 3, 3).await?;
+//! let acks = client.produce("demo", None, vec![Record::new("hello").with_key("k")]).await?;
+//! let mut records = client.subscribe("demo", acks[0].partition, StartAt::Beginning, 1 << 20).await?;
+//! while let Some(batch) = records.next().await {
+//!     for record in batch?.records {
+//!         println!("{} {:?}", record.offset, record.value);
+//!     }
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//! - `client`: [`Client`] and [`ClientOptions`]: endpoints, channels, deadlines, retries.
+//! - `subscribe`: [`Subscription`], a record stream that resumes after a broken connection.
+//! - `error`: [`ClientError`] and the one function that builds it from a gRPC status.
+//! - `types`: the domain types callers build and receive.
+//! - `convert`: the only place wire structs are read or built field by field.
+//!
+//! This crate depends on `ordo-proto` and no other Ordo crate: it speaks only the public API.
+//! No wire struct appears in its public API.
+
+mod client;
+mod convert;
+mod error;
+mod subscribe;
+mod types;
+
+pub use client::{Client, ClientOptions};
+pub use error::{ClientError, Effect};
+pub use subscribe::Subscription;
+pub use types::{
+    ClusterStatus, FetchResult, NodeStatus, PartitionDescription, Record, RecordAck, ReplicaStatus,
+    StartAt, StoredRecord, TopicDescription, TopicSummary,
+};

@@ -1,0 +1,50 @@
+//! Ordo's replication layer: many openraft groups per node over one RocksDB and one connection
+//! per peer.
+//!
+//! # Layout
+//! - `types`: the openraft type configuration and what a log entry carries ([`Command`]).
+//! - `codec`: postcard encoding of openraft messages and entries.
+//! - `log_store`: openraft's `RaftLogStorage` over [`ordo_storage::GroupStore`]; the partition's
+//!   Raft log is its data log.
+//! - `partition`: the partition state machine; assigns dense offsets in commit order and keeps
+//!   the offset index.
+//! - `meta`: the metadata state machine; applies opaque commands through [`MetaApply`].
+//! - `network`: the peer connection pool and the client side of the internal Raft RPC.
+//! - `node`: [`RaftNode`], the registry of every group on this node and the entry point for
+//!   writes, reads, inbound RPCs and status.
+//!
+//! # What this crate must never do
+//! It is the only crate that names openraft types; nothing openraft leaks through its public API.
+//! It never acknowledges a write before openraft reports it committed, which requires a quorum of
+//! replicas to have fsynced it (the log store calls openraft's flush callback only after fsync).
+
+mod codec;
+mod log_store;
+mod machine;
+mod meta;
+mod network;
+mod node;
+mod types;
+
+pub use meta::MetaApply;
+pub use network::INTERNAL_MESSAGE_BYTES_MAX;
+pub use network::Peers;
+pub use node::GroupStatus;
+pub use node::RaftNode;
+pub use node::RaftOptions;
+pub use node::ReadBatch;
+pub use node::WriteError;
+pub use types::Command;
+pub use types::Response;
+
+/// Identifies one Raft group on a node. Group 0 is the metadata group.
+pub use ordo_storage::GroupId;
+
+/// The metadata group's id.
+pub const META_GROUP: GroupId = GroupId(0);
+
+/// A node's id in the cluster.
+pub type NodeId = u64;
+
+#[cfg(test)]
+mod conformance;

@@ -1,0 +1,194 @@
+//! openraft's `RaftLogStorage` over one group's slice of the node's RocksDB.
+//!
+//! Contract (openraft `storage/v2/raft_log_storage.rs`), and how it is kept:
+//! - No holes: entries are written at their own index; truncation deletes `index..` and purge
+//!   deletes `..=index`, both ends, never the middle.
+//! - Writes serialized: every write goes through the storage writer thread in FIFO order.
+//! - Vote durable before return: `save_vote` waits for the WAL fsync.
+//! - Flush callback only when durable: `append` hands openraft's callback to the fsync thread,
+//!   which calls it after `flush_wal(true)` returned. `append` itself returns once the entries
+//!   are readable (written to the memtable), so the leader replicates while its fsync runs.
+//! - Restart reads the last entry and the purge marker only: no scan of the log.
+
+use std::fmt::Debug;
+use std::io;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::storage::IOFlushed;
+use openraft::storage::RaftLogStorage;
+use ordo_storage::GroupStore;
+use ordo_storage::MetaKey;
+
+use crate::codec::decode;
+use crate::codec::encode;
+use crate::types::C;
+use crate::types::Entry;
+use crate::types::LogId;
+use crate::types::Vote;
+
+/// Most bytes one `try_get_log_entries` call returns, so a lagging follower is fed in bounded
+/// chunks instead of one huge read.
+const READ_BYTES_MAX: usize = 8 << 20;
+
+/// One group's Raft log.
+#[derive(Debug, Clone)]
+pub(crate) struct LogStore {
+    store: GroupStore,
+}
+
+impl LogStore {
+    pub(crate) fn new(store: GroupStore) -> Self {
+        Self { store }
+    }
+
+    async fn blocking<T, F>(&self, read: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&GroupStore) -> io::Result<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        store: &GroupStore,
+        key: MetaKey,
+    ) -> io::Result<Option<T>> {
+        store.get_meta(key)?.map(|bytes| decode(&bytes)).transpose()
+    }
+}
+
+impl RaftLogReader<C> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> io::Result<Vec<Entry>> {
+        let start = match range.start_bound() {
+            Bound::Included(start) => *start,
+            Bound::Excluded(start) => start.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(end) => end.saturating_add(1),
+            Bound::Excluded(end) => *end,
+            Bound::Unbounded => u64::MAX,
+        };
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        self.blocking(move |store| {
+            let raw = store.read_log(start, end, READ_BYTES_MAX)?;
+            raw.iter()
+                .map(|(index, bytes)| {
+                    let entry: Entry = decode(bytes)?;
+                    if entry.log_id.index != *index {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "entry stored at index {index} says index {}",
+                                entry.log_id.index
+                            ),
+                        ));
+                    }
+                    Ok(entry)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.blocking(|store| Self::get_meta(store, MetaKey::Vote))
+            .await
+    }
+}
+
+impl RaftLogStorage<C> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<C>> {
+        self.blocking(|store| {
+            let last_purged_log_id: Option<LogId> = Self::get_meta(store, MetaKey::LastPurged)?;
+            let last_log_id = match store.log_bounds()? {
+                Some((_, last)) => {
+                    let bytes = store.get_log(last)?.ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "last log entry vanished while reading it",
+                        )
+                    })?;
+                    let entry: Entry = decode(&bytes)?;
+                    Some(entry.log_id)
+                }
+                None => last_purged_log_id.clone(),
+            };
+            Ok(LogState {
+                last_purged_log_id,
+                last_log_id,
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        let mut batch = self.store.batch();
+        self.store
+            .put_meta(&mut batch, MetaKey::Vote, &encode(vote)?);
+        Ok(self.store.write_durable(batch).await?)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> io::Result<()> {
+        let mut batch = self.store.batch();
+        self.store
+            .put_meta(&mut batch, MetaKey::Committed, &encode(&committed)?);
+        Ok(self.store.write(batch, None).await?)
+    }
+
+    async fn read_committed(&mut self) -> io::Result<Option<LogId>> {
+        let committed: Option<Option<LogId>> = self
+            .blocking(|store| Self::get_meta(store, MetaKey::Committed))
+            .await?;
+        Ok(committed.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = self.store.batch();
+        for entry in entries {
+            self.store
+                .put_log(&mut batch, entry.log_id.index, &encode(&entry)?);
+        }
+        let durable: ordo_storage::Durable =
+            Box::new(move |result| callback.io_completed(result.map_err(io::Error::from)));
+        Ok(self.store.write(batch, Some(durable)).await?)
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        let from = last_log_id.map(|log_id| log_id.index + 1).unwrap_or(0);
+        let mut batch = self.store.batch();
+        self.store.delete_log_from(&mut batch, from);
+        Ok(self.store.write(batch, None).await?)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        // The marker goes first in the same batch: a reader that sees the gap also sees the marker.
+        let mut batch = self.store.batch();
+        self.store
+            .put_meta(&mut batch, MetaKey::LastPurged, &encode(&log_id)?);
+        self.store.delete_log_upto(&mut batch, log_id.index);
+        Ok(self.store.write(batch, None).await?)
+    }
+}

@@ -1,0 +1,315 @@
+//! The state machines: one driver ([`Machine`]) shared by partitions and the metadata group, and
+//! the [`Logic`] each plugs in.
+//!
+//! Partitions ([`OffsetLogic`]): each committed `Command::Append { count }` gets offsets
+//! `next .. next + count`, in commit order, so offsets are dense, start at 0 and are never
+//! reused. Applying writes one index entry (`base offset -> log index, count`); the records stay
+//! in the Raft log entry, written once.
+//!
+//! Metadata ([`MetaLogic`]): commands are opaque bytes applied by the broker's [`MetaApply`].
+//!
+//! The applied state is written without fsync: after a crash the machine restarts from the last
+//! applied state that reached disk and openraft re-applies the committed entries after it
+//! (rewriting identical index entries). The WAL is ordered, so a durable applied state implies
+//! the log entries before it are durable too.
+//!
+//! Partition snapshots carry only the applied state: partitions never purge their log
+//! (retention is a later feature), so a leader never sends a follower a snapshot of records.
+
+use std::io;
+
+use futures::Stream;
+use futures::TryStreamExt;
+use openraft::EntryPayload;
+use openraft::OptionalSend;
+use openraft::RaftSnapshotBuilder;
+use openraft::storage::EntryResponder;
+use openraft::storage::RaftStateMachine;
+use ordo_storage::GroupBatch;
+use ordo_storage::GroupStore;
+use ordo_storage::IndexEntry;
+use ordo_storage::MetaKey;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::codec::decode;
+use crate::codec::encode;
+use crate::meta::MetaApply;
+use crate::types::C;
+use crate::types::Command;
+use crate::types::LogId;
+use crate::types::Response;
+use crate::types::Snapshot;
+use crate::types::SnapshotData;
+use crate::types::SnapshotMeta;
+use crate::types::StoredMembership;
+
+/// What a state machine does with a normal entry, beyond the bookkeeping [`Machine`] does.
+pub(crate) trait Logic: Send + Sync + 'static {
+    /// Applies one command at `index`, adding any writes to `batch`.
+    fn apply(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        index: u64,
+        command: Command,
+    ) -> Response;
+    /// The logic's state, persisted with the applied log id and in snapshots.
+    fn encode_state(&self) -> io::Result<Vec<u8>>;
+    /// Replaces the state with a persisted or received one.
+    fn restore(&mut self, state: &[u8]) -> io::Result<()>;
+    /// Called once the applied batch is readable.
+    fn publish(&self);
+}
+
+/// The persisted applied state of a machine.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct AppliedState {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    logic: Vec<u8>,
+}
+
+/// A state machine over one group's store.
+pub(crate) struct Machine<L> {
+    store: GroupStore,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    logic: L,
+}
+
+impl<L: Logic> Machine<L> {
+    /// Loads the applied state from the store.
+    pub(crate) fn open(store: GroupStore, mut logic: L) -> io::Result<Self> {
+        let state: AppliedState = match store.get_meta(MetaKey::Applied)? {
+            Some(bytes) => decode(&bytes)?,
+            None => AppliedState::default(),
+        };
+        if state.last_applied.is_some() {
+            logic.restore(&state.logic)?;
+        }
+        logic.publish();
+        Ok(Self {
+            store,
+            last_applied: state.last_applied,
+            membership: state.membership,
+            logic,
+        })
+    }
+
+    fn encode_applied(&self) -> io::Result<Vec<u8>> {
+        encode(&AppliedState {
+            last_applied: self.last_applied.clone(),
+            membership: self.membership.clone(),
+            logic: self.logic.encode_state()?,
+        })
+    }
+
+    fn snapshot(&mut self) -> io::Result<Snapshot> {
+        Ok(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: self.last_applied.clone(),
+                last_membership: self.membership.clone(),
+            },
+            snapshot: SnapshotData::new(self.logic.encode_state()?),
+        })
+    }
+}
+
+impl<L: Logic> RaftStateMachine<C> for Machine<L> {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = TakenSnapshot;
+
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
+        Ok((self.last_applied.clone(), self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: Stream<Item = io::Result<EntryResponder<C>>> + Unpin + OptionalSend,
+    {
+        let mut batch = self.store.batch();
+        let mut responders = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let index = entry.log_id.index;
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::None,
+                EntryPayload::Normal(command) => {
+                    self.logic.apply(&self.store, &mut batch, index, command)
+                }
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id.clone()), membership);
+                    Response::None
+                }
+            };
+            // The applied log id only moves forward.
+            assert!(self.last_applied.as_ref() < Some(&entry.log_id));
+            self.last_applied = Some(entry.log_id);
+            if let Some(responder) = responder {
+                responders.push((responder, response));
+            }
+        }
+        self.store
+            .put_meta(&mut batch, MetaKey::Applied, &self.encode_applied()?);
+        self.store.write(batch, None).await?;
+        // Readers and writers hear of the applied entries only once they are readable.
+        self.logic.publish();
+        for (responder, response) in responders {
+            responder.send(response);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        TakenSnapshot(self.snapshot())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotData,
+    ) -> io::Result<()> {
+        self.logic.restore(snapshot.get_ref())?;
+        self.last_applied = meta.last_log_id.clone();
+        self.membership = meta.last_membership.clone();
+        let mut batch = self.store.batch();
+        self.store
+            .put_meta(&mut batch, MetaKey::Applied, &self.encode_applied()?);
+        self.store.write_durable(batch).await?;
+        self.logic.publish();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
+        if self.last_applied.is_none() {
+            return Ok(None);
+        }
+        self.snapshot().map(Some)
+    }
+}
+
+/// A snapshot taken when openraft asked for a builder: the states are small, so it is taken at
+/// once and handed over when built.
+pub(crate) struct TakenSnapshot(io::Result<Snapshot>);
+
+impl RaftSnapshotBuilder<C> for TakenSnapshot {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
+        match &self.0 {
+            Ok(snapshot) => Ok(Snapshot {
+                meta: snapshot.meta.clone(),
+                snapshot: SnapshotData::new(snapshot.snapshot.get_ref().clone()),
+            }),
+            Err(error) => Err(io::Error::new(error.kind(), error.to_string())),
+        }
+    }
+}
+
+/// Offset assignment for a partition.
+pub(crate) struct OffsetLogic {
+    next_offset: u64,
+    /// The high watermark (next offset), published after each applied batch is readable.
+    high_watermark: watch::Sender<u64>,
+}
+
+impl OffsetLogic {
+    pub(crate) fn new(high_watermark: watch::Sender<u64>) -> Self {
+        Self {
+            next_offset: 0,
+            high_watermark,
+        }
+    }
+}
+
+impl Logic for OffsetLogic {
+    fn apply(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        index: u64,
+        command: Command,
+    ) -> Response {
+        match command {
+            Command::Append { count, .. } => {
+                let base_offset = self.next_offset;
+                store.put_index(
+                    batch,
+                    IndexEntry {
+                        base_offset,
+                        log_index: index,
+                        count,
+                    },
+                );
+                self.next_offset = base_offset
+                    .checked_add(u64::from(count))
+                    .expect("offsets cannot overflow u64");
+                Response::Appended { base_offset }
+            }
+            Command::Meta(_) => {
+                tracing::warn!(index, "metadata command in a partition log ignored");
+                Response::None
+            }
+        }
+    }
+
+    fn encode_state(&self) -> io::Result<Vec<u8>> {
+        encode(&self.next_offset)
+    }
+
+    fn restore(&mut self, state: &[u8]) -> io::Result<()> {
+        let next_offset: u64 = decode(state)?;
+        // The high watermark never moves back, except when a fresh snapshot resets an empty machine.
+        self.next_offset = next_offset;
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let previous = self.high_watermark.send_replace(self.next_offset);
+        assert!(previous <= self.next_offset, "high watermark moved back");
+    }
+}
+
+/// The metadata group's logic: the broker's commands, applied through [`MetaApply`].
+pub(crate) struct MetaLogic {
+    apply: Box<dyn MetaApply>,
+}
+
+impl MetaLogic {
+    pub(crate) fn new(apply: Box<dyn MetaApply>) -> Self {
+        Self { apply }
+    }
+}
+
+impl Logic for MetaLogic {
+    fn apply(
+        &mut self,
+        _store: &GroupStore,
+        _batch: &mut GroupBatch,
+        index: u64,
+        command: Command,
+    ) -> Response {
+        match command {
+            Command::Meta(command) => Response::Meta(self.apply.apply(index, &command).into()),
+            Command::Append { .. } => {
+                tracing::warn!(index, "record batch in the metadata log ignored");
+                Response::None
+            }
+        }
+    }
+
+    fn encode_state(&self) -> io::Result<Vec<u8>> {
+        Ok(self.apply.snapshot())
+    }
+
+    fn restore(&mut self, state: &[u8]) -> io::Result<()> {
+        self.apply
+            .restore(state)
+            .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))
+    }
+
+    fn publish(&self) {
+        self.apply.publish();
+    }
+}

@@ -1,0 +1,261 @@
+//! The peer connection pool and the client side of the internal Raft RPC.
+//!
+//! Every group on a node shares ONE HTTP/2 connection per peer ([`Peers`]); each Raft message is
+//! a unary `ordo.internal.v1.Internal/Raft` call multiplexed on it, carrying the group id and the
+//! postcard-encoded openraft message. The receiving node dispatches by group (see `node`).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use openraft::OptionalSend;
+use openraft::RaftNetworkFactory;
+use openraft::error::RPCError;
+use openraft::error::ReplicationClosed;
+use openraft::error::StreamingError;
+use openraft::error::Unreachable;
+use openraft::impls::BasicNode;
+use openraft::network::RPCOption;
+use openraft::network::v2::RaftNetworkV2;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use ordo_proto::internal::RaftKind;
+use ordo_proto::internal::RaftRequest;
+use ordo_proto::internal::internal_client::InternalClient;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::Channel;
+use tonic::transport::Endpoint;
+
+use crate::GroupId;
+use crate::NodeId;
+use crate::codec::decode;
+use crate::codec::encode;
+use crate::types::C;
+use crate::types::Snapshot;
+use crate::types::SnapshotData;
+use crate::types::Vote;
+
+/// Largest message a node accepts or sends on the internal service (a Raft append carries up to
+/// `max_payload_entries` entries of at most a batch each).
+pub const INTERNAL_MESSAGE_BYTES_MAX: usize = 64 << 20;
+
+/// Lazily connected channels to every peer, shared by all groups and by request forwarding.
+#[derive(Clone)]
+pub struct Peers {
+    inner: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers").finish_non_exhaustive()
+    }
+}
+
+impl Peers {
+    /// An empty pool.
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(HashMap::new())),
+            connect_timeout,
+        }
+    }
+
+    /// The internal client for `node` at `address`; the channel is created on first use and
+    /// replaced when the address changes. Connecting happens lazily, on the first call.
+    pub fn client(
+        &self,
+        node: NodeId,
+        address: &str,
+    ) -> Result<InternalClient<Channel>, tonic::transport::Error> {
+        let mut peers = self
+            .inner
+            .lock()
+            .expect("peers lock is never poisoned: no panics while held");
+        if let Some((known, channel)) = peers.get(&node) {
+            if known == address {
+                return Ok(Self::wrap(channel.clone()));
+            }
+        }
+        let uri = if address.starts_with("http://") || address.starts_with("https://") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        };
+        let channel = Endpoint::from_shared(uri)?
+            .connect_timeout(self.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(4 << 20))
+            .initial_connection_window_size(Some(16 << 20))
+            .connect_lazy();
+        peers.insert(node, (address.to_string(), channel.clone()));
+        Ok(Self::wrap(channel))
+    }
+
+    /// The internal client for `node` if its address is known.
+    pub fn known_client(&self, node: NodeId) -> Option<InternalClient<Channel>> {
+        let peers = self
+            .inner
+            .lock()
+            .expect("peers lock is never poisoned: no panics while held");
+        peers
+            .get(&node)
+            .map(|(_, channel)| Self::wrap(channel.clone()))
+    }
+
+    /// The shared channel to `node` if its address is known, for the public services.
+    pub fn channel(&self, node: NodeId) -> Option<Channel> {
+        let peers = self
+            .inner
+            .lock()
+            .expect("peers lock is never poisoned: no panics while held");
+        peers.get(&node).map(|(_, channel)| channel.clone())
+    }
+
+    /// Records a node's address, so forwarding can reach it before any Raft traffic did.
+    pub fn set_address(&self, node: NodeId, address: &str) {
+        if let Err(error) = self.client(node, address) {
+            tracing::warn!(node, address, %error, "invalid peer address");
+        }
+    }
+
+    fn wrap(channel: Channel) -> InternalClient<Channel> {
+        InternalClient::new(channel)
+            .max_decoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(INTERNAL_MESSAGE_BYTES_MAX)
+    }
+}
+
+/// Creates the per-target network clients of one group.
+pub(crate) struct NetworkFactory {
+    pub(crate) peers: Peers,
+    pub(crate) group: GroupId,
+}
+
+impl RaftNetworkFactory<C> for NetworkFactory {
+    type Network = GroupNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        GroupNetwork {
+            client: self
+                .peers
+                .client(target, &node.addr)
+                .map_err(|error| error.to_string()),
+            group: self.group,
+            target,
+        }
+    }
+}
+
+/// One group's link to one target node.
+pub(crate) struct GroupNetwork {
+    client: Result<InternalClient<Channel>, String>,
+    group: GroupId,
+    target: NodeId,
+}
+
+/// An error string from the remote node or the transport, as an openraft error source.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RemoteFailure(String);
+
+impl GroupNetwork {
+    async fn call<Req, Resp>(
+        &mut self,
+        kind: RaftKind,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, Unreachable<C>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+    {
+        let unreachable = |message: String| Unreachable::new(&RemoteFailure(message));
+        let client = self
+            .client
+            .as_mut()
+            .map_err(|error| unreachable(error.clone()))?;
+        let payload = encode(request).map_err(|error| unreachable(error.to_string()))?;
+        let mut request = tonic::Request::new(RaftRequest {
+            group: self.group.0,
+            kind: kind as i32,
+            payload: payload.into(),
+        });
+        request.set_timeout(timeout);
+        let response = client.raft(request).await.map_err(|status| {
+            unreachable(format!(
+                "raft rpc to node {} for group {}: {}",
+                self.target,
+                self.group,
+                status.message()
+            ))
+        })?;
+        let result: Result<Resp, String> = decode(&response.into_inner().payload)
+            .map_err(|error| unreachable(error.to_string()))?;
+        result.map_err(unreachable)
+    }
+}
+
+impl RaftNetworkV2<C> for GroupNetwork {
+    type SnapshotData = SnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<C>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
+        Ok(self.call(RaftKind::Append, &rpc, option.hard_ttl()).await?)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        Ok(self.call(RaftKind::Vote, &rpc, option.hard_ttl()).await?)
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        Ok(self
+            .call(RaftKind::PreVote, &rpc, option.hard_ttl())
+            .await?)
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        let request = (vote, snapshot.meta, snapshot.snapshot.into_inner());
+        Ok(self
+            .call(RaftKind::Snapshot, &request, option.hard_ttl())
+            .await?)
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        request: TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        Ok(self
+            .call(RaftKind::TransferLeader, &request, option.hard_ttl())
+            .await?)
+    }
+}

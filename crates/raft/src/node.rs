@@ -1,0 +1,675 @@
+//! [`RaftNode`]: every Raft group hosted on this node, and the one door to them.
+//!
+//! Holds the metadata group and a map of partition groups. Writes go through [`RaftNode::write`]
+//! (returns only after openraft committed and applied the entry, i.e. after a quorum fsynced
+//! it), reads through [`RaftNode::read`] (committed records only: bounded by the high
+//! watermark), inbound Raft RPCs through [`RaftNode::handle_raft`].
+//!
+//! The map's lock is a std `RwLock`, held only to clone a handle, never across `.await`.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::RwLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::Config;
+use openraft::EntryPayload;
+use openraft::Raft;
+use openraft::SnapshotPolicy;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::ClientWriteError;
+use openraft::error::RaftError;
+use openraft::impls::BasicNode;
+use openraft::storage::RaftStateMachine;
+use ordo_proto::internal::RaftKind;
+use ordo_storage::GroupStore;
+use ordo_storage::Store;
+use tokio::sync::watch;
+
+use crate::GroupId;
+use crate::META_GROUP;
+use crate::NodeId;
+use crate::codec::decode;
+use crate::codec::encode;
+use crate::log_store::LogStore;
+use crate::machine::Machine;
+use crate::machine::MetaLogic;
+use crate::machine::OffsetLogic;
+use crate::meta::MetaApply;
+use crate::network::NetworkFactory;
+use crate::network::Peers;
+use crate::types::C;
+use crate::types::Command;
+use crate::types::Entry;
+use crate::types::Response;
+use crate::types::Snapshot;
+use crate::types::SnapshotData;
+
+type PartitionRaft = Raft<C, Machine<OffsetLogic>>;
+type MetaRaft = Raft<C, Machine<MetaLogic>>;
+
+/// Raft timing and batching, shared by every group on the node.
+#[derive(Debug, Clone)]
+pub struct RaftOptions {
+    /// Leader heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Election timeout, lower bound (randomized up to the upper bound).
+    pub election_timeout_min: Duration,
+    /// Election timeout, upper bound.
+    pub election_timeout_max: Duration,
+    /// Most entries in one append RPC.
+    pub append_entries_max: u64,
+    /// Connect timeout to peers.
+    pub connect_timeout: Duration,
+}
+
+impl Default for RaftOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(200),
+            election_timeout_min: Duration::from_millis(1000),
+            election_timeout_max: Duration::from_millis(2000),
+            append_entries_max: 256,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a write did not return an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// This node does not lead the group; nothing was proposed. Safe to retry elsewhere.
+    #[error("not the leader of group {group}; leader is {leader:?}")]
+    NotLeader {
+        /// The group.
+        group: GroupId,
+        /// The leader this node knows of.
+        leader: Option<NodeId>,
+    },
+    /// The leader changed while the entry was in flight; the entry may still commit through the
+    /// new leader. A retry may duplicate it.
+    #[error("leader of group {group} changed to {leader:?} while the entry was in flight")]
+    Discarded {
+        /// The group.
+        group: GroupId,
+        /// The new leader, if known.
+        leader: Option<NodeId>,
+    },
+    /// The entry was proposed but not committed before the deadline: it may still commit.
+    /// Retrying may duplicate it.
+    #[error("outcome unknown for group {group}: {reason}")]
+    OutcomeUnknown {
+        /// The group.
+        group: GroupId,
+        /// What happened.
+        reason: String,
+    },
+    /// This node hosts no such group.
+    #[error("group {0} is not hosted on this node")]
+    GroupNotFound(GroupId),
+    /// The group stopped (shutdown or storage failure); nothing more is accepted.
+    #[error("group {group} stopped: {reason}")]
+    Stopped {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a read failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadError {
+    /// This node hosts no such group.
+    #[error("group {0} is not hosted on this node")]
+    GroupNotFound(GroupId),
+    /// The storage failed or returned a value that failed its checksum.
+    #[error("storage: {0}")]
+    Storage(#[from] ordo_storage::StorageError),
+    /// A stored entry could not be decoded.
+    #[error("undecodable entry in group {group}: {reason}")]
+    Decode {
+        /// The group.
+        group: GroupId,
+        /// The decoder's message.
+        reason: String,
+    },
+}
+
+/// Committed record batches read from a partition.
+#[derive(Debug, Clone, Default)]
+pub struct ReadBatch {
+    /// The offset after the last committed record.
+    pub high_watermark: u64,
+    /// `(base offset, record count, encoded batch)`, in offset order. The first batch may start
+    /// before the requested offset.
+    pub batches: Vec<(u64, u32, Bytes)>,
+}
+
+/// One group as this node sees it.
+#[derive(Debug, Clone, Default)]
+pub struct GroupStatus {
+    /// The group.
+    pub group: u64,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// The current term.
+    pub term: u64,
+    /// The high watermark (partitions only).
+    pub high_watermark: u64,
+    /// This replica's last log index.
+    pub last_log_index: u64,
+    /// On the leader: each replica's matched log index.
+    pub matched: BTreeMap<NodeId, u64>,
+    /// Members of the group.
+    pub voters: Vec<NodeId>,
+}
+
+#[derive(Clone)]
+struct Partition {
+    raft: PartitionRaft,
+    store: GroupStore,
+    high_watermark: watch::Receiver<u64>,
+}
+
+struct Inner {
+    id: NodeId,
+    store: Store,
+    peers: Peers,
+    config: Arc<Config>,
+    meta: OnceLock<MetaRaft>,
+    partitions: RwLock<HashMap<GroupId, Partition>>,
+}
+
+/// Every Raft group on this node. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftNode {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn members(replicas: &BTreeMap<NodeId, String>) -> BTreeMap<NodeId, BasicNode> {
+    replicas
+        .iter()
+        .map(|(id, address)| {
+            (
+                *id,
+                BasicNode {
+                    addr: address.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+impl RaftNode {
+    /// A node with no groups yet.
+    pub fn new(
+        id: NodeId,
+        store: Store,
+        peers: Peers,
+        options: &RaftOptions,
+    ) -> Result<Self, String> {
+        let config = Config {
+            cluster_name: "ordo".to_string(),
+            heartbeat_interval: options.heartbeat_interval.as_millis() as u64,
+            election_timeout_min: options.election_timeout_min.as_millis() as u64,
+            election_timeout_max: options.election_timeout_max.as_millis() as u64,
+            max_payload_entries: options.append_entries_max,
+            // Partitions never purge: their Raft log is their data (see `machine`).
+            snapshot_policy: SnapshotPolicy::Never,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().map_err(|error| error.to_string())?);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                id,
+                store,
+                peers,
+                config,
+                meta: OnceLock::new(),
+                partitions: RwLock::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The peer pool, shared with request forwarding.
+    pub fn peers(&self) -> &Peers {
+        &self.inner.peers
+    }
+
+    /// Starts the metadata group. The lowest-id voter initializes it on first start.
+    pub async fn start_meta(
+        &self,
+        voters: &BTreeMap<NodeId, String>,
+        apply: Box<dyn MetaApply>,
+    ) -> Result<(), String> {
+        for (id, address) in voters {
+            self.inner.peers.set_address(*id, address);
+        }
+        let store = self.inner.store.group(META_GROUP);
+        let machine = Machine::open(store.clone(), MetaLogic::new(apply))
+            .map_err(|error| error.to_string())?;
+        let network = NetworkFactory {
+            peers: self.inner.peers.clone(),
+            group: META_GROUP,
+        };
+        let raft = Raft::new(
+            self.inner.id,
+            self.inner.config.clone(),
+            network,
+            LogStore::new(store),
+            machine,
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+        let lowest = voters.keys().next().copied();
+        if lowest == Some(self.inner.id)
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|error| error.to_string())?
+        {
+            tracing::info!(voters = ?voters.keys().collect::<Vec<_>>(), "initializing metadata group");
+            if let Err(error) = raft.initialize(members(voters)).await {
+                tracing::warn!(%error, "metadata group initialize");
+            }
+        }
+        self.inner
+            .meta
+            .set(raft)
+            .map_err(|_| "metadata group started twice".to_string())
+    }
+
+    fn meta(&self) -> Result<&MetaRaft, WriteError> {
+        self.inner
+            .meta
+            .get()
+            .ok_or(WriteError::GroupNotFound(META_GROUP))
+    }
+
+    fn partition(&self, group: GroupId) -> Option<Partition> {
+        let partitions = self
+            .inner
+            .partitions
+            .read()
+            .expect("partition map lock is never poisoned");
+        partitions.get(&group).cloned()
+    }
+
+    /// Groups of partitions hosted here.
+    pub fn partition_groups(&self) -> Vec<GroupId> {
+        let partitions = self
+            .inner
+            .partitions
+            .read()
+            .expect("partition map lock is never poisoned");
+        partitions.keys().copied().collect()
+    }
+
+    /// Starts the group of a partition this node replicates, if not running. `initialize` is set
+    /// on exactly one replica (the preferred leader), which forms the group on first start.
+    pub async fn ensure_partition(
+        &self,
+        group: GroupId,
+        replicas: &BTreeMap<NodeId, String>,
+        initialize: bool,
+    ) -> Result<(), String> {
+        if self.partition(group).is_some() {
+            return Ok(());
+        }
+        let store = self.inner.store.group(group);
+        let (high_watermark_tx, high_watermark) = watch::channel(0);
+        let machine = Machine::open(store.clone(), OffsetLogic::new(high_watermark_tx))
+            .map_err(|error| error.to_string())?;
+        let network = NetworkFactory {
+            peers: self.inner.peers.clone(),
+            group,
+        };
+        let raft = Raft::new(
+            self.inner.id,
+            self.inner.config.clone(),
+            network,
+            LogStore::new(store.clone()),
+            machine,
+        )
+        .await
+        .map_err(|error| error.to_string())?;
+        if initialize
+            && !raft
+                .is_initialized()
+                .await
+                .map_err(|error| error.to_string())?
+        {
+            if let Err(error) = raft.initialize(members(replicas)).await {
+                tracing::warn!(%group, %error, "partition group initialize");
+            }
+        }
+        let partition = Partition {
+            raft,
+            store,
+            high_watermark,
+        };
+        let mut partitions = self
+            .inner
+            .partitions
+            .write()
+            .expect("partition map lock is never poisoned");
+        partitions.entry(group).or_insert(partition);
+        Ok(())
+    }
+
+    /// Stops a partition's group and deletes its data from this node.
+    pub async fn remove_partition(&self, group: GroupId) -> Result<(), String> {
+        let removed = {
+            let mut partitions = self
+                .inner
+                .partitions
+                .write()
+                .expect("partition map lock is never poisoned");
+            partitions.remove(&group)
+        };
+        if let Some(partition) = removed {
+            if let Err(error) = partition.raft.shutdown().await {
+                tracing::warn!(%group, %error, "partition shutdown");
+            }
+            partition
+                .store
+                .destroy()
+                .await
+                .map_err(|error| error.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Proposes `command` to a partition and waits until it is committed and applied.
+    pub async fn write(
+        &self,
+        group: GroupId,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<Response, WriteError> {
+        let partition = self
+            .partition(group)
+            .ok_or(WriteError::GroupNotFound(group))?;
+        propose(&partition.raft, group, command, timeout).await
+    }
+
+    /// Proposes a metadata command; returns the state machine's encoded answer.
+    pub async fn write_meta(&self, command: Bytes, timeout: Duration) -> Result<Bytes, WriteError> {
+        match propose(self.meta()?, META_GROUP, Command::Meta(command), timeout).await? {
+            Response::Meta(answer) => Ok(answer),
+            other => Err(WriteError::Stopped {
+                group: META_GROUP,
+                reason: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// The leader of the metadata group as this node knows it.
+    pub fn meta_leader(&self) -> Option<NodeId> {
+        self.inner
+            .meta
+            .get()
+            .and_then(|raft| raft.metrics().borrow_watched().current_leader)
+    }
+
+    /// The high watermark of a partition, to wait on for new records.
+    pub fn high_watermark(&self, group: GroupId) -> Option<watch::Receiver<u64>> {
+        self.partition(group)
+            .map(|partition| partition.high_watermark)
+    }
+
+    /// Reads committed batches from `offset`, about `max_bytes` of log at most (at least one batch
+    /// when any is committed at or after `offset`).
+    pub async fn read(
+        &self,
+        group: GroupId,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<ReadBatch, ReadError> {
+        let partition = self
+            .partition(group)
+            .ok_or(ReadError::GroupNotFound(group))?;
+        let high_watermark = *partition.high_watermark.borrow();
+        if offset >= high_watermark {
+            return Ok(ReadBatch {
+                high_watermark,
+                batches: Vec::new(),
+            });
+        }
+        let store = partition.store.clone();
+        tokio::task::spawn_blocking(move || {
+            read_committed(&store, offset, high_watermark, max_bytes)
+        })
+        .await
+        .map_err(|error| ReadError::Decode {
+            group,
+            reason: error.to_string(),
+        })?
+    }
+
+    /// This node's view of a group.
+    pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
+        if group == META_GROUP {
+            let raft = self.inner.meta.get()?;
+            return Some(status_of(raft, group, 0));
+        }
+        let partition = self.partition(group)?;
+        let high_watermark = *partition.high_watermark.borrow();
+        Some(status_of(&partition.raft, group, high_watermark))
+    }
+
+    /// Asks this node, if it leads `group`, to hand leadership to `to`.
+    pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<(), String> {
+        let partition = self
+            .partition(group)
+            .ok_or_else(|| format!("group {group} not hosted here"))?;
+        partition
+            .raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    /// Handles one inbound Raft RPC; the answer is `Result<response, String>`, encoded.
+    pub async fn handle_raft(&self, group: GroupId, kind: RaftKind, payload: &[u8]) -> Vec<u8> {
+        let result = if group == META_GROUP {
+            match self.inner.meta.get() {
+                Some(raft) => dispatch(raft, kind, payload).await,
+                None => Err(format!(
+                    "metadata group not started on node {}",
+                    self.inner.id
+                )),
+            }
+        } else {
+            match self.partition(group) {
+                Some(partition) => dispatch(&partition.raft, kind, payload).await,
+                None => Err(format!(
+                    "group {group} not hosted on node {}",
+                    self.inner.id
+                )),
+            }
+        };
+        match result {
+            Ok(encoded) => encoded,
+            Err(message) => encode(&Err::<(), String>(message)).unwrap_or_default(),
+        }
+    }
+
+    /// Stops every group.
+    pub async fn shutdown(&self) {
+        let partitions: Vec<Partition> = {
+            let partitions = self
+                .inner
+                .partitions
+                .read()
+                .expect("partition map lock is never poisoned");
+            partitions.values().cloned().collect()
+        };
+        for partition in partitions {
+            let _ = partition.raft.shutdown().await;
+        }
+        if let Some(meta) = self.inner.meta.get() {
+            let _ = meta.shutdown().await;
+        }
+    }
+}
+
+async fn propose<SM>(
+    raft: &Raft<C, SM>,
+    group: GroupId,
+    command: Command,
+    timeout: Duration,
+) -> Result<Response, WriteError>
+where
+    SM: RaftStateMachine<C>,
+{
+    // A follower answers at once, without proposing, so the caller can forward cleanly.
+    let leader = raft.metrics().borrow_watched().current_leader;
+    if leader != Some(*raft.node_id()) {
+        return Err(WriteError::NotLeader { group, leader });
+    }
+    match tokio::time::timeout(timeout, raft.client_write(command)).await {
+        Err(_) => Err(WriteError::OutcomeUnknown {
+            group,
+            reason: format!("not committed within {timeout:?}"),
+        }),
+        Ok(Ok(response)) => Ok(response.data),
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+            Err(WriteError::NotLeader {
+                group,
+                leader: forward.leader_id,
+            })
+        }
+        Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(forward)))) => {
+            Err(WriteError::Discarded {
+                group,
+                leader: forward.leader_id,
+            })
+        }
+        Ok(Err(RaftError::APIError(other))) => Err(WriteError::Stopped {
+            group,
+            reason: other.to_string(),
+        }),
+        Ok(Err(RaftError::Fatal(fatal))) => Err(WriteError::Stopped {
+            group,
+            reason: fatal.to_string(),
+        }),
+    }
+}
+
+async fn dispatch<SM>(raft: &Raft<C, SM>, kind: RaftKind, payload: &[u8]) -> Result<Vec<u8>, String>
+where
+    SM: RaftStateMachine<C, SnapshotData = SnapshotData>,
+{
+    fn answer<T: serde::Serialize, E: std::fmt::Display>(
+        result: Result<T, E>,
+    ) -> Result<Vec<u8>, String> {
+        let result = result.map_err(|error| error.to_string());
+        encode(&result).map_err(|error| error.to_string())
+    }
+    let bad = |error: std::io::Error| format!("undecodable {kind:?} request: {error}");
+    match kind {
+        RaftKind::Append => answer(raft.append_entries(decode(payload).map_err(bad)?).await),
+        RaftKind::Vote => answer(raft.vote(decode(payload).map_err(bad)?).await),
+        RaftKind::PreVote => answer(raft.pre_vote(decode(payload).map_err(bad)?).await),
+        RaftKind::Snapshot => {
+            let (vote, meta, data): (crate::types::Vote, crate::types::SnapshotMeta, Vec<u8>) =
+                decode(payload).map_err(bad)?;
+            let snapshot = Snapshot {
+                meta,
+                snapshot: Cursor::new(data),
+            };
+            answer(raft.install_full_snapshot(vote, snapshot).await)
+        }
+        RaftKind::TransferLeader => answer(
+            raft.handle_transfer_leader(decode(payload).map_err(bad)?)
+                .await,
+        ),
+        RaftKind::Unspecified => Err("raft request without a kind".to_string()),
+    }
+}
+
+fn status_of<SM: RaftStateMachine<C>>(
+    raft: &Raft<C, SM>,
+    group: GroupId,
+    high_watermark: u64,
+) -> GroupStatus {
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow_watched();
+    let matched = metrics
+        .replication
+        .as_ref()
+        .map(|replication| {
+            replication
+                .iter()
+                .map(|(node, log_id)| (*node, log_id.as_ref().map(|id| id.index + 1).unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    GroupStatus {
+        group: group.0,
+        leader: metrics.current_leader,
+        term: metrics.current_term,
+        high_watermark,
+        last_log_index: metrics.last_log_index.map(|index| index + 1).unwrap_or(0),
+        matched,
+        voters: metrics.membership_config.voter_ids().collect(),
+    }
+}
+
+/// Reads committed batches of one partition, stopping at the high watermark.
+fn read_committed(
+    store: &GroupStore,
+    offset: u64,
+    high_watermark: u64,
+    max_bytes: usize,
+) -> Result<ReadBatch, ReadError> {
+    let group = store.group();
+    let Some(first) = store.index_floor(offset)? else {
+        return Err(ReadError::Decode {
+            group,
+            reason: format!(
+                "no index entry at or before offset {offset} below high watermark {high_watermark}"
+            ),
+        });
+    };
+    let mut base_offset = first.base_offset;
+    let mut batches = Vec::new();
+    for (index, bytes) in store.read_log(first.log_index, u64::MAX, max_bytes)? {
+        if base_offset >= high_watermark {
+            break;
+        }
+        let entry: Entry = decode(&bytes).map_err(|error| ReadError::Decode {
+            group,
+            reason: format!("index {index}: {error}"),
+        })?;
+        if let EntryPayload::Normal(Command::Append { count, batch }) = entry.payload {
+            batches.push((base_offset, count, batch));
+            base_offset += u64::from(count);
+        }
+    }
+    Ok(ReadBatch {
+        high_watermark,
+        batches,
+    })
+}

@@ -1,0 +1,390 @@
+//! Node configuration: defaults, then a TOML file (`--config`), then `ORDO_*` environment
+//! variables (nested keys with `__`, e.g. `ORDO_LIMITS__RECORD_BYTES_MAX`), then flags.
+//! Every limit and timing lives here with its default and unit; `validate()` runs at start-up.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::Env;
+use figment::providers::Format;
+use figment::providers::Serialized;
+use figment::providers::Toml;
+use ordo_broker::Limits;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::ServerError;
+
+/// Flags of `ordo serve`. Each overrides the config file and the environment.
+#[derive(Debug, Clone, Default, clap::Args, Serialize)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "ORDO_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's id (a positive integer, unique in the cluster).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<u64>,
+    /// Directory of this node's data (created if missing).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the gRPC server listens on.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Address other nodes and clients use to reach this node (default: --listen).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Every node of the cluster: `1=host:port,2=host:port,3=host:port`.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_cluster: Option<String>,
+    /// Address of the Prometheus `/metrics` endpoint (off when absent).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Raft timing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// Leader heartbeat period, milliseconds. Default 200.
+    pub heartbeat_interval_ms: u64,
+    /// Election timeout lower bound, milliseconds. Default 1000.
+    pub election_timeout_min_ms: u64,
+    /// Election timeout upper bound, milliseconds. Default 2000.
+    pub election_timeout_max_ms: u64,
+    /// Most entries per append RPC. Default 256.
+    pub append_entries_max: u64,
+    /// How often leaders hand partitions back to their preferred leader, milliseconds. Default 10000.
+    pub leader_balance_interval_ms: u64,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 200,
+            election_timeout_min_ms: 1000,
+            election_timeout_max_ms: 2000,
+            append_entries_max: 256,
+            leader_balance_interval_ms: 10_000,
+        }
+    }
+}
+
+/// HTTP/2 and gRPC limits of the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Concurrent streams per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). Default 1024.
+    pub max_concurrent_streams: u32,
+    /// Largest gRPC message accepted or sent, bytes. Default 16 MiB (above batch_bytes_max).
+    pub message_bytes_max: u64,
+    /// HTTP/2 keepalive ping period, milliseconds. Default 10000.
+    pub keepalive_interval_ms: u64,
+    /// HTTP/2 keepalive ping timeout, milliseconds. Default 5000.
+    pub keepalive_timeout_ms: u64,
+    /// Subscribe streams open at once on this node. Default 4096.
+    pub subscriptions_max: u64,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 1024,
+            message_bytes_max: 16 << 20,
+            keepalive_interval_ms: 10_000,
+            keepalive_timeout_ms: 5_000,
+            subscriptions_max: 4096,
+        }
+    }
+}
+
+/// RocksDB sizing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Write requests queued for the writer thread. Default 4096.
+    pub write_queue_max: u64,
+    /// Memtable size per column family, bytes. Default 64 MiB.
+    pub write_buffer_bytes: u64,
+    /// Block cache, bytes. Default 128 MiB.
+    pub block_cache_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        let defaults = ordo_storage::StoreOptions::default();
+        Self {
+            write_queue_max: defaults.write_queue_max as u64,
+            write_buffer_bytes: defaults.write_buffer_bytes as u64,
+            block_cache_bytes: defaults.block_cache_bytes as u64,
+        }
+    }
+}
+
+/// Everything a node is configured with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// This node's id; must be set and > 0.
+    pub node_id: u64,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Advertised address (default: listen).
+    pub advertise: Option<String>,
+    /// `id=host:port,...`; empty means a single-node cluster of this node.
+    pub initial_cluster: String,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Raft timing.
+    pub raft: RaftConfig,
+    /// gRPC limits.
+    pub grpc: GrpcConfig,
+    /// Storage sizing.
+    pub storage: StorageConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 0,
+            data_dir: PathBuf::from("ordo-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
+            advertise: None,
+            initial_cluster: String::new(),
+            metrics_listen: None,
+            limits: Limits::default(),
+            raft: RaftConfig::default(),
+            grpc: GrpcConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+/// Top-level keys read from `ORDO_*`; other `ORDO_*` variables (the CLI's) are ignored.
+const ENV_KEYS: [&str; 10] = [
+    "node_id",
+    "data_dir",
+    "listen",
+    "advertise",
+    "initial_cluster",
+    "metrics_listen",
+    "limits",
+    "raft",
+    "grpc",
+    "storage",
+];
+
+impl NodeConfig {
+    /// Loads defaults < file < environment < flags, then validates.
+    pub fn load(args: &ServeArgs) -> Result<NodeConfig, ServerError> {
+        let mut figment = Figment::from(Serialized::defaults(NodeConfig::default()));
+        if let Some(path) = &args.config {
+            if !path.exists() {
+                return Err(ServerError::Config(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        figment = figment
+            .merge(Env::prefixed("ORDO_").split("__").filter(|key| {
+                let top = key.as_str().split('.').next().unwrap_or_default();
+                ENV_KEYS.contains(&top)
+            }))
+            .merge(Serialized::defaults(args));
+        let config: NodeConfig = figment
+            .extract()
+            .map_err(|error| ServerError::Config(error.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The advertised address.
+    pub fn advertise(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    /// The cluster's nodes and addresses.
+    pub fn cluster(&self) -> Result<BTreeMap<u64, String>, ServerError> {
+        if self.initial_cluster.trim().is_empty() {
+            return Ok(BTreeMap::from([(self.node_id, self.advertise())]));
+        }
+        let mut nodes = BTreeMap::new();
+        for part in self
+            .initial_cluster
+            .split(',')
+            .map(str::trim)
+            .filter(|part| !part.is_empty())
+        {
+            let (id, address) = part.split_once('=').ok_or_else(|| {
+                ServerError::Config(format!(
+                    "initial_cluster entry {part:?} is not id=host:port"
+                ))
+            })?;
+            let id: u64 = id.trim().parse().map_err(|_| {
+                ServerError::Config(format!(
+                    "initial_cluster entry {part:?}: {id:?} is not a node id"
+                ))
+            })?;
+            if id == 0 {
+                return Err(ServerError::Config(
+                    "initial_cluster: node ids start at 1".into(),
+                ));
+            }
+            if nodes.insert(id, address.trim().to_string()).is_some() {
+                return Err(ServerError::Config(format!(
+                    "initial_cluster names node {id} twice"
+                )));
+            }
+        }
+        Ok(nodes)
+    }
+
+    /// Rejects inconsistent settings.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        let fail = |message: String| Err(ServerError::Config(message));
+        if self.node_id == 0 {
+            return fail("node_id must be set (--node-id, ORDO_NODE_ID or node_id in the config file) and > 0".into());
+        }
+        let cluster = self.cluster()?;
+        if !cluster.contains_key(&self.node_id) {
+            return fail(format!(
+                "initial_cluster does not include this node ({})",
+                self.node_id
+            ));
+        }
+        self.limits.validate().map_err(ServerError::Config)?;
+        let raft = &self.raft;
+        if raft.heartbeat_interval_ms == 0
+            || raft.election_timeout_min_ms <= raft.heartbeat_interval_ms * 2
+        {
+            return fail(
+                "raft: need 0 < heartbeat_interval_ms and election_timeout_min_ms > 2 x heartbeat"
+                    .into(),
+            );
+        }
+        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            return fail(
+                "raft: election_timeout_max_ms must be above election_timeout_min_ms".into(),
+            );
+        }
+        if raft.append_entries_max == 0 || raft.leader_balance_interval_ms == 0 {
+            return fail(
+                "raft: append_entries_max and leader_balance_interval_ms must be > 0".into(),
+            );
+        }
+        if self.grpc.message_bytes_max < self.limits.batch_bytes_max + (1 << 20) {
+            return fail("grpc.message_bytes_max must exceed limits.batch_bytes_max by at least 1 MiB of framing".into());
+        }
+        if self.grpc.max_concurrent_streams == 0 || self.grpc.subscriptions_max == 0 {
+            return fail("grpc: max_concurrent_streams and subscriptions_max must be > 0".into());
+        }
+        if self.storage.write_queue_max == 0 {
+            return fail("storage.write_queue_max must be > 0".into());
+        }
+        Ok(())
+    }
+
+    /// Raft options for the Raft layer.
+    pub fn raft_options(&self) -> ordo_raft::RaftOptions {
+        ordo_raft::RaftOptions {
+            heartbeat_interval: Duration::from_millis(self.raft.heartbeat_interval_ms),
+            election_timeout_min: Duration::from_millis(self.raft.election_timeout_min_ms),
+            election_timeout_max: Duration::from_millis(self.raft.election_timeout_max_ms),
+            append_entries_max: self.raft.append_entries_max,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Storage options for the storage layer.
+    pub fn store_options(&self) -> ordo_storage::StoreOptions {
+        ordo_storage::StoreOptions {
+            write_queue_max: self.storage.write_queue_max as usize,
+            write_buffer_bytes: self.storage.write_buffer_bytes as usize,
+            block_cache_bytes: self.storage.block_cache_bytes as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(node_id: u64, cluster: &str) -> ServeArgs {
+        ServeArgs {
+            node_id: Some(node_id),
+            initial_cluster: Some(cluster.into()),
+            ..ServeArgs::default()
+        }
+    }
+
+    /// Flags fill the config; the cluster string parses.
+    #[test]
+    fn flags_and_cluster() {
+        let config = NodeConfig::load(&args(2, "1=a:1, 2=b:2,3=c:3")).unwrap();
+        assert_eq!(config.node_id, 2);
+        assert_eq!(config.cluster().unwrap().len(), 3);
+        assert_eq!(config.cluster().unwrap()[&2], "b:2");
+    }
+
+    /// Each inconsistent setting is refused with a message naming it.
+    #[test]
+    fn bad_configs_are_refused() {
+        for (node_id, cluster) in [
+            (0, ""),
+            (4, "1=a:1,2=b:2"),
+            (1, "1=a:1,1=b:2"),
+            (1, "x=a:1"),
+            (1, "1a:1"),
+        ] {
+            assert!(
+                NodeConfig::load(&args(node_id, cluster)).is_err(),
+                "{node_id} {cluster}"
+            );
+        }
+        let mut config = NodeConfig {
+            node_id: 1,
+            ..NodeConfig::default()
+        };
+        config.raft.election_timeout_min_ms = 100;
+        assert!(config.validate().is_err());
+    }
+
+    /// A TOML file is read, and unknown keys are refused.
+    #[test]
+    fn config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ordo.toml");
+        std::fs::write(&path, "node_id = 1\n[limits]\nrecord_bytes_max = 1000\n").unwrap();
+        let loaded = NodeConfig::load(&ServeArgs {
+            config: Some(path.clone()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(loaded.limits.record_bytes_max, 1000);
+        std::fs::write(&path, "node_id = 1\nbogus = 2\n").unwrap();
+        assert!(
+            NodeConfig::load(&ServeArgs {
+                config: Some(path),
+                ..ServeArgs::default()
+            })
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,236 @@
+//! The Ordo server process: configuration, the gRPC server, metrics, lifecycle.
+//!
+//! # Layout
+//! - `config`: [`ServeArgs`] and [`NodeConfig`] (defaults < file < `ORDO_*` env < flags).
+//! - `services`: the gRPC services (public `ordo.v1`, internal `ordo.internal.v1`).
+//! - `status`: the ONLY place errors become `tonic::Status`.
+//! - `deadline`: the caller's `grpc-timeout`, so answers beat the deadline.
+//! - `metrics`: Prometheus metrics and the `/metrics` endpoint.
+//!
+//! # What this crate must never do
+//! It owns ports, tonic servers and the process lifecycle, and nothing else: no produce, fetch
+//! or replication logic lives here.
+
+pub mod config;
+mod deadline;
+mod metrics;
+mod services;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::NodeConfig;
+pub use config::ServeArgs;
+use ordo_broker::Broker;
+use ordo_broker::BrokerOptions;
+use ordo_proto::internal::internal_server::InternalServer;
+use ordo_proto::v1::admin_server::AdminServer;
+use ordo_proto::v1::log_server::LogServer;
+use ordo_raft::Peers;
+use ordo_raft::RaftNode;
+use ordo_storage::Store;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::metrics::Metrics;
+use crate::services::Services;
+
+/// Why the server stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error("config: {0}")]
+    Config(String),
+    /// The store could not be opened.
+    #[error("storage: {0}")]
+    Storage(#[from] ordo_storage::StorageError),
+    /// A start-up step failed.
+    #[error("{0}")]
+    Startup(String),
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// An I/O error (binding a port, creating the data directory).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Runs a node until SIGTERM or Ctrl-C.
+pub async fn run(args: ServeArgs) -> Result<(), ServerError> {
+    let config = NodeConfig::load(&args)?;
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        let _ = shutdown_tx.send(true);
+    });
+    serve(config, shutdown).await
+}
+
+async fn wait_for_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// Runs a node with `config` until `shutdown` turns true.
+pub async fn serve(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
+    use tracing::Instrument;
+    let span = tracing::info_span!("node", node = config.node_id);
+    serve_node(config, shutdown).instrument(span).await
+}
+
+async fn serve_node(
+    config: NodeConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let node_id = config.node_id;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::Io {
+        context: format!("creating data dir {}", config.data_dir.display()),
+        source,
+    })?;
+    let store = Store::open(&config.data_dir.join("db"), &config.store_options())?;
+    let peers = Peers::new(Duration::from_secs(2));
+    let raft = RaftNode::new(node_id, store.clone(), peers, &config.raft_options())
+        .map_err(ServerError::Startup)?;
+    let mut tasks = JoinSet::new();
+    let cluster = config.cluster()?;
+    let broker = Broker::start(
+        raft.clone(),
+        BrokerOptions {
+            node_id,
+            nodes: cluster.clone(),
+            limits: config.limits.clone(),
+            leader_balance_interval: Duration::from_millis(config.raft.leader_balance_interval_ms),
+        },
+        &mut tasks,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|error| ServerError::Startup(error.to_string()))?;
+
+    let metrics = Metrics::new(config.grpc.subscriptions_max);
+    let services = Services {
+        broker: broker.clone(),
+        metrics: metrics.clone(),
+        subscriptions: Arc::new(tokio::sync::Semaphore::new(
+            config.grpc.subscriptions_max as usize,
+        )),
+    };
+
+    if let Some(address) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|source| ServerError::Io {
+                context: format!("binding metrics address {address}"),
+                source,
+            })?;
+        let (store, broker, metrics) = (store.clone(), broker.clone(), metrics.clone());
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = metrics.render(&store, &broker);
+                async move {
+                    (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        );
+        let mut metrics_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = metrics_shutdown.wait_for(|stop| *stop).await;
+            });
+            if let Err(error) = serve.await {
+                tracing::error!(%error, "metrics server failed");
+            }
+        });
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<LogServer<Services>>().await;
+    health.set_serving::<AdminServer<Services>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ordo_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| ServerError::Startup(error.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ordo_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|error| ServerError::Startup(error.to_string()))?;
+
+    let message_max = config.grpc.message_bytes_max as usize;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Io {
+            context: format!("binding {}", config.listen),
+            source,
+        })?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tracing::info!(listen = %config.listen, advertise = %config.advertise(), nodes = cluster.len(), "ordo node serving");
+    let mut grpc_shutdown = shutdown.clone();
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(config.grpc.max_concurrent_streams)
+        .http2_keepalive_interval(Some(Duration::from_millis(
+            config.grpc.keepalive_interval_ms,
+        )))
+        .http2_keepalive_timeout(Some(Duration::from_millis(
+            config.grpc.keepalive_timeout_ms,
+        )))
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            LogServer::new(services.clone())
+                .max_decoding_message_size(message_max)
+                .max_encoding_message_size(message_max),
+        )
+        .add_service(
+            AdminServer::new(services.clone())
+                .max_decoding_message_size(message_max)
+                .max_encoding_message_size(message_max),
+        )
+        .add_service(
+            InternalServer::new(services)
+                .max_decoding_message_size(ordo_raft::INTERNAL_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(ordo_raft::INTERNAL_MESSAGE_BYTES_MAX),
+        )
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = grpc_shutdown.wait_for(|stop| *stop).await;
+        })
+        .await;
+    tracing::info!("grpc server stopped; stopping raft groups");
+    raft.shutdown().await;
+    while tasks.join_next().await.is_some() {}
+    drop(broker);
+    drop(raft);
+    drop(store);
+    tracing::info!("ordo node stopped");
+    result.map_err(ServerError::from)
+}

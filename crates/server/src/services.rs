@@ -1,0 +1,453 @@
+//! The gRPC services: public `ordo.v1.Log` and `ordo.v1.Admin`, and the node-to-node
+//! `ordo.internal.v1.Internal`. Each handler converts wire structs to domain types at the edge,
+//! calls the broker, and maps errors through `status::to_status`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+use futures::Stream;
+use ordo_broker::Broker;
+use ordo_broker::BrokerError;
+use ordo_broker::PartitionView;
+use ordo_broker::Record;
+use ordo_broker::StoredRecord;
+use ordo_broker::TopicView;
+use ordo_proto::internal as internal_pb;
+use ordo_proto::v1 as pb;
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
+use tonic::Request;
+use tonic::Response;
+use tonic::Status;
+use tracing::Instrument;
+
+use crate::deadline::request_timeout;
+use crate::metrics::Metrics;
+use crate::status::invalid;
+use crate::status::to_status;
+
+/// Longest a Subscribe stream waits on one long poll before polling again.
+const SUBSCRIBE_POLL: Duration = Duration::from_secs(5);
+/// Answers buffered per Subscribe stream.
+const SUBSCRIBE_BUFFER: usize = 4;
+
+/// Shared state of the services. Cheap to clone.
+#[derive(Clone)]
+pub struct Services {
+    pub(crate) broker: Broker,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) subscriptions: Arc<Semaphore>,
+}
+
+fn record_from_wire(record: pb::Record) -> Record {
+    Record {
+        key: record.key,
+        value: record.value,
+        headers: record
+            .headers
+            .into_iter()
+            .map(|header| (header.key, header.value))
+            .collect(),
+        timestamp_ms: record.timestamp_ms,
+    }
+}
+
+fn record_to_wire(record: StoredRecord) -> pb::StoredRecord {
+    pb::StoredRecord {
+        offset: record.offset,
+        key: record.key,
+        value: record.value,
+        headers: record
+            .headers
+            .into_iter()
+            .map(|(key, value)| pb::Header { key, value })
+            .collect(),
+        timestamp_ms: record.timestamp_ms,
+    }
+}
+
+fn partition_to_wire(partition: PartitionView) -> pb::PartitionDescription {
+    pb::PartitionDescription {
+        partition: partition.partition,
+        leader: partition.leader,
+        replicas: partition.replicas,
+        high_watermark: partition.high_watermark,
+        log_start_offset: 0,
+        term: partition.term,
+        replica_status: partition
+            .lag
+            .into_iter()
+            .map(|(node_id, lag)| pb::ReplicaStatus { node_id, lag })
+            .collect(),
+    }
+}
+
+fn topic_to_wire(topic: TopicView) -> pb::TopicDescription {
+    pb::TopicDescription {
+        name: topic.name,
+        replication_factor: topic.replication_factor,
+        config: Some(pb::TopicConfig {
+            entries: topic.config.into_iter().collect(),
+        }),
+        partitions: topic
+            .partitions
+            .into_iter()
+            .map(partition_to_wire)
+            .collect(),
+    }
+}
+
+fn is_forwarded<T>(request: &Request<T>) -> bool {
+    request
+        .metadata()
+        .contains_key(ordo_broker::FORWARDED_HEADER)
+}
+
+#[tonic::async_trait]
+impl pb::log_server::Log for Services {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceResponse>, Status> {
+        let started = Instant::now();
+        let timeout = request_timeout(request.metadata(), self.broker.limits().produce_timeout());
+        let request = request.into_inner();
+        let span =
+            tracing::debug_span!("produce", node = self.broker.node_id(), topic = %request.topic);
+        let count = request.records.len() as u64;
+        let records = request.records.into_iter().map(record_from_wire).collect();
+        let result = self
+            .broker
+            .produce(&request.topic, request.partition, records, timeout)
+            .instrument(span)
+            .await;
+        let result = result.map_err(to_status);
+        Metrics::count(
+            &self.metrics.produce_requests,
+            result.as_ref().map(|_| ()).map_err(Status::code),
+        );
+        let acks = result?;
+        self.metrics.produce_records.inc_by(count);
+        self.metrics
+            .produce_latency
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Response::new(pb::ProduceResponse {
+            acks: acks
+                .into_iter()
+                .map(|(partition, offset)| pb::RecordAck { partition, offset })
+                .collect(),
+        }))
+    }
+
+    async fn fetch(
+        &self,
+        request: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let request = request.into_inner();
+        let result = self
+            .broker
+            .fetch(
+                &request.topic,
+                request.partition,
+                request.offset,
+                u64::from(request.max_bytes),
+                Duration::from_millis(u64::from(request.max_wait_ms)),
+                forwarded,
+            )
+            .await
+            .map_err(to_status);
+        Metrics::count(
+            &self.metrics.fetch_requests,
+            result.as_ref().map(|_| ()).map_err(Status::code),
+        );
+        let outcome = result?;
+        Ok(Response::new(pb::FetchResponse {
+            partition: request.partition,
+            records: outcome.records.into_iter().map(record_to_wire).collect(),
+            high_watermark: outcome.high_watermark,
+            log_start_offset: outcome.log_start_offset,
+        }))
+    }
+
+    type SubscribeStream =
+        Pin<Box<dyn Stream<Item = Result<pb::FetchResponse, Status>> + Send + 'static>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let request = request.into_inner();
+        let permit = self.subscriptions.clone().try_acquire_owned().map_err(|_| {
+            to_status(BrokerError::ResourceExhausted(
+                "too many Subscribe streams open on this node (grpc.subscriptions_max); close some or use Fetch".into(),
+            ))
+        })?;
+        let broker = self.broker.clone();
+        let topic = request.topic.clone();
+        let partition = request.partition;
+        let max_bytes = u64::from(request.max_bytes);
+        // Resolve the start offset now, so a bad topic or offset fails the call itself.
+        let probe = broker
+            .fetch(&topic, partition, 0, 1, Duration::ZERO, false)
+            .await
+            .map_err(to_status)?;
+        let mut offset = match request.start {
+            Some(pb::subscribe_request::Start::Offset(offset)) => {
+                if offset > probe.high_watermark {
+                    return Err(to_status(BrokerError::OffsetOutOfRange {
+                        offset,
+                        start: probe.log_start_offset,
+                        end: probe.high_watermark,
+                    }));
+                }
+                offset
+            }
+            Some(pb::subscribe_request::Start::FromEnd(true)) => probe.high_watermark,
+            _ => probe.log_start_offset,
+        };
+        let (sender, receiver) = mpsc::channel(SUBSCRIBE_BUFFER);
+        let metrics = self.metrics.clone();
+        metrics.subscriptions.inc();
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                let fetched = tokio::select! {
+                    fetched = broker.fetch(&topic, partition, offset, max_bytes, SUBSCRIBE_POLL, false) => fetched,
+                    _ = sender.closed() => break,
+                };
+                match fetched {
+                    Ok(outcome) => {
+                        let Some(last) = outcome.records.last().map(|record| record.offset) else {
+                            continue;
+                        };
+                        offset = last + 1;
+                        let answer = pb::FetchResponse {
+                            partition,
+                            records: outcome.records.into_iter().map(record_to_wire).collect(),
+                            high_watermark: outcome.high_watermark,
+                            log_start_offset: outcome.log_start_offset,
+                        };
+                        if sender.send(Ok(answer)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(BrokerError::Unavailable { .. }) => {
+                        // A leader change: keep following once a replica answers again.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(error) => {
+                        let _ = sender.send(Err(to_status(error))).await;
+                        break;
+                    }
+                }
+            }
+            metrics.subscriptions.dec();
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for Services {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), Duration::from_secs(10));
+        let request = request.into_inner();
+        let config = request
+            .config
+            .map(|config| config.entries.into_iter().collect())
+            .unwrap_or_default();
+        let topic = self
+            .broker
+            .create_topic(
+                &request.name,
+                request.partitions,
+                request.replication_factor,
+                config,
+                timeout,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CreateTopicResponse {
+            topic: Some(topic_to_wire(topic)),
+        }))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), Duration::from_secs(10));
+        self.broker
+            .delete_topic(&request.into_inner().name, timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let topics = self
+            .broker
+            .list_topics()
+            .into_iter()
+            .map(|topic| pb::TopicSummary {
+                name: topic.name,
+                partitions: topic.partitions.len() as u32,
+                replication_factor: topic.replication_factor,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let topic = self
+            .broker
+            .describe_topic(&request.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DescribeTopicResponse {
+            topic: Some(topic_to_wire(topic)),
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let view = self.broker.cluster_status().await;
+        Ok(Response::new(pb::ClusterStatusResponse {
+            answered_by: view.answered_by,
+            metadata_leader: view.metadata_leader,
+            metadata_term: view.metadata_term,
+            nodes: view
+                .nodes
+                .into_iter()
+                .map(|node| pb::NodeStatus {
+                    node_id: node.node_id,
+                    address: node.address,
+                    reachable: node.reachable,
+                    leader_count: node.leader_count,
+                    replica_count: node.replica_count,
+                })
+                .collect(),
+            topics: view.topics,
+            partitions: view.partitions,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl internal_pb::internal_server::Internal for Services {
+    async fn raft(
+        &self,
+        request: Request<internal_pb::RaftRequest>,
+    ) -> Result<Response<internal_pb::RaftResponse>, Status> {
+        let request = request.into_inner();
+        let kind = internal_pb::RaftKind::try_from(request.kind).map_err(|_| {
+            invalid(
+                "BAD_RAFT_KIND",
+                format!("unknown raft message kind {}", request.kind),
+            )
+        })?;
+        let payload = self
+            .broker
+            .raft()
+            .handle_raft(ordo_raft::GroupId(request.group), kind, &request.payload)
+            .await;
+        Ok(Response::new(internal_pb::RaftResponse {
+            payload: payload.into(),
+        }))
+    }
+
+    async fn forward_produce(
+        &self,
+        request: Request<internal_pb::ForwardProduceRequest>,
+    ) -> Result<Response<internal_pb::ForwardProduceResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), self.broker.limits().produce_timeout());
+        let request = request.into_inner();
+        let result = self
+            .broker
+            .handle_forward_produce(request.group, request.count, request.batch, timeout)
+            .await;
+        use ordo_broker::ForwardResult;
+        let response = match result {
+            Ok(ForwardResult::Appended(base_offset)) => internal_pb::ForwardProduceResponse {
+                base_offset: Some(base_offset),
+                ..Default::default()
+            },
+            Ok(ForwardResult::NotLeader(leader_hint)) => internal_pb::ForwardProduceResponse {
+                leader_hint,
+                not_leader: true,
+                ..Default::default()
+            },
+            Ok(ForwardResult::Discarded(leader_hint)) => internal_pb::ForwardProduceResponse {
+                leader_hint,
+                discarded: true,
+                ..Default::default()
+            },
+            // The forwarder reads ABORTED as "proposed, outcome unknown".
+            Err(BrokerError::OutcomeUnknown { message }) => return Err(Status::aborted(message)),
+            Err(error) => return Err(to_status(error)),
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn forward_meta(
+        &self,
+        request: Request<internal_pb::ForwardMetaRequest>,
+    ) -> Result<Response<internal_pb::ForwardMetaResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), Duration::from_secs(10));
+        let answer = self
+            .broker
+            .handle_forward_meta(request.into_inner().command, timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(match answer {
+            Some(response) => internal_pb::ForwardMetaResponse {
+                response,
+                not_leader: false,
+                leader_hint: None,
+            },
+            None => internal_pb::ForwardMetaResponse {
+                response: Default::default(),
+                not_leader: true,
+                leader_hint: self.broker.raft().meta_leader(),
+            },
+        }))
+    }
+
+    async fn group_status(
+        &self,
+        request: Request<internal_pb::GroupStatusRequest>,
+    ) -> Result<Response<internal_pb::GroupStatusResponse>, Status> {
+        let groups = self.broker.local_status(&request.into_inner().groups);
+        Ok(Response::new(internal_pb::GroupStatusResponse {
+            node_id: self.broker.node_id(),
+            groups: groups
+                .into_iter()
+                .map(|status| internal_pb::GroupState {
+                    group: status.group,
+                    leader: status.leader,
+                    term: status.term,
+                    high_watermark: status.high_watermark,
+                    log_start_offset: 0,
+                    matched: status.matched.into_iter().collect(),
+                    last_log_index: status.last_log_index,
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,198 @@
+//! The one place that turns errors into gRPC statuses.
+//!
+//! Every status carries a `google.rpc.ErrorInfo` (domain `ordo`) whose `reason` is stable:
+//!
+//! | error | code | reason | metadata |
+//! |---|---|---|---|
+//! | bad request | INVALID_ARGUMENT | e.g. `INVALID_TOPIC_NAME`, `EMPTY_BATCH` | |
+//! | over a limit | INVALID_ARGUMENT | `LIMIT_EXCEEDED` | `limit`, `max`, `actual` |
+//! | unknown topic | NOT_FOUND | `TOPIC_NOT_FOUND` | `topic` |
+//! | unknown partition | NOT_FOUND | `PARTITION_NOT_FOUND` | `partitions` |
+//! | topic exists | ALREADY_EXISTS | `TOPIC_EXISTS` | |
+//! | cluster too small | FAILED_PRECONDITION | `FAILED_PRECONDITION` | |
+//! | offset outside the log | OUT_OF_RANGE | `OFFSET_OUT_OF_RANGE` | `start_offset`, `end_offset` |
+//! | nothing written, no leader | UNAVAILABLE | `NOT_LEADER` / `UNAVAILABLE` | `leader_id`, `leader_address` |
+//! | proposed, not confirmed | DEADLINE_EXCEEDED | `OUTCOME_UNKNOWN` | |
+//! | too much in flight | RESOURCE_EXHAUSTED | `RESOURCE_EXHAUSTED` | |
+//! | bug or storage failure | INTERNAL | `INTERNAL` | |
+//!
+//! OUT_OF_RANGE also sets the `end-offset` response header, which forwarding nodes read.
+
+use std::collections::HashMap;
+
+use ordo_broker::BrokerError;
+use tonic::Code;
+use tonic::Status;
+use tonic_types::ErrorDetails;
+use tonic_types::StatusExt;
+
+/// The `ErrorInfo` domain of every Ordo error.
+pub const DOMAIN: &str = "ordo";
+
+fn status(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+    )
+}
+
+/// Maps a broker error to its status.
+pub fn to_status(error: BrokerError) -> Status {
+    let message = error.to_string();
+    let none = HashMap::new;
+    match error {
+        BrokerError::InvalidArgument { reason, .. } => {
+            status(Code::InvalidArgument, message, reason, none())
+        }
+        BrokerError::LimitExceeded { name, max, actual } => status(
+            Code::InvalidArgument,
+            message,
+            "LIMIT_EXCEEDED",
+            HashMap::from([
+                ("limit".into(), name.to_string()),
+                ("max".into(), max.to_string()),
+                ("actual".into(), actual.to_string()),
+            ]),
+        ),
+        BrokerError::TopicNotFound(topic) => status(
+            Code::NotFound,
+            message,
+            "TOPIC_NOT_FOUND",
+            HashMap::from([("topic".into(), topic)]),
+        ),
+        BrokerError::PartitionNotFound { partitions, .. } => status(
+            Code::NotFound,
+            message,
+            "PARTITION_NOT_FOUND",
+            HashMap::from([("partitions".into(), partitions.to_string())]),
+        ),
+        BrokerError::TopicExists(_) => status(Code::AlreadyExists, message, "TOPIC_EXISTS", none()),
+        BrokerError::FailedPrecondition(_) => status(
+            Code::FailedPrecondition,
+            message,
+            "FAILED_PRECONDITION",
+            none(),
+        ),
+        BrokerError::OffsetOutOfRange { start, end, .. } => {
+            let mut status = status(
+                Code::OutOfRange,
+                message,
+                "OFFSET_OUT_OF_RANGE",
+                HashMap::from([
+                    ("start_offset".into(), start.to_string()),
+                    ("end_offset".into(), end.to_string()),
+                ]),
+            );
+            if let Ok(value) = end.to_string().parse() {
+                status.metadata_mut().insert("end-offset", value);
+            }
+            status
+        }
+        BrokerError::Unavailable {
+            leader,
+            leader_address,
+            ..
+        } => {
+            let mut metadata = HashMap::new();
+            if let Some(leader) = leader {
+                metadata.insert("leader_id".into(), leader.to_string());
+            }
+            if let Some(address) = leader_address {
+                metadata.insert("leader_address".into(), address);
+            }
+            let reason = if leader.is_some() {
+                "NOT_LEADER"
+            } else {
+                "UNAVAILABLE"
+            };
+            status(Code::Unavailable, message, reason, metadata)
+        }
+        BrokerError::OutcomeUnknown { .. } => {
+            status(Code::DeadlineExceeded, message, "OUTCOME_UNKNOWN", none())
+        }
+        BrokerError::ResourceExhausted(_) => status(
+            Code::ResourceExhausted,
+            message,
+            "RESOURCE_EXHAUSTED",
+            none(),
+        ),
+        BrokerError::Internal(_) => status(Code::Internal, message, "INTERNAL", none()),
+    }
+}
+
+/// A request field that cannot be accepted.
+pub fn invalid(reason: &str, message: impl Into<String>) -> Status {
+    status(
+        Code::InvalidArgument,
+        message.into(),
+        reason,
+        HashMap::new(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each error gets its code and a reason a client can read back.
+    #[test]
+    fn codes_and_reasons() {
+        let cases = [
+            (
+                BrokerError::TopicNotFound("t".into()),
+                Code::NotFound,
+                "TOPIC_NOT_FOUND",
+            ),
+            (
+                BrokerError::OutcomeUnknown {
+                    message: "x".into(),
+                },
+                Code::DeadlineExceeded,
+                "OUTCOME_UNKNOWN",
+            ),
+            (
+                BrokerError::Unavailable {
+                    message: "x".into(),
+                    leader: Some(2),
+                    leader_address: Some("h:1".into()),
+                },
+                Code::Unavailable,
+                "NOT_LEADER",
+            ),
+            (
+                BrokerError::OffsetOutOfRange {
+                    offset: 9,
+                    start: 0,
+                    end: 5,
+                },
+                Code::OutOfRange,
+                "OFFSET_OUT_OF_RANGE",
+            ),
+            (
+                BrokerError::LimitExceeded {
+                    name: "record_bytes_max",
+                    max: 1,
+                    actual: 2,
+                },
+                Code::InvalidArgument,
+                "LIMIT_EXCEEDED",
+            ),
+        ];
+        for (error, code, reason) in cases {
+            let status = to_status(error);
+            assert_eq!(status.code(), code);
+            let info = status.get_details_error_info().expect("error info");
+            assert_eq!(info.reason, reason);
+            assert_eq!(info.domain, DOMAIN);
+        }
+        let status = to_status(BrokerError::Unavailable {
+            message: "x".into(),
+            leader: Some(2),
+            leader_address: Some("h:1".into()),
+        });
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["leader_id"], "2");
+        assert_eq!(info.metadata["leader_address"], "h:1");
+    }
+}

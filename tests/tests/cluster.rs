@@ -1,0 +1,705 @@
+//! End-to-end properties of a 3-node cluster of real `ordo serve` processes: replication,
+//! failover, catch-up, quorum loss, error codes and health.
+//!
+//! Each test starts its own cluster, so tests are independent and can run in any order. Every
+//! loop and wait is bounded; no test asserts how long something took, only what happened.
+//!
+//! Every partition is read two ways from each node (see `ordo_tests::Source`): as a consumer
+//! calling that node sees it, and from that node's own replica. Fetch serves from the node
+//! called when it hosts a replica (every node does, with replication factor 3 on three nodes),
+//! but at that replica's end it forwards to the leader; the replica read sends the node-to-node
+//! "forwarded" header so the node answers from its own copy only. If Fetch stops serving from
+//! the called replica, the replica checks here stop proving anything about followers and must
+//! change with it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use bytes::Bytes;
+use ordo_proto::v1::{
+    ClusterStatusRequest, CreateTopicRequest, DeleteTopicRequest, DescribeTopicRequest,
+    FetchRequest, ProduceRequest, Record, StoredRecord,
+};
+use ordo_tests::{
+    Ledger, NodeId, READ_TIMEOUT, TestCluster, effective_code, expect_code, produce_acked,
+    produce_once, test_seed, unique_records, with_timeout,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::{Instant, sleep, timeout};
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// Every test runs three nodes: the smallest cluster that survives the loss of one.
+const NODES: usize = 3;
+/// Partitions of the topics that test replication; more than one so that keys must spread.
+const PARTITIONS: u32 = 3;
+
+/// Concurrent producers of the crash tests' load.
+const LOAD_PRODUCERS: usize = 3;
+/// Produce calls each load producer makes at most.
+const LOAD_CALLS: usize = 40;
+/// Records per load produce call.
+const LOAD_BATCH: usize = 25;
+/// Deadline of each load produce call; short, so calls stuck on the crashed leader end soon.
+const LOAD_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the load may run in all.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Acked records after which the leader is crashed: early, so most of the load comes after.
+const KILL_AFTER_ACKS: usize = 250;
+/// The `grpc-timeout` a produce gets when no quorum is left.
+const QUORUM_LOSS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Producing 10,000 records (keys spread, 100 per call) through a node that follows at least
+/// one partition lands each on every replica: every partition read back in order from every
+/// node has offsets dense from 0, and every acked (partition, offset) holds exactly the value
+/// acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_through_a_follower_reads_back_from_every_node() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "replicated";
+        cluster.create_topic(topic, PARTITIONS, 3).await?;
+        let leaders = cluster.leaders(topic).await?;
+        // The leader of partition 0 is the one node that is not a follower of it.
+        let via = cluster
+            .node_ids()
+            .into_iter()
+            .find(|node| *node != leaders[0])
+            .expect("three nodes have two that do not lead partition 0");
+        println!("leaders {leaders:?}; producing through node {via}");
+
+        const PRODUCERS: usize = 4;
+        const RECORDS: usize = 10_000;
+        let mut producers = Vec::new();
+        for producer in 0..PRODUCERS {
+            let mut client = cluster.log_client(via);
+            producers.push(tokio::spawn(async move {
+                let mut ledger = Ledger::default();
+                let prefix = format!("p{producer}");
+                let count = RECORDS / PRODUCERS;
+                produce_acked(
+                    &mut client,
+                    &mut ledger,
+                    topic,
+                    None,
+                    &prefix,
+                    count,
+                    100,
+                    true,
+                )
+                .await?;
+                anyhow::Ok(ledger)
+            }));
+        }
+        let mut ledger = Ledger::default();
+        for producer in producers {
+            ledger.merge(producer.await.context("producer panicked")??)?;
+        }
+        ensure!(
+            ledger.acked_count() == RECORDS,
+            "acked {}",
+            ledger.acked_count()
+        );
+        ledger.check_key_affinity()?;
+        for partition in 0..PARTITIONS {
+            ensure!(
+                ledger.acked_in(partition) > 0,
+                "64 distinct keys never reached partition {partition}"
+            );
+        }
+
+        check_everywhere(
+            &cluster,
+            &mut ledger,
+            topic,
+            PARTITIONS,
+            &cluster.node_ids(),
+        )
+        .await?;
+        let mut total = 0;
+        for partition in 0..PARTITIONS {
+            let end = ledger.acked_end(partition);
+            total += cluster
+                .read_replica(via, topic, partition, end)
+                .await?
+                .len();
+        }
+        // Without unknown outcomes or duplicates the log holds exactly the acked records.
+        if ledger.unknown_count() == 0 && ledger.duplicate_count() == 0 {
+            ensure!(total == RECORDS, "the partitions hold {total} records");
+        }
+        println!(
+            "acked {RECORDS}; unknown {}; refused {}; duplicated {}",
+            ledger.unknown_count(),
+            ledger.not_written_count(),
+            ledger.duplicate_count()
+        );
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// SIGKILL of partition 0's leader under a produce load loses no acked record: once a new
+/// leader is elected, every acked record is read back at its acked offset from both survivors,
+/// offsets stay dense, and no offset holds two different records in any two reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_records_survive_a_leader_crash() {
+    let seed = test_seed();
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "failover";
+        cluster.create_topic(topic, PARTITIONS, 3).await?;
+        cluster.leaders(topic).await?;
+        let crash = crash_leader_under_load(&cluster, topic, seed).await?;
+        let mut ledger = crash.ledger;
+        // Each survivor is read as a consumer and from its replica: every read must agree with
+        // the acks and with every other read.
+        check_everywhere(&cluster, &mut ledger, topic, PARTITIONS, &crash.survivors).await?;
+        println!("duplicated records: {}", ledger.duplicate_count());
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// A node crashed under load and restarted on its data dir catches up, after which all three
+/// replicas hold byte-identical records at identical offsets, each read from the replica itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_catches_up_to_identical_replicas() {
+    let seed = test_seed();
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "catchup";
+        cluster.create_topic(topic, PARTITIONS, 3).await?;
+        cluster.leaders(topic).await?;
+        let crash = crash_leader_under_load(&cluster, topic, seed).await?;
+        let mut ledger = crash.ledger;
+
+        cluster.restart(crash.victim)?;
+        cluster.wait_node_ready(crash.victim).await?;
+        // Records produced after the restart, through the restarted node, must reach it too.
+        let mut client = cluster.log_client(crash.victim);
+        produce_acked(
+            &mut client,
+            &mut ledger,
+            topic,
+            None,
+            "after-restart",
+            300,
+            50,
+            true,
+        )
+        .await?;
+
+        let description = cluster.describe_topic(topic).await?;
+        for partition in &description.partitions {
+            let mut replicas = partition.replicas.clone();
+            replicas.sort_unstable();
+            ensure!(
+                replicas == cluster.node_ids(),
+                "partition {} has replicas {:?}, expected every node",
+                partition.partition,
+                partition.replicas
+            );
+        }
+        for partition in 0..PARTITIONS {
+            let end = ledger.acked_end(partition);
+            let replicas = read_identical_replicas(&cluster, topic, partition, end).await?;
+            for (node, records) in &replicas {
+                ledger.check_partition(*node, partition, records)?;
+            }
+            println!(
+                "partition {partition}: {} records identical on nodes {:?}",
+                replicas[0].1.len(),
+                cluster.node_ids()
+            );
+        }
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// With one of three nodes down produce still acks; with two down it fails within its 5 s
+/// deadline with UNAVAILABLE or DEADLINE_EXCEEDED and acks nothing; once both return, every
+/// acked record is there and a record refused with UNAVAILABLE is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_needs_a_quorum() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "quorum";
+        cluster.create_topic(topic, 1, 3).await?;
+        let leader = cluster.leader_of(topic, 0).await?;
+        let others: Vec<NodeId> = cluster
+            .node_ids()
+            .into_iter()
+            .filter(|node| *node != leader)
+            .collect();
+        let (survivor, second) = (others[0], others[1]);
+        let mut ledger = Ledger::default();
+        let mut client = cluster.log_client(survivor);
+        produce_acked(
+            &mut client,
+            &mut ledger,
+            topic,
+            None,
+            "all-up",
+            100,
+            50,
+            true,
+        )
+        .await?;
+
+        // One node down: the leader, stopped cleanly with SIGTERM.
+        let status = cluster.stop(leader).await?;
+        ensure!(
+            status.success(),
+            "node {leader} exited with {status} on SIGTERM"
+        );
+        let before = ledger.acked_count();
+        produce_acked(
+            &mut client,
+            &mut ledger,
+            topic,
+            None,
+            "one-down",
+            100,
+            50,
+            true,
+        )
+        .await?;
+        ensure!(ledger.acked_count() == before + 100);
+
+        // Two nodes down: the survivor alone is no quorum.
+        cluster.kill(second)?;
+        let records = unique_records("two-down", 0, 10, true);
+        let produce = produce_once(
+            &mut client,
+            &mut ledger,
+            topic,
+            Some(0),
+            records,
+            QUORUM_LOSS_DEADLINE,
+        );
+        // The client enforces the deadline too; the outer bound only guards against a hang in
+        // the client itself.
+        let outcome = timeout(QUORUM_LOSS_DEADLINE + Duration::from_secs(10), produce)
+            .await
+            .context("produce without a quorum outlived its deadline")??;
+        match outcome {
+            Ok(response) => bail!("produce without a quorum was acked: {response:?}"),
+            Err(status) => {
+                let code = effective_code(&status);
+                ensure!(
+                    matches!(code, Code::Unavailable | Code::DeadlineExceeded),
+                    "produce without a quorum failed with {code:?} ({}), expected UNAVAILABLE \
+                     or DEADLINE_EXCEEDED",
+                    status.message()
+                );
+                println!("without a quorum: {code:?}: {}", status.message());
+            }
+        }
+        ensure!(
+            ledger.acked_count() == before + 100,
+            "something was acked without a quorum"
+        );
+
+        // Both nodes back: acked records are all there; refused ones must not be.
+        cluster.restart(leader)?;
+        cluster.restart(second)?;
+        cluster.wait_ready().await?;
+        cluster.leader_of(topic, 0).await?;
+        check_everywhere(&cluster, &mut ledger, topic, 1, &cluster.node_ids()).await
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// Each kind of bad input gets its documented status code, and none of them changes anything:
+/// the rejected topics do not exist and the good topic holds exactly its acked records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_their_status_codes() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "orders";
+        cluster.create_topic(topic, PARTITIONS, 3).await?;
+        cluster.leaders(topic).await?;
+        let node = cluster.node_ids()[0];
+        let mut admin = cluster.admin_client(node);
+        let mut log = cluster.log_client(node);
+        let mut ledger = Ledger::default();
+        produce_acked(&mut log, &mut ledger, topic, Some(0), "good", 10, 10, false).await?;
+
+        let create = |name: &str, partitions: u32, replication_factor: u32| CreateTopicRequest {
+            name: name.to_owned(),
+            partitions,
+            replication_factor,
+            config: None,
+        };
+        let produce = |topic: &str, partition: Option<u32>, value: Bytes| ProduceRequest {
+            topic: topic.to_owned(),
+            partition,
+            records: vec![Record {
+                key: None,
+                value,
+                headers: Vec::new(),
+                timestamp_ms: None,
+            }],
+        };
+        let fetch = |topic: &str, partition: u32, offset: u64| FetchRequest {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+            max_bytes: 1024 * 1024,
+            max_wait_ms: 0,
+        };
+        let describe = |name: &str| DescribeTopicRequest {
+            name: name.to_owned(),
+        };
+        let small = Bytes::from_static(b"small");
+
+        // Unknown topic.
+        let missing = "no-such-topic";
+        expect_code(
+            admin.describe_topic(describe(missing)).await,
+            &[Code::NotFound],
+            "DescribeTopic of an unknown topic",
+        )?;
+        expect_code(
+            admin
+                .delete_topic(DeleteTopicRequest {
+                    name: missing.to_owned(),
+                })
+                .await,
+            &[Code::NotFound],
+            "DeleteTopic of an unknown topic",
+        )?;
+        expect_code(
+            log.produce(produce(missing, None, small.clone())).await,
+            &[Code::NotFound],
+            "Produce to an unknown topic",
+        )?;
+        expect_code(
+            log.fetch(fetch(missing, 0, 0)).await,
+            &[Code::NotFound],
+            "Fetch from an unknown topic",
+        )?;
+
+        // Invalid topics.
+        let long_name = "a".repeat(300);
+        for name in ["bad name!", "", long_name.as_str()] {
+            expect_code(
+                admin.create_topic(create(name, 1, 1)).await,
+                &[Code::InvalidArgument],
+                &format!("CreateTopic named {name:?}"),
+            )?;
+        }
+        expect_code(
+            admin.create_topic(create("zero-partitions", 0, 1)).await,
+            &[Code::InvalidArgument],
+            "CreateTopic with 0 partitions",
+        )?;
+        expect_code(
+            admin.create_topic(create("four-replicas", 1, 4)).await,
+            &[Code::FailedPrecondition],
+            "CreateTopic with replication factor 4 on 3 nodes",
+        )?;
+        expect_code(
+            admin.create_topic(create(topic, PARTITIONS, 3)).await,
+            &[Code::AlreadyExists],
+            "CreateTopic of an existing topic",
+        )?;
+        for name in ["zero-partitions", "four-replicas"] {
+            expect_code(
+                admin.describe_topic(describe(name)).await,
+                &[Code::NotFound],
+                &format!("DescribeTopic of the rejected topic {name}"),
+            )?;
+        }
+
+        // Invalid records and positions.
+        let oversized = Bytes::from(vec![b'x'; 1024 * 1024 + 1]);
+        expect_code(
+            log.produce(produce(topic, Some(0), oversized)).await,
+            &[Code::InvalidArgument],
+            "Produce of a 1 MiB + 1 byte record",
+        )?;
+        expect_code(
+            log.produce(produce(topic, Some(99), small.clone())).await,
+            &[Code::NotFound, Code::InvalidArgument],
+            "Produce to partition 99 of a 3-partition topic",
+        )?;
+        expect_code(
+            log.fetch(fetch(topic, 0, 1_000_000)).await,
+            &[Code::OutOfRange],
+            "Fetch from offset 1,000,000 of a 10-record partition",
+        )?;
+
+        // The rejected produces wrote nothing: partition 0 holds the ten good records only.
+        check_everywhere(
+            &cluster,
+            &mut ledger,
+            topic,
+            PARTITIONS,
+            &cluster.node_ids(),
+        )
+        .await?;
+        for node in cluster.node_ids() {
+            let records = cluster.read_replica(node, topic, 0, 10).await?;
+            ensure!(
+                records.len() == 10,
+                "node {node} holds {} records",
+                records.len()
+            );
+        }
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// Every node answers the standard grpc.health.v1 Check with SERVING, and its ClusterStatus
+/// names itself and all three nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_reports_serving() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        for node in cluster.node_ids() {
+            let mut health = HealthClient::new(cluster.channel(node));
+            let request = HealthCheckRequest {
+                service: String::new(),
+            };
+            let response = health
+                .check(with_timeout(request, Duration::from_secs(5)))
+                .await
+                .with_context(|| format!("health check of node {node}"))?
+                .into_inner();
+            ensure!(
+                response.status() == ServingStatus::Serving,
+                "node {node} reports {:?}",
+                response.status()
+            );
+
+            let status = cluster
+                .admin_client(node)
+                .cluster_status(ClusterStatusRequest {})
+                .await
+                .with_context(|| format!("cluster status of node {node}"))?
+                .into_inner();
+            ensure!(
+                status.answered_by == node,
+                "node {node} answered as {}",
+                status.answered_by
+            );
+            let mut members: Vec<NodeId> = status.nodes.iter().map(|n| n.node_id).collect();
+            members.sort_unstable();
+            ensure!(
+                members == cluster.node_ids(),
+                "node {node} sees nodes {members:?}"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// Reads every partition of `topic` from each of `nodes`, as a consumer of that node and from
+/// its own replica, and checks every read against the ledger (and so against every other read).
+async fn check_everywhere(
+    cluster: &TestCluster,
+    ledger: &mut Ledger,
+    topic: &str,
+    partitions: u32,
+    nodes: &[NodeId],
+) -> Result<()> {
+    for partition in 0..partitions {
+        let end = ledger.acked_end(partition);
+        for &node in nodes {
+            let records = cluster.read_partition(node, topic, partition, end).await?;
+            ledger.check_partition(node, partition, &records)?;
+            let records = cluster.read_replica(node, topic, partition, end).await?;
+            ledger.check_partition(node, partition, &records)?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`crash_leader_under_load`] did.
+struct Crash {
+    /// The node that led partition 0 and was killed.
+    victim: NodeId,
+    /// The other nodes, through which the load was sent.
+    survivors: Vec<NodeId>,
+    /// Every record the load sent and how each call ended.
+    ledger: Ledger,
+}
+
+/// Runs [`LOAD_PRODUCERS`] concurrent producers through the nodes that do not lead partition 0
+/// (half their calls to partition 0), SIGKILLs partition 0's leader once [`KILL_AFTER_ACKS`]
+/// records are acked, lets the load finish, waits for a new leader and proves it takes writes.
+async fn crash_leader_under_load(cluster: &TestCluster, topic: &str, seed: u64) -> Result<Crash> {
+    let victim = cluster.leader_of(topic, 0).await?;
+    let survivors: Vec<NodeId> = cluster
+        .node_ids()
+        .into_iter()
+        .filter(|node| *node != victim)
+        .collect();
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut producers = Vec::with_capacity(LOAD_PRODUCERS);
+    for producer in 0..LOAD_PRODUCERS {
+        let mut client = cluster.log_client(survivors[producer % survivors.len()]);
+        let acked = Arc::clone(&acked);
+        let topic = topic.to_owned();
+        let mut rng = StdRng::seed_from_u64(seed.wrapping_add(producer as u64));
+        producers.push(tokio::spawn(async move {
+            let mut ledger = Ledger::default();
+            let deadline = Instant::now() + LOAD_TIMEOUT;
+            for call in 0..LOAD_CALLS {
+                if Instant::now() >= deadline {
+                    break;
+                }
+                let partition = if rng.random_bool(0.5) {
+                    0
+                } else {
+                    rng.random_range(1..PARTITIONS)
+                };
+                let prefix = format!("load-p{producer}-c{call}");
+                let records = unique_records(&prefix, 0, LOAD_BATCH, true);
+                let outcome = produce_once(
+                    &mut client,
+                    &mut ledger,
+                    &topic,
+                    Some(partition),
+                    records,
+                    LOAD_CALL_TIMEOUT,
+                )
+                .await?;
+                match outcome {
+                    Ok(_) => {
+                        acked.fetch_add(LOAD_BATCH, Ordering::Relaxed);
+                    }
+                    // Expected while partition 0 has no leader; back off a little.
+                    Err(_) => sleep(Duration::from_millis(100)).await,
+                }
+            }
+            anyhow::Ok(ledger)
+        }));
+    }
+
+    let deadline = Instant::now() + LOAD_TIMEOUT;
+    while acked.load(Ordering::Relaxed) < KILL_AFTER_ACKS {
+        ensure!(
+            Instant::now() < deadline,
+            "the load got only {} acks within {LOAD_TIMEOUT:?}",
+            acked.load(Ordering::Relaxed)
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    let running = producers.iter().filter(|p| !p.is_finished()).count();
+    cluster.kill(victim)?;
+    println!(
+        "killed node {victim}, leader of {topic}/0, after {} acks with {running} producers \
+         running",
+        acked.load(Ordering::Relaxed)
+    );
+    ensure!(
+        running > 0,
+        "the load ended before the crash; raise LOAD_CALLS"
+    );
+
+    let mut ledger = Ledger::default();
+    for producer in producers {
+        let joined = timeout(LOAD_TIMEOUT + Duration::from_secs(30), producer)
+            .await
+            .context("a load producer outlived its deadline")?;
+        ledger.merge(joined.context("a load producer panicked")??)?;
+    }
+    let new_leader = cluster.wait_for_leader_change(topic, 0, victim).await?;
+    // Writes to partition 0 work again under its new leader.
+    let mut client = cluster.log_client(survivors[0]);
+    produce_acked(
+        &mut client,
+        &mut ledger,
+        topic,
+        Some(0),
+        "after-crash",
+        50,
+        50,
+        true,
+    )
+    .await?;
+    println!(
+        "new leader of {topic}/0: node {new_leader}; acked {}, unknown {}, refused {}",
+        ledger.acked_count(),
+        ledger.unknown_count(),
+        ledger.not_written_count()
+    );
+    Ok(Crash {
+        victim,
+        survivors,
+        ledger,
+    })
+}
+
+/// Reads one partition from every node until all report the same length, at least `end_min`,
+/// then fails unless every replica holds byte-identical records (offset, key, value, headers,
+/// timestamp) at every offset. Returns each node's copy.
+async fn read_identical_replicas(
+    cluster: &TestCluster,
+    topic: &str,
+    partition: u32,
+    end_min: u64,
+) -> Result<Vec<(NodeId, Vec<StoredRecord>)>> {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let mut end = end_min;
+    loop {
+        let mut replicas = Vec::new();
+        for node in cluster.node_ids() {
+            let records = cluster.read_replica(node, topic, partition, end).await?;
+            replicas.push((node, records));
+        }
+        let longest = replicas.iter().map(|(_, r)| r.len()).max().unwrap_or(0);
+        if replicas.iter().all(|(_, records)| records.len() == longest) {
+            let (first_node, first) = &replicas[0];
+            for (node, records) in &replicas[1..] {
+                if let Some(offset) = (0..longest).find(|&i| records[i] != first[i]) {
+                    bail!(
+                        "{topic}/{partition} offset {offset}: node {first_node} holds {:?} but \
+                         node {node} holds {:?}",
+                        first[offset],
+                        records[offset]
+                    );
+                }
+            }
+            return Ok(replicas);
+        }
+        let lengths: Vec<(NodeId, usize)> = replicas
+            .iter()
+            .map(|(node, records)| (*node, records.len()))
+            .collect();
+        ensure!(
+            Instant::now() < deadline,
+            "{topic}/{partition}: replicas did not converge within {READ_TIMEOUT:?}: {lengths:?}"
+        );
+        end = longest as u64;
+    }
+}
