@@ -28,6 +28,7 @@ use bytes::Bytes;
 use ordo_proto::internal::ForwardMetaRequest;
 use ordo_proto::internal::ForwardProduceRequest;
 use ordo_proto::internal::GroupStatusRequest;
+use ordo_proto::internal::MetaReadIndexRequest;
 use ordo_raft::Command;
 use ordo_raft::GroupId;
 use ordo_raft::GroupStatus;
@@ -243,6 +244,41 @@ impl Broker {
             .ok_or_else(|| BrokerError::TopicNotFound(name.to_string()))
     }
 
+    /// The topic, making sure a "not found" is true cluster-wide: when this node does not know
+    /// the topic, it first applies every metadata command committed so far (read index from the
+    /// metadata leader), so a topic just created through another node is found.
+    async fn topic_fresh(&self, name: &str, deadline: Instant) -> Result<Topic, BrokerError> {
+        if let Ok(topic) = self.topic(name) {
+            return Ok(topic);
+        }
+        const CATCH_UP_MAX: Duration = Duration::from_secs(2);
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .min(CATCH_UP_MAX);
+        if let Some(index) = self.meta_read_index(remaining).await {
+            self.inner.node.wait_meta_applied(index, remaining).await;
+        }
+        self.topic(name)
+    }
+
+    /// The metadata read index from the leader, local or remote; `None` if none answered.
+    async fn meta_read_index(&self, timeout: Duration) -> Option<u64> {
+        let leader = self.inner.node.meta_leader()?;
+        if leader == self.node_id() {
+            return self.inner.node.meta_read_index().await.ok();
+        }
+        let mut client = self.inner.node.peers().known_client(leader)?;
+        let mut request = tonic::Request::new(MetaReadIndexRequest {});
+        request.set_timeout(timeout);
+        let response = client.meta_read_index(request).await.ok()?.into_inner();
+        (!response.not_leader).then_some(response.index)
+    }
+
+    /// Serves a read-index request: `None` when this node is not the metadata leader.
+    pub async fn handle_meta_read_index(&self) -> Option<u64> {
+        self.inner.node.meta_read_index().await.ok()
+    }
+
     fn address(&self, node: NodeId) -> Option<String> {
         self.inner.options.nodes.get(&node).cloned()
     }
@@ -277,7 +313,7 @@ impl Broker {
             total += size;
         }
         Limits::check("batch_bytes_max", total, limits.batch_bytes_max)?;
-        let topic = self.topic(topic)?;
+        let topic = self.topic_fresh(topic, deadline).await?;
         let partitions = topic.partitions.len() as u32;
         if let Some(partition) = partition {
             if partition >= partitions {
@@ -607,7 +643,9 @@ impl Broker {
             max_bytes.min(limits.fetch_bytes_max)
         };
         let max_wait = max_wait.min(Duration::from_millis(limits.fetch_wait_ms_max));
-        let topic = self.topic(topic)?;
+        let topic = self
+            .topic_fresh(topic, Instant::now() + max_wait.max(Duration::from_secs(1)))
+            .await?;
         let partitions = topic.partitions.len() as u32;
         if partition >= partitions {
             return Err(BrokerError::PartitionNotFound {
@@ -914,7 +952,9 @@ impl Broker {
     /// A topic with live partition state.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicView, BrokerError> {
         validate_topic_name(name)?;
-        let topic = self.topic(name)?;
+        let topic = self
+            .topic_fresh(name, Instant::now() + Duration::from_secs(2))
+            .await?;
         Ok(self.describe(&topic).await)
     }
 

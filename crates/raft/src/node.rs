@@ -423,6 +423,37 @@ impl RaftNode {
         }
     }
 
+    /// On the metadata leader: the index every committed metadata command is at or below,
+    /// confirmed with a quorum (Raft read index).
+    pub async fn meta_read_index(&self) -> Result<u64, WriteError> {
+        let raft = self.meta()?;
+        match raft
+            .get_read_log_id(openraft::raft::ReadPolicy::ReadIndex)
+            .await
+        {
+            Ok((read_log_id, _)) => Ok(read_log_id.index()),
+            Err(RaftError::APIError(_)) => Err(WriteError::NotLeader {
+                group: META_GROUP,
+                leader: self.meta_leader(),
+            }),
+            Err(RaftError::Fatal(fatal)) => Err(WriteError::Stopped {
+                group: META_GROUP,
+                reason: fatal.to_string(),
+            }),
+        }
+    }
+
+    /// Waits until this node applied the metadata log up to `index`; false on timeout.
+    pub async fn wait_meta_applied(&self, index: u64, timeout: Duration) -> bool {
+        let Ok(raft) = self.meta() else {
+            return false;
+        };
+        raft.wait(Some(timeout))
+            .applied_index_at_least(Some(index), "metadata read index")
+            .await
+            .is_ok()
+    }
+
     /// The leader of the metadata group as this node knows it.
     pub fn meta_leader(&self) -> Option<NodeId> {
         self.inner

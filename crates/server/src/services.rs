@@ -429,6 +429,17 @@ impl internal_pb::internal_server::Internal for Services {
         }))
     }
 
+    async fn meta_read_index(
+        &self,
+        _request: Request<internal_pb::MetaReadIndexRequest>,
+    ) -> Result<Response<internal_pb::MetaReadIndexResponse>, Status> {
+        let index = self.broker.handle_meta_read_index().await;
+        Ok(Response::new(internal_pb::MetaReadIndexResponse {
+            index: index.unwrap_or(0),
+            not_leader: index.is_none(),
+        }))
+    }
+
     async fn group_status(
         &self,
         request: Request<internal_pb::GroupStatusRequest>,
