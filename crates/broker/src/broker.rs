@@ -201,6 +201,13 @@ impl Broker {
             }),
         };
         tasks.spawn(broker.clone().reconcile_loop(shutdown.clone()));
+        tasks.spawn(
+            broker
+                .inner
+                .node
+                .clone()
+                .run_watchdog(broker.inner.options.nodes.clone(), shutdown.clone()),
+        );
         tasks.spawn(broker.clone().leader_balance_loop(shutdown));
         Ok(broker)
     }
@@ -417,6 +424,7 @@ impl Broker {
             .or(local_leader)
             .unwrap_or(replicas[0]);
         let mut maybe_written = false;
+        let mut unreachable: Vec<NodeId> = Vec::new();
         let mut last_error = String::from("no attempt made");
         let mut attempt: u32 = 0;
         loop {
@@ -486,26 +494,38 @@ impl Broker {
                     }
                     Err(ForwardError::Ambiguous(message)) => {
                         maybe_written = true;
+                        unreachable.push(target);
                         last_error = message;
                     }
-                    Err(ForwardError::Unreachable(message)) => last_error = message,
+                    Err(ForwardError::Unreachable(message)) => {
+                        unreachable.push(target);
+                        last_error = message;
+                    }
                 }
             }
             attempt += 1;
-            match next {
+            // A hint naming a node this call could not reach is stale: rotate instead, or two
+            // nodes that both name a dead leader would send the call back and forth.
+            match next.filter(|leader| !unreachable.contains(leader)) {
                 Some(leader) => {
                     self.set_leader_hint(group, Some(leader));
                     target = leader;
                 }
                 None => {
-                    // No fresh hint: try the next replica after a short, growing pause (an
-                    // election takes about one election timeout).
+                    // No usable hint: try the next reachable replica after a short, growing
+                    // pause (an election takes about one election timeout).
                     self.set_leader_hint(group, None);
+                    if replicas.iter().all(|node| unreachable.contains(node)) {
+                        unreachable.clear();
+                    }
                     let position = replicas
                         .iter()
                         .position(|node| *node == target)
                         .unwrap_or(0);
-                    target = replicas[(position + 1) % replicas.len()];
+                    target = (1..=replicas.len())
+                        .map(|step| replicas[(position + step) % replicas.len()])
+                        .find(|node| !unreachable.contains(node))
+                        .unwrap_or(replicas[0]);
                     let pause = Duration::from_millis((10u64 << attempt.min(5)).min(250));
                     tokio::time::sleep(
                         pause.min(deadline.saturating_duration_since(Instant::now())),

@@ -10,6 +10,8 @@
 //!   the offset index.
 //! - `meta`: the metadata state machine; applies opaque commands through [`MetaApply`].
 //! - `network`: the peer connection pool and the client side of the internal Raft RPC.
+//! - `watchdog`: node-level failure detection that lets idle partition groups stay silent
+//!   (no per-group heartbeats) and starts elections when a leader's node stops answering.
 //! - `node`: [`RaftNode`], the registry of every group on this node and the entry point for
 //!   writes, reads, inbound RPCs and status.
 //!
@@ -25,6 +27,7 @@ mod meta;
 mod network;
 mod node;
 mod types;
+mod watchdog;
 
 pub use meta::MetaApply;
 pub use network::INTERNAL_MESSAGE_BYTES_MAX;

@@ -180,7 +180,11 @@ struct Inner {
     id: NodeId,
     store: Store,
     peers: Peers,
+    options: RaftOptions,
+    /// The metadata group's config: ordinary heartbeats and elections.
     config: Arc<Config>,
+    /// Partition groups' config: quiescent, no heartbeats, elections driven by the watchdog.
+    partition_config: Arc<Config>,
     meta: OnceLock<MetaRaft>,
     partitions: RwLock<HashMap<GroupId, Partition>>,
 }
@@ -232,13 +236,25 @@ impl RaftNode {
             enable_pre_vote: Some(true),
             ..Default::default()
         };
+        let partition_config = Config {
+            enable_heartbeat: false,
+            enable_elect: false,
+            ..config.clone()
+        };
         let config = Arc::new(config.validate().map_err(|error| error.to_string())?);
+        let partition_config = Arc::new(
+            partition_config
+                .validate()
+                .map_err(|error| error.to_string())?,
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 id,
                 store,
                 peers,
+                options: options.clone(),
                 config,
+                partition_config,
                 meta: OnceLock::new(),
                 partitions: RwLock::new(HashMap::new()),
             }),
@@ -248,6 +264,41 @@ impl RaftNode {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// Raft timing of this node.
+    pub fn options(&self) -> &RaftOptions {
+        &self.inner.options
+    }
+
+    /// Each partition group's leadership as this node sees it, for the watchdog.
+    pub(crate) fn partition_views(&self) -> Vec<(GroupId, crate::watchdog::GroupView)> {
+        let partitions = self
+            .inner
+            .partitions
+            .read()
+            .expect("partition map lock is never poisoned");
+        partitions
+            .iter()
+            .map(|(group, partition)| {
+                let metrics = partition.raft.metrics();
+                let metrics = metrics.borrow_watched();
+                let view = crate::watchdog::GroupView {
+                    leading: metrics.state == openraft::ServerState::Leader,
+                    leader: metrics.current_leader,
+                };
+                (*group, view)
+            })
+            .collect()
+    }
+
+    /// Starts a pre-vote election in a partition group.
+    pub(crate) async fn elect(&self, group: GroupId) {
+        if let Some(partition) = self.partition(group) {
+            if let Err(error) = partition.raft.trigger().elect(true).await {
+                tracing::warn!(%group, %error, "election trigger");
+            }
+        }
     }
 
     /// The peer pool, shared with request forwarding.
@@ -345,7 +396,7 @@ impl RaftNode {
         };
         let raft = Raft::new(
             self.inner.id,
-            self.inner.config.clone(),
+            self.inner.partition_config.clone(),
             network,
             LogStore::new(store.clone()),
             machine,
@@ -358,8 +409,15 @@ impl RaftNode {
                 .await
                 .map_err(|error| error.to_string())?
         {
-            if let Err(error) = raft.initialize(members(replicas)).await {
-                tracing::warn!(%group, %error, "partition group initialize");
+            match raft.initialize(members(replicas)).await {
+                // Partition groups do not elect on their own (see `watchdog`): the initializer,
+                // the preferred leader, stands at once.
+                Ok(()) => {
+                    if let Err(error) = raft.trigger().elect(false).await {
+                        tracing::warn!(%group, %error, "first election");
+                    }
+                }
+                Err(error) => tracing::warn!(%group, %error, "partition group initialize"),
             }
         }
         let partition = Partition {
@@ -579,32 +637,59 @@ where
     if leader != Some(*raft.node_id()) {
         return Err(WriteError::NotLeader { group, leader });
     }
-    match tokio::time::timeout(timeout, raft.client_write(command)).await {
-        Err(_) => Err(WriteError::OutcomeUnknown {
-            group,
-            reason: format!("not committed within {timeout:?}"),
-        }),
-        Ok(Ok(response)) => Ok(response.data),
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-            Err(WriteError::NotLeader {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let result = match tokio::time::timeout(remaining, raft.client_write(command.clone())).await
+        {
+            Err(_) => {
+                return Err(WriteError::OutcomeUnknown {
+                    group,
+                    reason: format!("not committed within {timeout:?}"),
+                });
+            }
+            Ok(result) => result,
+        };
+        return match result {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                // A quiescent leader (no heartbeats, see `watchdog`) lets its lease lapse and
+                // refuses writes, without appending, until a quorum acks it again: wake the
+                // group with one heartbeat round and retry until the deadline.
+                let leading =
+                    raft.metrics().borrow_watched().state == openraft::ServerState::Leader;
+                if leading && forward.leader_id.is_none() && !remaining.is_zero() {
+                    if let Err(fatal) = raft.trigger().heartbeat().await {
+                        return Err(WriteError::Stopped {
+                            group,
+                            reason: fatal.to_string(),
+                        });
+                    }
+                    tokio::time::sleep(pause.min(remaining)).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                    continue;
+                }
+                Err(WriteError::NotLeader {
+                    group,
+                    leader: forward.leader_id,
+                })
+            }
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(forward))) => {
+                Err(WriteError::Discarded {
+                    group,
+                    leader: forward.leader_id,
+                })
+            }
+            Err(RaftError::APIError(other)) => Err(WriteError::Stopped {
                 group,
-                leader: forward.leader_id,
-            })
-        }
-        Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(forward)))) => {
-            Err(WriteError::Discarded {
+                reason: other.to_string(),
+            }),
+            Err(RaftError::Fatal(fatal)) => Err(WriteError::Stopped {
                 group,
-                leader: forward.leader_id,
-            })
-        }
-        Ok(Err(RaftError::APIError(other))) => Err(WriteError::Stopped {
-            group,
-            reason: other.to_string(),
-        }),
-        Ok(Err(RaftError::Fatal(fatal))) => Err(WriteError::Stopped {
-            group,
-            reason: fatal.to_string(),
-        }),
+                reason: fatal.to_string(),
+            }),
+        };
     }
 }
 

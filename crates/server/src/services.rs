@@ -440,6 +440,15 @@ impl internal_pb::internal_server::Internal for Services {
         }))
     }
 
+    async fn ping(
+        &self,
+        _request: Request<internal_pb::PingRequest>,
+    ) -> Result<Response<internal_pb::PingResponse>, Status> {
+        Ok(Response::new(internal_pb::PingResponse {
+            node_id: self.broker.node_id(),
+        }))
+    }
+
     async fn group_status(
         &self,
         request: Request<internal_pb::GroupStatusRequest>,
