@@ -237,6 +237,8 @@ impl RaftNode {
             ..Default::default()
         };
         let partition_config = Config {
+            // No timers at all: heartbeats and elections are driven by the watchdog.
+            enable_tick: false,
             enable_heartbeat: false,
             enable_elect: false,
             ..config.clone()
