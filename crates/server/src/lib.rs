@@ -189,7 +189,9 @@ async fn serve_node(
             context: format!("binding {}", config.listen),
             source,
         })?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The server builder's tcp_nodelay only applies to listeners it binds itself: set it on the
+    // incoming stream, or small answers wait for the peer's delayed ACK (40 ms stalls).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(listen = %config.listen, advertise = %config.advertise(), nodes = cluster.len(), "ordo node serving");
     let mut grpc_shutdown = shutdown.clone();
     let result = tonic::transport::Server::builder()
