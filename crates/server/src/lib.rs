@@ -173,12 +173,20 @@ async fn serve_node(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LogServer<Services>>().await;
     health.set_serving::<AdminServer<Services>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ordo_proto::FILE_DESCRIPTOR_SET)
+    // Reflection advertises the public services and health; the internal service is left out.
+    let reflection = |own_name: &str| {
+        tonic_reflection::server::Builder::configure()
+            .with_service_name(own_name)
+            .register_encoded_file_descriptor_set(ordo_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("ordo.v1.Log")
+            .with_service_name("ordo.v1.Admin")
+            .with_service_name("grpc.health.v1.Health")
+    };
+    let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection")
         .build_v1()
         .map_err(|error| ServerError::Startup(error.to_string()))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ordo_proto::FILE_DESCRIPTOR_SET)
+    let reflection_v1alpha = reflection("grpc.reflection.v1alpha.ServerReflection")
         .build_v1alpha()
         .map_err(|error| ServerError::Startup(error.to_string()))?;
 
