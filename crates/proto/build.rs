@@ -4,7 +4,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("PROTOC", protoc) };
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // The manifest dir of THIS build, read at run time: `env!` would bake in the checkout the
+    // script was first compiled in, and a shared target dir reuses the script across clones.
+    let manifest_dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let root = manifest_dir.join("../../proto");
     let public = root.join("ordo/v1/ordo.proto");
     let internal = root.join("ordo/internal/v1/internal.proto");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
@@ -12,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("ordo_v1_descriptor.bin"))
         .bytes(".")
         .compile_protos(&[public.as_path(), internal.as_path()], &[root.as_path()])?;
-    println!("cargo:rerun-if-changed={}", root.display());
+    // Relative to this package, so a build in another checkout watches its own protos.
+    println!("cargo:rerun-if-changed=../../proto");
     Ok(())
 }

@@ -366,20 +366,7 @@ impl Broker {
             });
         }
         let results = futures::future::join_all(appends).await;
-        let mut acks = vec![
-            (0u32, 0u64);
-            results
-                .iter()
-                .map(|r| r.as_ref().map_or(0, |(_, p, _)| p.len()))
-                .sum()
-        ];
-        for result in results {
-            let (partition, positions, base) = result?;
-            for (i, position) in positions.into_iter().enumerate() {
-                acks[position] = (partition, base + i as u64);
-            }
-        }
-        Ok(acks)
+        combine_acks(results)
     }
 
     fn leader_hint(&self, group: GroupId) -> Option<NodeId> {
@@ -1317,6 +1304,52 @@ impl Broker {
     }
 }
 
+/// Puts per-partition results back in request order. When some partitions committed and others
+/// failed, the call cannot honestly say "nothing was written" (UNAVAILABLE): it reports
+/// OUTCOME_UNKNOWN, naming what did commit.
+fn combine_acks(
+    results: Vec<Result<(u32, Vec<usize>, u64), BrokerError>>,
+) -> Result<Vec<(u32, u64)>, BrokerError> {
+    let total: usize = results
+        .iter()
+        .map(|r| r.as_ref().map_or(0, |(_, p, _)| p.len()))
+        .sum();
+    let committed: Vec<String> = results
+        .iter()
+        .filter_map(|result| result.as_ref().ok())
+        .map(|(partition, positions, base)| {
+            format!(
+                "partition {partition} at offsets {base}..{}",
+                base + positions.len() as u64
+            )
+        })
+        .collect();
+    let mut acks = vec![(0u32, 0u64); total];
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok((partition, positions, base)) => {
+                for (i, position) in positions.into_iter().enumerate() {
+                    acks[position] = (partition, base + i as u64);
+                }
+            }
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    match first_error {
+        None => Ok(acks),
+        Some(error) if committed.is_empty() => Err(error),
+        Some(error) => Err(BrokerError::OutcomeUnknown {
+            message: format!(
+                "part of the request was committed ({}) and part failed: {error}",
+                committed.join(", ")
+            ),
+        }),
+    }
+}
+
 /// The answer to a forwarded append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardResult {
@@ -1374,5 +1407,31 @@ fn merge_partition(partition: u32, replicas: &[NodeId], reports: &[&GroupStatus]
         high_watermark,
         term: best.map(|best| best.term).unwrap_or(0),
         lag,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unavailable() -> BrokerError {
+        BrokerError::unavailable("no leader", None)
+    }
+
+    /// Acks come back in request order; a failure with nothing committed keeps its own error
+    /// (UNAVAILABLE stays "nothing written"); a partial commit is never reported as UNAVAILABLE.
+    #[test]
+    fn partial_failures_are_outcome_unknown() {
+        let acks = combine_acks(vec![Ok((1, vec![0, 2], 10)), Ok((0, vec![1], 5))]).unwrap();
+        assert_eq!(acks, vec![(1, 10), (0, 5), (1, 11)]);
+        let all_failed = combine_acks(vec![Err(unavailable()), Err(unavailable())]);
+        assert!(matches!(all_failed, Err(BrokerError::Unavailable { .. })));
+        let partial = combine_acks(vec![Ok((1, vec![0], 10)), Err(unavailable())]);
+        match partial {
+            Err(BrokerError::OutcomeUnknown { message }) => {
+                assert!(message.contains("partition 1 at offsets 10..11"))
+            }
+            other => panic!("expected OutcomeUnknown, got {other:?}"),
+        }
     }
 }
