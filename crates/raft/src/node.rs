@@ -773,7 +773,18 @@ fn read_committed(
     };
     let mut base_offset = first.base_offset;
     let mut batches = Vec::new();
-    for (index, bytes) in store.read_log(first.log_index, u64::MAX, max_bytes)? {
+    let entries = store.read_log(first.log_index, u64::MAX, max_bytes)?;
+    // Offsets are counted from the indexed entry, so the read must start exactly there.
+    if entries.first().map(|(index, _)| *index) != Some(first.log_index) {
+        return Err(ReadError::Decode {
+            group,
+            reason: format!(
+                "log entry {} of offset {} is missing",
+                first.log_index, first.base_offset
+            ),
+        });
+    }
+    for (index, bytes) in entries {
         if base_offset >= high_watermark {
             break;
         }
