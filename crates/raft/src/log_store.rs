@@ -30,10 +30,6 @@ use crate::types::Entry;
 use crate::types::LogId;
 use crate::types::Vote;
 
-/// Most bytes one `try_get_log_entries` call returns, so a lagging follower is fed in bounded
-/// chunks instead of one huge read.
-const READ_BYTES_MAX: usize = 8 << 20;
-
 /// One group's Raft log.
 #[derive(Debug, Clone)]
 pub(crate) struct LogStore {
@@ -83,7 +79,18 @@ impl RaftLogReader<C> for LogStore {
             return Ok(Vec::new());
         }
         self.blocking(move |store| {
-            let raw = store.read_log(start, end, READ_BYTES_MAX)?;
+            // openraft's contract: return the whole range, and a hole is an error, never a
+            // short read (the apply path trusts the range it asked for).
+            let raw = store.read_log(start, end, usize::MAX)?;
+            let next = raw.last().map(|(index, _)| index + 1);
+            if let (Some(next), Some((_, last_in_log))) = (next, store.log_bounds()?) {
+                if next < end && next <= last_in_log {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("hole in the log at index {next} (reading {start}..{end})"),
+                    ));
+                }
+            }
             raw.iter()
                 .map(|(index, bytes)| {
                     let entry: Entry = decode(bytes)?;

@@ -33,7 +33,7 @@ pub fn request_timeout(metadata: &tonic::metadata::MetadataMap, default: Duratio
     match caller {
         Some(caller) => caller
             .saturating_sub(ANSWER_MARGIN.min(caller / 10))
-            .min(default.max(caller)),
+            .min(default),
         None => default,
     }
 }
