@@ -105,6 +105,13 @@ impl MetaState {
                 if self.topics.contains_key(&name) {
                     return MetaAnswer::AlreadyExists;
                 }
+                // Re-checked here: a command may come from any node (or a forged internal call),
+                // and a bad one would be replayed by every replica forever.
+                if partitions == 0 || partitions > (1 << PARTITION_BITS) {
+                    return MetaAnswer::Rejected(format!(
+                        "{partitions} partitions is outside 1..=1048576"
+                    ));
+                }
                 let Some(assignment) = self.assign(partitions, replication_factor, &nodes) else {
                     return MetaAnswer::Rejected(format!(
                         "replication factor {replication_factor} needs that many nodes; {} known",
@@ -278,6 +285,10 @@ mod tests {
             state.apply(3, create("b", 1, 4)),
             MetaAnswer::Rejected(_)
         ));
+        for partitions in [0, u32::MAX] {
+            let answer = state.apply(3, create("z", partitions, 1));
+            assert!(matches!(answer, MetaAnswer::Rejected(_)), "{partitions}");
+        }
         assert_eq!(
             state.apply(4, MetaCommand::DeleteTopic { name: "x".into() }),
             MetaAnswer::NotFound
