@@ -451,6 +451,37 @@ async fn bad_inputs_get_their_status_codes() {
             "Fetch from offset 1,000,000 of a 10-record partition",
         )?;
 
+        // A forged node-to-node append: its batch claims more records than it holds (which
+        // would shift every later offset), or does not decode at all. The partition's leader
+        // refuses both before proposing.
+        let leader = cluster.leader_of(topic, 0).await?;
+        let mut internal =
+            ordo_proto::internal::internal_client::InternalClient::new(cluster.channel(leader));
+        // Topic ids start at 1 and this is the cluster's first topic; partition ids take the
+        // low 20 bits of a group id.
+        let group = 1u64 << 20;
+        let one_record = {
+            // postcard: a sequence of 1 record: no key, value "v", no headers, timestamp 0.
+            Bytes::from_static(&[1, 0, 1, b'v', 0, 0])
+        };
+        for (count, batch, what) in [
+            (5, one_record.clone(), "a batch of 1 record claiming 5"),
+            (1, Bytes::from_static(&[9, 9, 9]), "an undecodable batch"),
+            (0, Bytes::new(), "an empty batch"),
+        ] {
+            expect_code(
+                internal
+                    .forward_produce(ordo_proto::internal::ForwardProduceRequest {
+                        group,
+                        batch,
+                        count,
+                    })
+                    .await,
+                &[Code::InvalidArgument],
+                &format!("ForwardProduce of {what}"),
+            )?;
+        }
+
         // The rejected produces wrote nothing: partition 0 holds the ten good records only.
         check_everywhere(
             &cluster,

@@ -54,9 +54,12 @@ use crate::names::validate_topic_name;
 use crate::partitioner::partition_for_key;
 use crate::records::decode_batch;
 use crate::records::encode_batch;
+use crate::records::validate_batch;
 
 /// Header marking a request already forwarded once, so forwarding never loops.
 pub const FORWARDED_HEADER: &str = "x-ordo-forwarded";
+/// Time a forwarded fetch may take beyond its long-poll wait.
+const FORWARD_FETCH_GRACE: Duration = Duration::from_secs(5);
 
 /// How a broker is set up.
 #[derive(Debug, Clone)]
@@ -612,6 +615,7 @@ impl Broker {
         timeout: Duration,
     ) -> Result<ForwardResult, BrokerError> {
         let group = GroupId(group);
+        validate_batch(&batch, count, &self.inner.options.limits)?;
         let command = Command::Append { count, batch };
         match self.inner.node.write(group, command, timeout).await {
             Ok(Response::Appended { base_offset }) => Ok(ForwardResult::Appended(base_offset)),
@@ -686,6 +690,17 @@ impl Broker {
                     }
                 }
                 if offset > current {
+                    // Only the leader knows the end of the partition; a follower's end may be
+                    // stale, so past it a follower that could not ask the leader says so.
+                    if leader != Some(me) {
+                        return Err(BrokerError::unavailable(
+                            format!(
+                                "node {me} replicates partition {partition} of {:?} up to offset {current} and could not reach its leader to read past it; retry",
+                                topic.name
+                            ),
+                            leader.filter(|leader| *leader != me),
+                        ));
+                    }
                     return Err(BrokerError::OffsetOutOfRange {
                         offset,
                         start: 0,
@@ -707,25 +722,36 @@ impl Broker {
                         leader,
                     ));
                 }
-                let mut candidates: Vec<NodeId> = leader.into_iter().collect();
-                candidates.extend(topic.partitions[partition as usize].iter().copied());
-                candidates.dedup();
-                let mut last_error = String::new();
+                let mut candidates: Vec<NodeId> = Vec::new();
+                for node in leader
+                    .into_iter()
+                    .chain(topic.partitions[partition as usize].iter().copied())
+                {
+                    if !candidates.contains(&node) {
+                        candidates.push(node);
+                    }
+                }
+                // One deadline for all candidates, not one per candidate.
+                let deadline = Instant::now() + max_wait + FORWARD_FETCH_GRACE;
+                let mut last_error = String::from("no replica was tried before the deadline");
                 for candidate in candidates {
-                    match self
-                        .forward_fetch(
-                            candidate,
-                            &topic.name,
-                            partition,
-                            offset,
-                            max_bytes,
-                            max_wait,
-                        )
-                        .await
-                    {
-                        Ok(outcome) => return Ok(outcome),
-                        Err(error @ BrokerError::OffsetOutOfRange { .. }) => return Err(error),
-                        Err(error) => last_error = error.to_string(),
+                    let remaining = deadline.saturating_duration_since(Instant::now());
+                    if remaining.is_zero() {
+                        break;
+                    }
+                    let attempt = self.forward_fetch(
+                        candidate,
+                        &topic.name,
+                        partition,
+                        offset,
+                        max_bytes,
+                        max_wait,
+                    );
+                    match tokio::time::timeout(remaining, attempt).await {
+                        Ok(Ok(outcome)) => return Ok(outcome),
+                        Ok(Err(error @ BrokerError::OffsetOutOfRange { .. })) => return Err(error),
+                        Ok(Err(error)) => last_error = error.to_string(),
+                        Err(_) => last_error = format!("node {candidate} did not answer in time"),
                     }
                 }
                 Err(BrokerError::unavailable(
@@ -753,8 +779,8 @@ impl Broker {
             .map_err(|error| BrokerError::Internal(error.to_string()))?;
         let mut records = Vec::new();
         let mut bytes = 0u64;
-        for (base_offset, _count, batch) in &read.batches {
-            for record in decode_batch(batch, *base_offset, offset, read.high_watermark)? {
+        for (base_offset, count, batch) in &read.batches {
+            for record in decode_batch(batch, *base_offset, *count, offset, read.high_watermark)? {
                 let size = (record.value.len() + record.key.as_ref().map_or(0, Bytes::len)) as u64;
                 if !records.is_empty() && bytes + size > max_bytes {
                     return Ok(FetchOutcome {
@@ -799,7 +825,7 @@ impl Broker {
             FORWARDED_HEADER,
             tonic::metadata::MetadataValue::from_static("1"),
         );
-        request.set_timeout(max_wait + Duration::from_secs(5));
+        request.set_timeout(max_wait + FORWARD_FETCH_GRACE);
         match client.fetch(request).await {
             Ok(response) => {
                 let response = response.into_inner();
@@ -1249,6 +1275,17 @@ impl Broker {
                     }
                 }
             }
+            // Leader hints of deleted topics would otherwise stay forever.
+            let existing: std::collections::HashSet<u64> = state
+                .topics
+                .values()
+                .flat_map(|topic| (0..topic.partitions.len() as u32).map(|p| topic.group(p)))
+                .collect();
+            self.inner
+                .leader_hints
+                .lock()
+                .expect("hint lock is never poisoned")
+                .retain(|group, _| existing.contains(&group.0));
             for group in self.inner.node.partition_groups() {
                 if !wanted.contains(&group) {
                     tracing::info!(%group, "removing partition group of a deleted topic");

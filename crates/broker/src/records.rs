@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 use crate::BrokerError;
+use crate::Limits;
 
 /// A record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,11 +75,67 @@ pub(crate) fn encode_batch(records: &[Record], now_ms: i64) -> Result<Bytes, Bro
         .map_err(|error| BrokerError::Internal(format!("encoding a record batch: {error}")))
 }
 
-/// Decodes a batch whose first record has `base_offset`, keeping records at `from..` and
-/// below `high_watermark`.
+/// A stored record borrowed from its batch: decoding it copies nothing.
+#[derive(Deserialize)]
+struct BorrowedForm<'a> {
+    #[serde(borrow)]
+    key: Option<&'a [u8]>,
+    value: &'a [u8],
+    #[serde(borrow)]
+    headers: Vec<(&'a str, &'a [u8])>,
+    #[allow(dead_code)]
+    timestamp_ms: i64,
+}
+
+/// Checks a batch that another node forwarded before it is proposed: it must decode, hold
+/// exactly `count` records (the partition state machine numbers offsets by `count`), and stay
+/// within the same limits a produce request is held to.
+pub(crate) fn validate_batch(batch: &[u8], count: u32, limits: &Limits) -> Result<(), BrokerError> {
+    Limits::check(
+        "batch_bytes_max",
+        batch.len() as u64,
+        limits.batch_bytes_max.saturating_mul(2),
+    )?;
+    let forms: Vec<BorrowedForm<'_>> = postcard::from_bytes(batch).map_err(|error| {
+        BrokerError::invalid(
+            "BAD_FORWARDED_BATCH",
+            format!("forwarded batch is undecodable: {error}"),
+        )
+    })?;
+    if forms.is_empty() || forms.len() != count as usize {
+        return Err(BrokerError::invalid(
+            "BAD_FORWARDED_BATCH",
+            format!(
+                "forwarded batch holds {} records but claims {count}",
+                forms.len()
+            ),
+        ));
+    }
+    Limits::check(
+        "batch_records_max",
+        u64::from(count),
+        limits.batch_records_max,
+    )?;
+    let mut total = 0u64;
+    for form in &forms {
+        let headers: usize = form
+            .headers
+            .iter()
+            .map(|(key, value)| key.len() + value.len())
+            .sum();
+        let size = (form.key.map_or(0, <[u8]>::len) + form.value.len() + headers) as u64;
+        Limits::check("record_bytes_max", size, limits.record_bytes_max)?;
+        total += size;
+    }
+    Limits::check("batch_bytes_max", total, limits.batch_bytes_max)
+}
+
+/// Decodes a batch of `count` records whose first record has `base_offset`, keeping records at
+/// `from..` and below `high_watermark`.
 pub(crate) fn decode_batch(
     batch: &[u8],
     base_offset: u64,
+    count: u32,
     from: u64,
     high_watermark: u64,
 ) -> Result<Vec<StoredRecord>, BrokerError> {
@@ -87,6 +144,12 @@ pub(crate) fn decode_batch(
             "stored batch at offset {base_offset} is undecodable: {error}"
         ))
     })?;
+    if forms.len() != count as usize {
+        return Err(BrokerError::Internal(format!(
+            "stored batch at offset {base_offset} holds {} records but its entry says {count}",
+            forms.len()
+        )));
+    }
     Ok(forms
         .into_iter()
         .enumerate()
@@ -118,7 +181,8 @@ mod tests {
                 timestamp_ms: (i % 3 == 0).then_some(5),
             }).collect();
             let encoded = encode_batch(&records, 77).unwrap();
-            let decoded = decode_batch(&encoded, base, base, u64::MAX).unwrap();
+            let count = records.len() as u32;
+            let decoded = decode_batch(&encoded, base, count, base, u64::MAX).unwrap();
             prop_assert_eq!(decoded.len(), records.len());
             for (i, (stored, record)) in decoded.iter().zip(&records).enumerate() {
                 prop_assert_eq!(stored.offset, base + i as u64);
@@ -127,7 +191,10 @@ mod tests {
                 prop_assert_eq!(stored.timestamp_ms, record.timestamp_ms.unwrap_or(77));
             }
             // Slicing keeps only [from, high_watermark).
-            let sliced = decode_batch(&encoded, base, base + 1, base + 2).unwrap();
+            let sliced = decode_batch(&encoded, base, count, base + 1, base + 2).unwrap();
+            prop_assert!(validate_batch(&encoded, count, &Limits::default()).is_ok());
+            prop_assert!(validate_batch(&encoded, count + 1, &Limits::default()).is_err());
+            prop_assert!(validate_batch(&encoded[..encoded.len() - 1], count, &Limits::default()).is_err());
             prop_assert!(sliced.len() <= 1);
         }
     }

@@ -36,6 +36,7 @@ use crate::NodeId;
 use crate::codec::decode;
 use crate::codec::encode;
 use crate::log_store::LogStore;
+use crate::machine::Logic;
 use crate::machine::Machine;
 use crate::machine::MetaLogic;
 use crate::machine::OffsetLogic;
@@ -318,8 +319,7 @@ impl RaftNode {
             self.inner.peers.set_address(*id, address);
         }
         let store = self.inner.store.group(META_GROUP);
-        let machine = Machine::open(store.clone(), MetaLogic::new(apply))
-            .map_err(|error| error.to_string())?;
+        let machine = open_machine(store.clone(), MetaLogic::new(apply)).await?;
         let network = NetworkFactory {
             peers: self.inner.peers.clone(),
             group: META_GROUP,
@@ -390,8 +390,7 @@ impl RaftNode {
         }
         let store = self.inner.store.group(group);
         let (high_watermark_tx, high_watermark) = watch::channel(0);
-        let machine = Machine::open(store.clone(), OffsetLogic::new(high_watermark_tx))
-            .map_err(|error| error.to_string())?;
+        let machine = open_machine(store.clone(), OffsetLogic::new(high_watermark_tx)).await?;
         let network = NetworkFactory {
             peers: self.inner.peers.clone(),
             group,
@@ -687,12 +686,25 @@ where
                 group,
                 reason: other.to_string(),
             }),
-            Err(RaftError::Fatal(fatal)) => Err(WriteError::Stopped {
+            // The group stopped after the entry was handed to it: it may have been appended
+            // and replicated, and may commit under the next leader.
+            Err(RaftError::Fatal(fatal)) => Err(WriteError::OutcomeUnknown {
                 group,
-                reason: fatal.to_string(),
+                reason: format!("the group stopped after the proposal: {fatal}"),
             }),
         };
     }
+}
+
+/// Opens a state machine on a blocking thread: it reads RocksDB.
+async fn open_machine<L: Logic + Send + 'static>(
+    store: GroupStore,
+    logic: L,
+) -> Result<Machine<L>, String> {
+    tokio::task::spawn_blocking(move || Machine::open(store, logic))
+        .await
+        .map_err(|error| format!("opening a state machine: {error}"))?
+        .map_err(|error| error.to_string())
 }
 
 async fn dispatch<SM>(raft: &Raft<C, SM>, kind: RaftKind, payload: &[u8]) -> Result<Vec<u8>, String>

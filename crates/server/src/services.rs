@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::deadline::request_timeout;
 use crate::metrics::Metrics;
+use crate::status;
 use crate::status::invalid;
 use crate::status::to_status;
 
@@ -399,7 +400,9 @@ impl internal_pb::internal_server::Internal for Services {
                 ..Default::default()
             },
             // The forwarder reads ABORTED as "proposed, outcome unknown".
-            Err(BrokerError::OutcomeUnknown { message }) => return Err(Status::aborted(message)),
+            Err(BrokerError::OutcomeUnknown { message }) => {
+                return Err(status::forwarded_outcome_unknown(message));
+            }
             Err(error) => return Err(to_status(error)),
         };
         Ok(Response::new(response))

@@ -121,6 +121,12 @@ pub fn to_status(error: BrokerError) -> Status {
     }
 }
 
+/// The answer of a forwarded produce whose batch was proposed but whose outcome is unknown: the
+/// forwarding node reads ABORTED as "maybe written" and must not retry it as unwritten.
+pub fn forwarded_outcome_unknown(message: String) -> Status {
+    status(Code::Aborted, message, "OUTCOME_UNKNOWN", HashMap::new())
+}
+
 /// A request field that cannot be accepted.
 pub fn invalid(reason: &str, message: impl Into<String>) -> Status {
     status(
