@@ -203,6 +203,8 @@ impl Node {
 /// The child processes of a dev cluster.
 pub struct DevCluster {
     nodes: Vec<Node>,
+    exe: PathBuf,
+    initial_cluster: String,
 }
 
 impl DevCluster {
@@ -213,9 +215,13 @@ impl DevCluster {
             .with_context(|| format!("cannot create {}", layout.data_dir.display()))?;
         let exe = std::env::current_exe().context("cannot find the ordo binary")?;
         let initial_cluster = layout.initial_cluster();
-        let mut cluster = DevCluster { nodes: Vec::new() };
+        let mut cluster = DevCluster {
+            nodes: Vec::new(),
+            exe,
+            initial_cluster,
+        };
         for spec in layout.specs() {
-            match spawn_node(&exe, spec, &initial_cluster) {
+            match spawn_node(&cluster.exe, spec, &cluster.initial_cluster, false) {
                 Ok(node) => cluster.nodes.push(node),
                 Err(error) => {
                     if let Err(stop_error) = cluster.stop().await {
@@ -276,6 +282,47 @@ impl DevCluster {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
+    }
+
+    fn node_index(&self, id: u64) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|node| u64::from(node.spec.id) == id)
+    }
+
+    /// Kills node `id` with SIGKILL (no shutdown, no flush) and reaps it.
+    pub async fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        let index = self
+            .node_index(id)
+            .with_context(|| format!("no node {id} in this cluster"))?;
+        let node = &mut self.nodes[index];
+        if node.poll_exit()?.is_some() {
+            bail!("node {id} is not running");
+        }
+        node.child
+            .kill()
+            .await
+            .with_context(|| format!("cannot kill node {id}"))?;
+        node.exited = Some(
+            node.child
+                .wait()
+                .await
+                .with_context(|| format!("cannot wait for node {id}"))?,
+        );
+        Ok(())
+    }
+
+    /// Starts node `id` again, on its data, appending to its log.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let index = self
+            .node_index(id)
+            .with_context(|| format!("no node {id} in this cluster"))?;
+        if self.nodes[index].poll_exit()?.is_none() {
+            bail!("node {id} is still running");
+        }
+        let spec = self.nodes[index].spec.clone();
+        self.nodes[index] = spawn_node(&self.exe, spec, &self.initial_cluster, true)?;
+        Ok(())
     }
 
     /// Returns, as an error, when a node exits; runs until then.
@@ -348,11 +395,21 @@ impl DevCluster {
 /// Starts one node. Its environment has no `ORDO_*` variable: a dev node is configured by its
 /// flags alone, and a variable meant for the CLI (ORDO_ENDPOINTS) or another node must not leak
 /// into its configuration.
-fn spawn_node(exe: &Path, spec: NodeSpec, initial_cluster: &str) -> anyhow::Result<Node> {
+fn spawn_node(
+    exe: &Path,
+    spec: NodeSpec,
+    initial_cluster: &str,
+    append_log: bool,
+) -> anyhow::Result<Node> {
     std::fs::create_dir_all(&spec.data_dir)
         .with_context(|| format!("cannot create {}", spec.data_dir.display()))?;
-    let log =
-        File::create(&spec.log).with_context(|| format!("cannot create {}", spec.log.display()))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append_log)
+        .truncate(!append_log)
+        .open(&spec.log)
+        .with_context(|| format!("cannot create {}", spec.log.display()))?;
     let log_for_stderr = log
         .try_clone()
         .with_context(|| format!("cannot open {} twice", spec.log.display()))?;
