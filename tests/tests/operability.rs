@@ -311,8 +311,15 @@ fn run_bench(args: &[&str]) -> Result<serde_json::Value> {
         .output()
         .context("run ordo bench")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("ordo bench {args:?}:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    ensure!(output.status.success(), "ordo bench {args:?} failed: {}", output.status);
+    println!(
+        "ordo bench {args:?}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(
+        output.status.success(),
+        "ordo bench {args:?} failed: {}",
+        output.status
+    );
     let line = stdout.lines().last().context("no output")?;
     serde_json::from_str(line).context("the last line is not JSON")
 }

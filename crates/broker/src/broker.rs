@@ -342,6 +342,7 @@ impl Broker {
         })?;
 
         // Split by partition, remembering each record's position in the request.
+        let total_records = records.len();
         let sticky = self.inner.round_robin.fetch_add(1, Ordering::Relaxed) % partitions;
         let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<Record>)> = BTreeMap::new();
         for (position, record) in records.into_iter().enumerate() {
@@ -369,7 +370,7 @@ impl Broker {
             });
         }
         let results = futures::future::join_all(appends).await;
-        combine_acks(results)
+        combine_acks(results, total_records)
     }
 
     fn leader_hint(&self, group: GroupId) -> Option<NodeId> {
@@ -1346,11 +1347,8 @@ impl Broker {
 /// OUTCOME_UNKNOWN, naming what did commit.
 fn combine_acks(
     results: Vec<Result<(u32, Vec<usize>, u64), BrokerError>>,
+    total: usize,
 ) -> Result<Vec<(u32, u64)>, BrokerError> {
-    let total: usize = results
-        .iter()
-        .map(|r| r.as_ref().map_or(0, |(_, p, _)| p.len()))
-        .sum();
     let committed: Vec<String> = results
         .iter()
         .filter_map(|result| result.as_ref().ok())
@@ -1459,14 +1457,16 @@ mod tests {
     /// (UNAVAILABLE stays "nothing written"); a partial commit is never reported as UNAVAILABLE.
     #[test]
     fn partial_failures_are_outcome_unknown() {
-        let acks = combine_acks(vec![Ok((1, vec![0, 2], 10)), Ok((0, vec![1], 5))]).unwrap();
+        let acks = combine_acks(vec![Ok((1, vec![0, 2], 10)), Ok((0, vec![1], 5))], 3).unwrap();
         assert_eq!(acks, vec![(1, 10), (0, 5), (1, 11)]);
-        let all_failed = combine_acks(vec![Err(unavailable()), Err(unavailable())]);
+        let all_failed = combine_acks(vec![Err(unavailable()), Err(unavailable())], 2);
         assert!(matches!(all_failed, Err(BrokerError::Unavailable { .. })));
-        let partial = combine_acks(vec![Ok((1, vec![0], 10)), Err(unavailable())]);
+        // The committed part holds the request's later records: their positions are beyond
+        // the count of committed records (this panicked once).
+        let partial = combine_acks(vec![Err(unavailable()), Ok((1, vec![2, 3], 10))], 4);
         match partial {
             Err(BrokerError::OutcomeUnknown { message }) => {
-                assert!(message.contains("partition 1 at offsets 10..11"))
+                assert!(message.contains("partition 1 at offsets 10..12"))
             }
             other => panic!("expected OutcomeUnknown, got {other:?}"),
         }
