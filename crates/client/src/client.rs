@@ -8,9 +8,13 @@
 //! ([`ClientError::is_retryable`]) moves the client to the leader the error hints at, when that
 //! is one of its endpoints, or else to the next endpoint in turn. Any node accepts any call and
 //! forwards it, so stickiness only saves connections; it is never needed for correctness.
+//! Produce calls are the exception: they go first to their partition's leader when the client
+//! knows it (`routing`), which saves the forwarding hop.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -23,10 +27,14 @@ use tonic::{Request, Status};
 
 use crate::convert;
 use crate::error::{ClientError, Effect};
+use crate::routing::{Routes, TopicRoute};
 use crate::subscribe::Subscription;
 use crate::types::{
     ClusterStatus, FetchResult, Record, RecordAck, StartAt, TopicDescription, TopicSummary,
 };
+
+/// Bound on looking up a topic's partition leaders before a produce goes without them.
+const ROUTE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Tunables of a [`Client`]. Every field has a documented default; build with
 /// `ClientOptions { request_timeout: .., ..Default::default() }`.
@@ -87,6 +95,10 @@ struct Inner {
     /// Index into `nodes` of the endpoint calls go to, modulo `nodes.len()`.
     current: AtomicUsize,
     options: ClientOptions,
+    /// Partition leaders of topics produced to (see `routing`).
+    routes: Routes,
+    /// Node id -> index into `nodes`, from ClusterStatus; `None` for nodes not among ours.
+    node_indexes: Mutex<HashMap<u64, Option<usize>>>,
 }
 
 /// One endpoint and its channel.
@@ -138,6 +150,8 @@ impl Client {
                 nodes,
                 current: AtomicUsize::new(0),
                 options,
+                routes: Routes::default(),
+                node_indexes: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -157,7 +171,8 @@ impl Client {
     }
 
     /// Appends `records` to `topic`, all to `partition` when given, and returns where each landed,
-    /// in request order.
+    /// in request order. Without a partition, records with keys go to the partition of their
+    /// key, and a call of records without keys goes to one partition, the next in turn.
     ///
     /// Returns only once a quorum has the records durably committed. A call that fails with a
     /// retryable error (nothing was written) is retried on the next endpoint until the deadline;
@@ -173,18 +188,115 @@ impl Client {
             return Ok(Vec::new());
         }
         let sent = records.len();
+        let route = self.route(topic).await;
+        let keyless = records.iter().all(|record| record.key.is_none());
+        let (partition, leader) = match (&route, partition) {
+            (Some(route), Some(partition)) => (Some(partition), route.leader(partition)),
+            (Some(route), None) if keyless && route.partitions() > 0 => {
+                let partition = route.next_partition();
+                (Some(partition), route.leader(partition))
+            }
+            _ => (partition, None),
+        };
         let request = proto::ProduceRequest {
             topic: topic.to_owned(),
             partition,
             records: records.into_iter().map(proto::Record::from).collect(),
         };
-        let (response, _) = self
-            .call(Effect::Write, Duration::ZERO, |channel, timeout| {
+        let result = self
+            .call_on(leader, Effect::Write, Duration::ZERO, |channel, timeout| {
                 let request = timed(request.clone(), timeout);
                 async move { self.log(channel).produce(request).await }
             })
-            .await?;
-        convert::produce_acks(response.into_inner(), sent)
+            .await;
+        match result {
+            Ok((response, _)) => convert::produce_acks(response.into_inner(), sent),
+            Err(error) => {
+                if let Some(route) = route {
+                    route.mark_stale();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// The partition leaders of `topic`, looked up on first use and refreshed in the
+    /// background when old or after a failure. `None` when unknown (the call then goes to the
+    /// current endpoint, which forwards it).
+    async fn route(&self, topic: &str) -> Option<Arc<TopicRoute>> {
+        let (route, refresh) = self.inner.routes.get(topic);
+        if !refresh || !self.inner.routes.start_refresh(topic) {
+            return route;
+        }
+        let client = self.clone();
+        let name = topic.to_owned();
+        let lookup = async move {
+            match tokio::time::timeout(ROUTE_LOOKUP_TIMEOUT, client.lookup_route(&name)).await {
+                Ok(Ok(found)) => client.inner.routes.set(&name, found),
+                Ok(Err(ClientError::NotFound { .. })) => client.inner.routes.remove(&name),
+                Ok(Err(error)) => {
+                    tracing::debug!(topic = %name, %error, "partition leader lookup failed");
+                }
+                Err(_) => tracing::debug!(topic = %name, "partition leader lookup timed out"),
+            }
+            client.inner.routes.end_refresh(&name);
+        };
+        if route.is_some() {
+            tokio::spawn(lookup);
+            return route;
+        }
+        lookup.await;
+        self.inner.routes.get(topic).0
+    }
+
+    async fn lookup_route(&self, topic: &str) -> Result<TopicRoute, ClientError> {
+        let description = self.describe_topic(topic).await?;
+        let known = {
+            let indexes = self
+                .inner
+                .node_indexes
+                .lock()
+                .expect("lock is never poisoned");
+            description
+                .partitions
+                .iter()
+                .filter_map(|partition| partition.leader)
+                .all(|leader| indexes.contains_key(&leader))
+        };
+        if !known {
+            let status = self.cluster_status().await?;
+            let mut indexes = self
+                .inner
+                .node_indexes
+                .lock()
+                .expect("lock is never poisoned");
+            indexes.clear();
+            for node in status.nodes {
+                let wanted = authority_of(&node.address);
+                let index = self
+                    .inner
+                    .nodes
+                    .iter()
+                    .position(|ours| ours.authority == wanted);
+                indexes.insert(node.node_id, index);
+            }
+        }
+        let indexes = self
+            .inner
+            .node_indexes
+            .lock()
+            .expect("lock is never poisoned");
+        Ok(TopicRoute::new(
+            description
+                .partitions
+                .iter()
+                .map(|partition| {
+                    partition
+                        .leader
+                        .and_then(|leader| indexes.get(&leader).copied().flatten())
+                })
+                .collect(),
+        ))
     }
 
     /// Reads committed records of `partition` of `topic` from `offset`, up to about `max_bytes`
@@ -362,6 +474,21 @@ impl Client {
         &self,
         effect: Effect,
         extra: Duration,
+        attempt: F,
+    ) -> Result<(T, EndpointName), ClientError>
+    where
+        F: FnMut(Channel, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.call_on(None, effect, extra, attempt).await
+    }
+
+    /// Like [`Client::call`], with the first attempt sent to endpoint `first` when given.
+    async fn call_on<T, F, Fut>(
+        &self,
+        first: Option<usize>,
+        effect: Effect,
+        extra: Duration,
         mut attempt: F,
     ) -> Result<(T, EndpointName), ClientError>
     where
@@ -373,8 +500,11 @@ impl Client {
         let budget = options.request_timeout.saturating_add(extra);
         let mut backoff = options.retry_backoff_initial;
         let mut retries = 0_u32;
+        let mut first = first.filter(|index| *index < self.inner.nodes.len());
         loop {
-            let index = self.inner.current.load(Ordering::Relaxed) % self.inner.nodes.len();
+            let index = first.take().unwrap_or_else(|| {
+                self.inner.current.load(Ordering::Relaxed) % self.inner.nodes.len()
+            });
             let node = &self.inner.nodes[index];
             let remaining = budget.saturating_sub(started.elapsed());
             let local_limit = remaining.saturating_add(options.deadline_grace);

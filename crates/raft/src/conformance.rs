@@ -26,7 +26,7 @@ impl StoreBuilder<C, LogStore, Machine<OffsetLogic>, tempfile::TempDir> for Buil
         let (high_watermark, _) = watch::channel(0);
         let machine =
             Machine::open(group.clone(), OffsetLogic::new(high_watermark)).expect("open machine");
-        Ok((dir, LogStore::new(group), machine))
+        Ok((dir, LogStore::new(group, 4096), machine))
     }
 }
 

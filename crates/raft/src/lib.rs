@@ -21,6 +21,7 @@
 //! replicas to have fsynced it (the log store calls openraft's flush callback only after fsync).
 
 mod codec;
+mod entry_cache;
 mod log_store;
 mod machine;
 mod meta;

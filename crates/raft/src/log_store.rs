@@ -8,12 +8,16 @@
 //! - Flush callback only when durable: `append` hands openraft's callback to the fsync thread,
 //!   which calls it after `flush_wal(true)` returned. `append` itself returns once the entries
 //!   are readable (written to the memtable), so the leader replicates while its fsync runs.
+//! - Reads of the recent tail (replication, apply) come from the entry cache, which mirrors
+//!   appends, truncations and purges before they are written.
 //! - Restart reads the last entry and the purge marker only: no scan of the log.
 
 use std::fmt::Debug;
 use std::io;
 use std::ops::Bound;
 use std::ops::RangeBounds;
+use std::sync::Arc;
+use std::sync::Mutex;
 
 use openraft::LogState;
 use openraft::OptionalSend;
@@ -25,6 +29,7 @@ use ordo_storage::MetaKey;
 
 use crate::codec::decode;
 use crate::codec::encode;
+use crate::entry_cache::EntryCache;
 use crate::types::C;
 use crate::types::Entry;
 use crate::types::LogId;
@@ -34,11 +39,23 @@ use crate::types::Vote;
 #[derive(Debug, Clone)]
 pub(crate) struct LogStore {
     store: GroupStore,
+    /// The tail of the log in memory, shared with the log readers (clones of this store).
+    cache: Arc<Mutex<EntryCache>>,
 }
 
 impl LogStore {
-    pub(crate) fn new(store: GroupStore) -> Self {
-        Self { store }
+    /// A log store over `store`, keeping up to `cache_bytes` of its tail in memory.
+    pub(crate) fn new(store: GroupStore, cache_bytes: usize) -> Self {
+        Self {
+            store,
+            cache: Arc::new(Mutex::new(EntryCache::new(cache_bytes))),
+        }
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, EntryCache> {
+        self.cache
+            .lock()
+            .expect("entry cache lock is never poisoned")
     }
 
     async fn blocking<T, F>(&self, read: F) -> io::Result<T>
@@ -77,6 +94,9 @@ impl RaftLogReader<C> for LogStore {
         };
         if start >= end {
             return Ok(Vec::new());
+        }
+        if let Some(entries) = self.cache().range(start, end) {
+            return Ok(entries);
         }
         self.blocking(move |store| {
             // openraft's contract: return the whole range, and a hole is an error, never a
@@ -174,23 +194,37 @@ impl RaftLogStorage<C> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = self.store.batch();
+        let mut appended = Vec::new();
         for entry in entries {
             self.store
                 .put_log(&mut batch, entry.log_id.index, &encode(&entry)?);
+            appended.push(entry);
+        }
+        {
+            let mut cache = self.cache();
+            for entry in &appended {
+                cache.append(entry);
+            }
         }
         let durable: ordo_storage::Durable =
             Box::new(move |result| callback.io_completed(result.map_err(io::Error::from)));
+        // Awaited until readable, not until durable. Returning before the writer thread applied
+        // the entries (they are in the cache) looked safe but made replicas diverge under the
+        // fault suite (crash/partition mix, seed 2742351078583809869); not understood yet, so
+        // appends stay ordered this way.
         Ok(self.store.write(batch, Some(durable)).await?)
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let from = last_log_id.map(|log_id| log_id.index + 1).unwrap_or(0);
+        self.cache().truncate_from(from);
         let mut batch = self.store.batch();
         self.store.delete_log_from(&mut batch, from);
         Ok(self.store.write(batch, None).await?)
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        self.cache().purge_upto(log_id.index);
         // The marker goes first in the same batch: a reader that sees the gap also sees the marker.
         let mut batch = self.store.batch();
         self.store

@@ -66,6 +66,9 @@ pub struct RaftOptions {
     pub append_entries_max: u64,
     /// Connect timeout to peers.
     pub connect_timeout: Duration,
+    /// Bytes of the most recent log entries each group keeps in memory for replication and
+    /// apply (see `entry_cache`); 0 disables the cache.
+    pub entry_cache_bytes: usize,
 }
 
 impl Default for RaftOptions {
@@ -76,6 +79,7 @@ impl Default for RaftOptions {
             election_timeout_max: Duration::from_millis(2000),
             append_entries_max: 256,
             connect_timeout: Duration::from_secs(2),
+            entry_cache_bytes: 1 << 20,
         }
     }
 }
@@ -328,7 +332,7 @@ impl RaftNode {
             self.inner.id,
             self.inner.config.clone(),
             network,
-            LogStore::new(store),
+            LogStore::new(store, self.inner.options.entry_cache_bytes),
             machine,
         )
         .await
@@ -399,7 +403,7 @@ impl RaftNode {
             self.inner.id,
             self.inner.partition_config.clone(),
             network,
-            LogStore::new(store.clone()),
+            LogStore::new(store.clone(), self.inner.options.entry_cache_bytes),
             machine,
         )
         .await

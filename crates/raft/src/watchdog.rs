@@ -8,9 +8,11 @@
 //! group where this node is a follower:
 //! - while the group's leader is a node that answered a ping within the election timeout, the
 //!   group is healthy;
-//! - otherwise (no leader known, or its node silent), after a randomized election timeout the
-//!   group starts a pre-vote election (`trigger().elect(true)`), repeated every timeout until a
-//!   leader is known. Pre-vote keeps a wrongly suspected leader's term intact.
+//! - otherwise (no leader known, or its node silent for the minimum election timeout), after a
+//!   random part of the spread between minimum and maximum election timeout the group starts a
+//!   pre-vote election (`trigger().elect(true)`), repeated every full randomized timeout until a
+//!   leader is known. Pre-vote keeps a wrongly suspected leader's term intact. A leader's crash
+//!   is thus noticed and replaced within 1-2 s with the default timeouts.
 //!
 //! Writes still replicate at once (appends are not heartbeats), and a new leader announces
 //! itself with its first (blank) entry. The metadata group keeps ordinary heartbeats: it is one
@@ -124,9 +126,12 @@ impl RaftNode {
                         deadlines.remove(&group);
                     }
                     Decision::Wait => {
+                        // The leader's node has already been silent for the minimum election
+                        // timeout: only the random spread remains, so that the followers do
+                        // not all stand at once.
                         deadlines
                             .entry(group)
-                            .or_insert_with(|| now + election_timeout(&options));
+                            .or_insert_with(|| now + election_jitter(&options));
                     }
                     Decision::Elect => {
                         tracing::info!(%group, leader = ?view.leader, "leader unreachable; starting a pre-vote election");
@@ -139,10 +144,18 @@ impl RaftNode {
     }
 }
 
+/// Between the minimum and the maximum election timeout: the pause between two elections of a
+/// group that has not found a leader yet.
 fn election_timeout(options: &crate::RaftOptions) -> Duration {
-    let min = options.election_timeout_min;
-    let spread = options.election_timeout_max.saturating_sub(min);
-    min + spread.mul_f64(rand::rng().random::<f64>())
+    options.election_timeout_min + election_jitter(options)
+}
+
+/// A random part of the spread between the minimum and maximum election timeout.
+fn election_jitter(options: &crate::RaftOptions) -> Duration {
+    let spread = options
+        .election_timeout_max
+        .saturating_sub(options.election_timeout_min);
+    spread.mul_f64(rand::rng().random::<f64>())
 }
 
 #[cfg(test)]

@@ -65,6 +65,9 @@ pub struct RaftConfig {
     pub append_entries_max: u64,
     /// How often leaders hand partitions back to their preferred leader, milliseconds. Default 10000.
     pub leader_balance_interval_ms: u64,
+    /// Bytes of recent log entries each Raft group keeps in memory, so replication and apply
+    /// do not read them back from disk. Memory bound: this x groups on the node. Default 1 MiB.
+    pub entry_cache_bytes: u64,
 }
 
 impl Default for RaftConfig {
@@ -75,6 +78,7 @@ impl Default for RaftConfig {
             election_timeout_max_ms: 2000,
             append_entries_max: 256,
             leader_balance_interval_ms: 10_000,
+            entry_cache_bytes: 1 << 20,
         }
     }
 }
@@ -309,6 +313,7 @@ impl NodeConfig {
             election_timeout_max: Duration::from_millis(self.raft.election_timeout_max_ms),
             append_entries_max: self.raft.append_entries_max,
             connect_timeout: Duration::from_secs(2),
+            entry_cache_bytes: usize::try_from(self.raft.entry_cache_bytes).unwrap_or(usize::MAX),
         }
     }
 

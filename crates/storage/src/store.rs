@@ -60,6 +60,9 @@ impl CfHandles {
     }
 }
 
+/// Log entries of at least this many bytes are stored in blob files (key-value separation).
+const BLOB_VALUE_BYTES_MIN: u64 = 512;
+
 /// Tunables of the store. Defaults suit a node with a few GiB of memory.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -150,6 +153,16 @@ impl Store {
             cf_options.set_block_based_table_factory(&table);
             if *cf == Cf::Log {
                 cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+                // Record batches go to blob files when the memtable is flushed, and compactions
+                // move only keys and blob references: each payload byte is written twice
+                // (WAL, blob file), not once per LSM level. Log entries are never overwritten,
+                // so blob garbage collection has nothing to do until retention purges.
+                cf_options.set_enable_blob_files(true);
+                cf_options.set_min_blob_size(BLOB_VALUE_BYTES_MIN);
+                cf_options.set_blob_file_size(256 << 20);
+                cf_options.set_blob_compression_type(rocksdb::DBCompressionType::None);
+                cf_options.set_enable_blob_gc(false);
+                cf_options.set_blob_cache(&cache);
             }
             ColumnFamilyDescriptor::new(cf.name(), cf_options)
         });
