@@ -32,6 +32,11 @@ use tracing_subscriber::EnvFilter;
 
 use crate::output::OutputFormat;
 
+/// mimalloc instead of glibc's malloc: allocation was a tenth of all CPU time of a 3-node
+/// produce benchmark (many small, short-lived buffers across threads), see docs/benchmarks.md.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Endpoints of the cluster `ordo dev` starts with its default flags.
 const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
 
