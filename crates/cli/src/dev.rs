@@ -70,6 +70,8 @@ pub struct Layout {
 #[derive(Debug, Clone)]
 struct NodeSpec {
     id: u16,
+    /// Its share of this machine's CPUs: every node of a dev cluster runs here.
+    worker_threads: usize,
     listen: String,
     metrics: String,
     data_dir: PathBuf,
@@ -102,9 +104,12 @@ impl Layout {
     }
 
     fn specs(&self) -> Vec<NodeSpec> {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let worker_threads = (cpus / usize::from(self.nodes)).max(1);
         (1..=self.nodes)
             .map(|id| NodeSpec {
                 id,
+                worker_threads,
                 // Both additions were checked in `new`.
                 listen: format!("127.0.0.1:{}", self.base_port + (id - 1)),
                 metrics: format!("127.0.0.1:{}", self.metrics_base_port + id),
@@ -426,6 +431,8 @@ fn spawn_node(
         .arg(&spec.metrics)
         .arg("--initial-cluster")
         .arg(initial_cluster)
+        .arg("--worker-threads")
+        .arg(spec.worker_threads.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_for_stderr))

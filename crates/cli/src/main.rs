@@ -109,11 +109,21 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    match run(cli).await {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Command::Serve(args) = &cli.command
+        && let Some(threads) = args.worker_threads
+    {
+        runtime.worker_threads(usize::from(threads));
+    }
+    let runtime = match runtime.build() {
+        Ok(runtime) => runtime,
+        Err(error) => return report(&anyhow::Error::new(error).context("cannot start tokio")),
+    };
+    match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => report(&error),
     }

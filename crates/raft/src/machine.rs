@@ -23,6 +23,7 @@ use futures::TryStreamExt;
 use openraft::EntryPayload;
 use openraft::OptionalSend;
 use openraft::RaftSnapshotBuilder;
+use openraft::storage::ApplyResponder;
 use openraft::storage::EntryResponder;
 use openraft::storage::RaftStateMachine;
 use ordo_storage::GroupBatch;
@@ -61,6 +62,10 @@ pub(crate) trait Logic: Send + Sync + 'static {
     fn restore(&mut self, state: &[u8]) -> io::Result<()>;
     /// Called once the applied batch is readable.
     fn publish(&self);
+    /// Whether proposers may be answered before the applied batch is written and published.
+    /// True when an answer means only "committed at this position" (offsets); false when the
+    /// proposer expects to read the effect on this node once answered (metadata).
+    const ANSWER_BEFORE_PUBLISH: bool;
 }
 
 /// The persisted applied state of a machine.
@@ -152,12 +157,17 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
         }
         self.store
             .put_meta(&mut batch, MetaKey::Applied, &self.encode_applied()?);
-        self.store.write(batch, None).await?;
-        // Readers and writers hear of the applied entries only once they are readable.
-        self.logic.publish();
-        for (responder, response) in responders {
-            responder.send(response);
+        // The entries are committed (durable on a quorum) and their answers are computed. When
+        // the logic allows it the proposers are answered now, before the write, which only
+        // serves readers; if this node dies first, re-applying the log gives the same answers.
+        let mut responders = Some(responders);
+        if L::ANSWER_BEFORE_PUBLISH {
+            answer(responders.take());
         }
+        self.store.write(batch, None).await?;
+        // Readers hear of the applied entries only once they are readable.
+        self.logic.publish();
+        answer(responders);
         Ok(())
     }
 
@@ -186,6 +196,12 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
             return Ok(None);
         }
         self.snapshot().map(Some)
+    }
+}
+
+fn answer(responders: Option<Vec<(ApplyResponder<C>, Response)>>) {
+    for (responder, response) in responders.into_iter().flatten() {
+        responder.send(response);
     }
 }
 
@@ -224,6 +240,8 @@ impl OffsetLogic {
 }
 
 impl Logic for OffsetLogic {
+    const ANSWER_BEFORE_PUBLISH: bool = true;
+
     fn apply(
         &mut self,
         store: &GroupStore,
@@ -283,6 +301,8 @@ impl MetaLogic {
 }
 
 impl Logic for MetaLogic {
+    const ANSWER_BEFORE_PUBLISH: bool = false;
+
     fn apply(
         &mut self,
         _store: &GroupStore,

@@ -49,6 +49,11 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Async worker threads (default: one per CPU). Nodes sharing a machine run faster with
+    /// their share of the CPUs: every cross-thread wake-up costs (`ordo dev` sets it).
+    #[arg(long, env = "ORDO_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[serde(skip)]
+    pub worker_threads: Option<u16>,
 }
 
 /// Raft timing.

@@ -6,6 +6,9 @@
 //! their callback to the fsync thread, which drains every pending callback, calls
 //! `flush_wal(sync = true)` once and then runs them all: N concurrent appends cost one fsync
 //! (group commit), and a write queued while an fsync runs is covered by the next one.
+//! When the fsync thread is idle and nothing else is queued, the writer thread fsyncs itself
+//! and runs the callbacks: at low load that saves a thread wake-up (tens of microseconds on a
+//! virtual machine) on every durable write.
 //!
 //! Ordering: writes are applied in channel order, and RocksDB's WAL is ordered, so an fsync that
 //! covers a write also covers every write applied before it (a truncation before an append, a
@@ -15,6 +18,7 @@
 //! (async callers only `send().await` on the bounded channel and await a oneshot).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 
 use rocksdb::DB;
@@ -65,25 +69,40 @@ pub(crate) fn start(
     queue_max: usize,
 ) -> std::io::Result<(mpsc::Sender<WriteRequest>, Vec<std::thread::JoinHandle<()>>)> {
     let (tx, rx) = mpsc::channel::<WriteRequest>(queue_max);
-    let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Durable>(queue_max);
+    let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Vec<Durable>>(queue_max);
+    // Jobs handed to the fsync thread whose callbacks have not all run yet.
+    let fsync_pending = Arc::new(AtomicUsize::new(0));
     let fsync = {
         let db = db.clone();
         let stats = stats.clone();
+        let pending = fsync_pending.clone();
         std::thread::Builder::new()
             .name("ordo-fsync".into())
-            .spawn(move || fsync_loop(&db, sync_rx, &stats))?
+            .spawn(move || fsync_loop(&db, sync_rx, &stats, &pending))?
     };
     let writer = std::thread::Builder::new()
         .name("ordo-writer".into())
-        .spawn(move || writer_loop(&db, &cfs, rx, sync_tx, &stats))?;
+        .spawn(move || {
+            let fsync = FsyncHandle {
+                jobs: sync_tx,
+                pending: fsync_pending,
+            };
+            writer_loop(&db, &cfs, rx, &fsync, &stats)
+        })?;
     Ok((tx, vec![writer, fsync]))
+}
+
+/// The writer's side of the fsync thread.
+struct FsyncHandle {
+    jobs: std::sync::mpsc::SyncSender<Vec<Durable>>,
+    pending: Arc<AtomicUsize>,
 }
 
 fn writer_loop(
     db: &DB,
     cfs: &crate::store::CfHandles,
     mut rx: mpsc::Receiver<WriteRequest>,
-    sync_tx: std::sync::mpsc::SyncSender<Durable>,
+    fsync: &FsyncHandle,
     stats: &StoreStats,
 ) {
     let mut options = WriteOptions::default();
@@ -115,6 +134,7 @@ fn writer_loop(
         if let Err(error) = &result {
             tracing::error!(%error, "storage write failed");
         }
+        let mut durables = Vec::new();
         for request in requests.drain(..) {
             if let Some(written) = request.written {
                 // The caller may have given up waiting; the write is done either way.
@@ -122,39 +142,64 @@ fn writer_loop(
             }
             if let Some(durable) = request.durable {
                 match &result {
-                    Ok(()) => {
-                        if let Err(unsent) = sync_tx.send(durable) {
-                            (unsent.0)(Err(StorageError::Closed));
-                        }
-                    }
+                    Ok(()) => durables.push(durable),
                     Err(error) => durable(Err(error.clone())),
+                }
+            }
+        }
+        if durables.is_empty() {
+            continue;
+        }
+        // Callbacks run in write order: inline only when every job handed over earlier has
+        // completed (only this thread adds jobs, so none can appear meanwhile).
+        if fsync.pending.load(Ordering::Acquire) == 0 && rx.is_empty() {
+            sync_and_complete(db, durables, stats);
+        } else {
+            fsync.pending.fetch_add(1, Ordering::AcqRel);
+            if let Err(unsent) = fsync.jobs.send(durables) {
+                fsync.pending.fetch_sub(1, Ordering::AcqRel);
+                for durable in unsent.0 {
+                    durable(Err(StorageError::Closed));
                 }
             }
         }
     }
 }
 
-fn fsync_loop(db: &DB, rx: std::sync::mpsc::Receiver<Durable>, stats: &StoreStats) {
-    let mut pending: Vec<Durable> = Vec::new();
+/// One `flush_wal(true)` covering every write applied so far, then the callbacks.
+fn sync_and_complete(db: &DB, callbacks: Vec<Durable>, stats: &StoreStats) {
+    let started = std::time::Instant::now();
+    let result = db.flush_wal(true).map_err(StorageError::from);
+    stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+    stats
+        .fsync_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    stats
+        .fsync_callbacks
+        .fetch_add(callbacks.len() as u64, Ordering::Relaxed);
+    if let Err(error) = &result {
+        tracing::error!(%error, "wal fsync failed");
+    }
+    for callback in callbacks {
+        callback(result.clone());
+    }
+}
+
+fn fsync_loop(
+    db: &DB,
+    rx: std::sync::mpsc::Receiver<Vec<Durable>>,
+    stats: &StoreStats,
+    pending: &AtomicUsize,
+) {
+    let mut callbacks: Vec<Durable> = Vec::new();
     while let Ok(first) = rx.recv() {
-        pending.push(first);
+        callbacks.extend(first);
+        let mut jobs = 1;
         while let Ok(next) = rx.try_recv() {
-            pending.push(next);
+            callbacks.extend(next);
+            jobs += 1;
         }
-        let started = std::time::Instant::now();
-        let result = db.flush_wal(true).map_err(StorageError::from);
-        stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-        stats
-            .fsync_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        stats
-            .fsync_callbacks
-            .fetch_add(pending.len() as u64, Ordering::Relaxed);
-        if let Err(error) = &result {
-            tracing::error!(%error, "wal fsync failed");
-        }
-        for callback in pending.drain(..) {
-            callback(result.clone());
-        }
+        sync_and_complete(db, std::mem::take(&mut callbacks), stats);
+        pending.fetch_sub(jobs, Ordering::AcqRel);
     }
 }
