@@ -12,6 +12,8 @@
 //! prove nothing about the binary users run. Every wait is bounded and every RPC has a deadline,
 //! so a broken node fails a test with its log tail instead of hanging it.
 
+pub mod chaos;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};

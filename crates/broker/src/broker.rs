@@ -58,6 +58,8 @@ use crate::records::validate_batch;
 
 /// Header marking a request already forwarded once, so forwarding never loops.
 pub const FORWARDED_HEADER: &str = "x-ordo-forwarded";
+/// How long a leader may take to confirm the end of a partition before answering OUT_OF_RANGE.
+const CONFIRM_END_TIMEOUT: Duration = Duration::from_secs(2);
 /// Time a forwarded fetch may take beyond its long-poll wait.
 const FORWARD_FETCH_GRACE: Duration = Duration::from_secs(5);
 
@@ -702,11 +704,33 @@ impl Broker {
                             leader.filter(|leader| *leader != me),
                         ));
                     }
-                    return Err(BrokerError::OffsetOutOfRange {
-                        offset,
-                        start: 0,
-                        end: current,
-                    });
+                    // A node that believes it leads may be deposed (paused, cut off) or just
+                    // elected and not yet applied: it says OUT_OF_RANGE only with an end it has
+                    // confirmed with a quorum.
+                    match self
+                        .inner
+                        .node
+                        .confirmed_high_watermark(group, CONFIRM_END_TIMEOUT)
+                        .await
+                    {
+                        Some(end) if offset > end => {
+                            return Err(BrokerError::OffsetOutOfRange {
+                                offset,
+                                start: 0,
+                                end,
+                            });
+                        }
+                        Some(_) => return self.read_local(group, offset, max_bytes).await,
+                        None => {
+                            return Err(BrokerError::unavailable(
+                                format!(
+                                    "node {me} could not confirm it still leads partition {partition} of {:?}; retry",
+                                    topic.name
+                                ),
+                                None,
+                            ));
+                        }
+                    }
                 }
                 if !max_wait.is_zero() {
                     let _ = tokio::time::timeout(max_wait, high_watermark.changed()).await;

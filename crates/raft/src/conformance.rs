@@ -65,3 +65,32 @@ fn postcard_round_trips_openraft_types() {
     let bytes = crate::codec::encode(&node).unwrap();
     assert_eq!(crate::codec::decode::<BasicNode>(&bytes).unwrap(), node);
 }
+
+/// A node restarting with a committed vote for itself (it led that term) does not resume
+/// leading the term: its vote becomes uncommitted (same term), so a new term must be elected
+/// and it can never reuse the log ids of entries it sent but lost. Another node's committed
+/// vote stays as it is. (Regression: the fault suite saw replicas diverge without this.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_does_not_resume_own_leadership() {
+    use openraft::RaftLogReader;
+    use openraft::storage::RaftLogStorage;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), &StoreOptions::default()).expect("open store");
+    let mut log = LogStore::new(store.group(GroupId(7)), 4096);
+
+    log.save_vote(&crate::types::Vote::new_committed(5, 1))
+        .await
+        .expect("save vote");
+    log.give_up_restored_leadership(1).await.expect("demote");
+    let vote = log.read_vote().await.expect("read").expect("a vote");
+    assert!(!vote.is_committed(), "own leadership is given up: {vote}");
+    assert_eq!(vote.leader_id().term, 5, "the term is kept");
+
+    log.save_vote(&crate::types::Vote::new_committed(6, 2))
+        .await
+        .expect("save vote");
+    log.give_up_restored_leadership(1).await.expect("no-op");
+    let vote = log.read_vote().await.expect("read").expect("a vote");
+    assert!(vote.is_committed(), "another leader's vote stays: {vote}");
+}

@@ -136,6 +136,29 @@ impl RaftLogReader<C> for LogStore {
     }
 }
 
+impl LogStore {
+    /// Before the group starts: turns this node's own committed vote (it led that term) into
+    /// an uncommitted one, durably, so that it cannot resume leading the old term.
+    ///
+    /// openraft restores a node whose saved vote is committed to itself as leader of that term
+    /// at once. Entries the old leader had appended but not fsynced (it replicates while its
+    /// fsync runs) may be on followers yet missing from its log after power loss; leading the
+    /// same term again, it would write other entries under the same log ids, and the followers,
+    /// matching by log id, would keep their different copies. With an uncommitted vote the node
+    /// starts as a follower and a new term is elected.
+    pub(crate) async fn give_up_restored_leadership(&mut self, me: u64) -> io::Result<()> {
+        let Some(vote) = self.read_vote().await? else {
+            return Ok(());
+        };
+        if vote.is_committed() && vote.leader_id().node_id == me {
+            let demoted = Vote::new(vote.leader_id().term, me);
+            tracing::info!(%vote, %demoted, "not resuming leadership of a term led before restart");
+            self.save_vote(&demoted).await?;
+        }
+        Ok(())
+    }
+}
+
 impl RaftLogStorage<C> for LogStore {
     type LogReader = Self;
 
@@ -200,19 +223,19 @@ impl RaftLogStorage<C> for LogStore {
                 .put_log(&mut batch, entry.log_id.index, &encode(&entry)?);
             appended.push(entry);
         }
-        {
-            let mut cache = self.cache();
-            for entry in &appended {
-                cache.append(entry);
-            }
-        }
         let durable: ordo_storage::Durable =
             Box::new(move |result| callback.io_completed(result.map_err(io::Error::from)));
-        // Awaited until readable, not until durable. Returning before the writer thread applied
-        // the entries (they are in the cache) looked safe but made replicas diverge under the
-        // fault suite (crash/partition mix, seed 2742351078583809869); not understood yet, so
-        // appends stay ordered this way.
-        Ok(self.store.write(batch, Some(durable)).await?)
+        // Awaited until written, and cached only then: an entry must never be readable (and so
+        // replicated) before this node's own log holds it. A leader that sent entries it then
+        // lost (a failed write, or a crash before the writer thread got to them) could be
+        // restored as leader of the same term and reuse their log ids for other entries, which
+        // followers would take for the ones they have. The fault suite found exactly that.
+        self.store.write(batch, Some(durable)).await?;
+        let mut cache = self.cache();
+        for entry in &appended {
+            cache.append(entry);
+        }
+        Ok(())
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {

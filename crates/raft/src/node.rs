@@ -324,6 +324,11 @@ impl RaftNode {
         }
         let store = self.inner.store.group(META_GROUP);
         let machine = open_machine(store.clone(), MetaLogic::new(apply)).await?;
+        let mut log_store = LogStore::new(store.clone(), self.inner.options.entry_cache_bytes);
+        log_store
+            .give_up_restored_leadership(self.inner.id)
+            .await
+            .map_err(|error| error.to_string())?;
         let network = NetworkFactory {
             peers: self.inner.peers.clone(),
             group: META_GROUP,
@@ -332,7 +337,7 @@ impl RaftNode {
             self.inner.id,
             self.inner.config.clone(),
             network,
-            LogStore::new(store, self.inner.options.entry_cache_bytes),
+            log_store,
             machine,
         )
         .await
@@ -395,6 +400,11 @@ impl RaftNode {
         let store = self.inner.store.group(group);
         let (high_watermark_tx, high_watermark) = watch::channel(0);
         let machine = open_machine(store.clone(), OffsetLogic::new(high_watermark_tx)).await?;
+        let mut log_store = LogStore::new(store.clone(), self.inner.options.entry_cache_bytes);
+        log_store
+            .give_up_restored_leadership(self.inner.id)
+            .await
+            .map_err(|error| error.to_string())?;
         let network = NetworkFactory {
             peers: self.inner.peers.clone(),
             group,
@@ -403,7 +413,7 @@ impl RaftNode {
             self.inner.id,
             self.inner.partition_config.clone(),
             network,
-            LogStore::new(store.clone(), self.inner.options.entry_cache_bytes),
+            log_store,
             machine,
         )
         .await
@@ -529,6 +539,32 @@ impl RaftNode {
     pub fn high_watermark(&self, group: GroupId) -> Option<watch::Receiver<u64>> {
         self.partition(group)
             .map(|partition| partition.high_watermark)
+    }
+
+    /// On a partition's leader: its high watermark once it has confirmed with a quorum that it
+    /// still leads (Raft read index) and applied everything committed up to then. The end of
+    /// the partition as no other node can contradict; `None` when leadership cannot be
+    /// confirmed within `timeout` (deposed, paused, cut off, or just elected and behind).
+    pub async fn confirmed_high_watermark(&self, group: GroupId, timeout: Duration) -> Option<u64> {
+        let partition = self.partition(group)?;
+        let confirm = async {
+            // Quiescent groups send no heartbeats; the read index needs one round.
+            partition.raft.trigger().heartbeat().await.ok()?;
+            let (read_log_id, _) = partition
+                .raft
+                .get_read_log_id(openraft::raft::ReadPolicy::ReadIndex)
+                .await
+                .ok()?;
+            let index = Some(read_log_id.index());
+            partition
+                .raft
+                .wait(Some(timeout))
+                .applied_index_at_least(index, "confirmed end")
+                .await
+                .ok()?;
+            Some(*partition.high_watermark.borrow())
+        };
+        tokio::time::timeout(timeout, confirm).await.ok().flatten()
     }
 
     /// Reads committed batches from `offset`, about `max_bytes` of log at most (at least one batch

@@ -1,0 +1,252 @@
+//! The workload: producers sending keyed records with unique values through random nodes, with
+//! retries, and one consumer per partition reading it from offset 0 and following its tail,
+//! switching nodes now and then. Every call and its result goes to the history.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ordo_proto::v1::{FetchRequest, ProduceRequest, Record};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::{Instant, sleep, timeout};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+use super::history::{Event, History, Read, Sent, Written};
+use super::nodes::Nodes;
+use crate::{effective_code, with_timeout};
+
+/// Distinct keys (shared by all producers).
+const KEYS: u32 = 16;
+/// Records per produce call, at most.
+const BATCH_MAX: usize = 4;
+/// Attempts of one call (the first and its retries, each through a random node).
+const ATTEMPTS_MAX: u32 = 5;
+/// `grpc-timeout` of each produce attempt.
+const PRODUCE_DEADLINE: Duration = Duration::from_secs(3);
+/// `grpc-timeout` of each fetch.
+const FETCH_DEADLINE: Duration = Duration::from_secs(3);
+/// Extra time the client allows past a deadline before it gives up on the call itself.
+const CLIENT_GRACE: Duration = Duration::from_secs(2);
+/// Long poll of a consumer's fetch at the end of the log.
+const FETCH_WAIT_MS: u32 = 500;
+const FETCH_BYTES_MAX: u32 = 256 * 1024;
+
+/// What the workload tasks share.
+pub struct Shared {
+    pub nodes: Arc<Nodes>,
+    pub history: Arc<History>,
+    pub topic: String,
+    /// Producers stop starting calls when set.
+    pub stop_producing: AtomicBool,
+    /// Consumers stop once they reached their partition's target (set after healing), or
+    /// when `stop_consuming` is set.
+    pub targets: Vec<AtomicU64>,
+    pub targets_set: AtomicBool,
+    pub stop_consuming: AtomicBool,
+}
+
+/// Runs one producer until `stop_producing`. Returns the number of calls made.
+pub async fn producer(shared: Arc<Shared>, process: usize, seed: u64) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let nodes = shared.nodes.len();
+    let mut seq = 0u64;
+    let mut call = 0u64;
+    while !shared.stop_producing.load(Ordering::Relaxed) {
+        call += 1;
+        let count = rng.random_range(1..=BATCH_MAX);
+        let sent: Vec<Sent> = (0..count)
+            .map(|_| {
+                seq += 1;
+                Sent {
+                    key: Some(format!("k{}", rng.random_range(0..KEYS))),
+                    value: format!("p{process}-{seq:07}"),
+                }
+            })
+            .collect();
+        let records: Vec<Record> = sent
+            .iter()
+            .map(|record| Record {
+                key: record.key.clone().map(Bytes::from),
+                value: Bytes::from(record.value.clone()),
+                headers: Vec::new(),
+                timestamp_ms: None,
+            })
+            .collect();
+        for attempt in 0..ATTEMPTS_MAX {
+            let index = rng.random_range(0..nodes);
+            shared.history.log(Event::Invoke {
+                process,
+                call,
+                attempt,
+                node: shared.nodes.nodes[index].id,
+                records: sent.clone(),
+            });
+            let request = ProduceRequest {
+                topic: shared.topic.clone(),
+                partition: None,
+                records: records.clone(),
+            };
+            let mut client = shared.nodes.log_client(index);
+            let outcome = timeout(
+                PRODUCE_DEADLINE + CLIENT_GRACE,
+                client.produce(with_timeout(request, PRODUCE_DEADLINE)),
+            )
+            .await;
+            let retry = match outcome {
+                Ok(Ok(response)) => {
+                    let acks = response
+                        .into_inner()
+                        .acks
+                        .iter()
+                        .map(|ack| (ack.partition, ack.offset))
+                        .collect();
+                    shared.history.log(Event::Ok {
+                        process,
+                        call,
+                        attempt,
+                        acks,
+                    });
+                    false
+                }
+                Ok(Err(status)) => {
+                    let code = effective_code(&status);
+                    // Only UNAVAILABLE from the node itself (with its error details) promises
+                    // that nothing was written; the transport's UNAVAILABLE promises nothing.
+                    let written = if code == Code::Unavailable && !status.details().is_empty() {
+                        Written::No
+                    } else {
+                        Written::Unknown
+                    };
+                    shared.history.log(Event::Fail {
+                        process,
+                        call,
+                        attempt,
+                        code: format!("{code:?}"),
+                        written,
+                        message: status.message().chars().take(300).collect(),
+                    });
+                    !matches!(
+                        code,
+                        Code::InvalidArgument
+                            | Code::NotFound
+                            | Code::AlreadyExists
+                            | Code::FailedPrecondition
+                            | Code::OutOfRange
+                    )
+                }
+                Err(_) => {
+                    shared.history.log(Event::Fail {
+                        process,
+                        call,
+                        attempt,
+                        code: String::from("ClientTimeout"),
+                        written: Written::Unknown,
+                        message: format!("no answer within {:?}", PRODUCE_DEADLINE + CLIENT_GRACE),
+                    });
+                    true
+                }
+            };
+            if !retry {
+                break;
+            }
+            sleep(Duration::from_millis(rng.random_range(50..250))).await;
+        }
+        sleep(Duration::from_millis(rng.random_range(0..15))).await;
+    }
+    call
+}
+
+/// Follows one partition from offset 0. Returns the next offset it would read.
+pub async fn consumer(shared: Arc<Shared>, process: usize, partition: u32, seed: u64) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let nodes = shared.nodes.len();
+    let mut index = rng.random_range(0..nodes);
+    let mut next = 0u64;
+    loop {
+        if shared.stop_consuming.load(Ordering::Relaxed) {
+            return next;
+        }
+        if shared.targets_set.load(Ordering::Relaxed)
+            && next >= shared.targets[partition as usize].load(Ordering::Relaxed)
+        {
+            return next;
+        }
+        let request = FetchRequest {
+            topic: shared.topic.clone(),
+            partition,
+            offset: next,
+            max_bytes: FETCH_BYTES_MAX,
+            max_wait_ms: FETCH_WAIT_MS,
+        };
+        let mut client = shared.nodes.log_client(index);
+        let started = Instant::now();
+        let outcome = timeout(
+            FETCH_DEADLINE + CLIENT_GRACE,
+            client.fetch(with_timeout(request, FETCH_DEADLINE)),
+        )
+        .await;
+        match outcome {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                if let Some(last) = response.records.last() {
+                    let last = last.offset;
+                    let records = response
+                        .records
+                        .into_iter()
+                        .map(|record| Read {
+                            offset: record.offset,
+                            key: record
+                                .key
+                                .map(|key| String::from_utf8_lossy(&key).into_owned()),
+                            value: String::from_utf8_lossy(&record.value).into_owned(),
+                        })
+                        .collect();
+                    shared.history.log(Event::Fetch {
+                        process,
+                        node: shared.nodes.nodes[index].id,
+                        partition,
+                        offset: next,
+                        high_watermark: response.high_watermark,
+                        records,
+                    });
+                    next = last + 1;
+                }
+                // Read from another replica now and then: followers serve their own copies.
+                if rng.random_bool(0.05) {
+                    index = rng.random_range(0..nodes);
+                }
+            }
+            Ok(Err(status)) => {
+                let code = effective_code(&status);
+                if !matches!(
+                    code,
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+                ) {
+                    shared.history.log(Event::FetchFail {
+                        process,
+                        node: shared.nodes.nodes[index].id,
+                        partition,
+                        offset: next,
+                        code: format!("{code:?}"),
+                        end_offset: status
+                            .get_details_error_info()
+                            .and_then(|info| info.metadata.get("end_offset")?.parse().ok()),
+                        message: status.message().chars().take(300).collect(),
+                    });
+                }
+                index = rng.random_range(0..nodes);
+                sleep(Duration::from_millis(rng.random_range(50..200))).await;
+            }
+            Err(_) => {
+                index = rng.random_range(0..nodes);
+            }
+        }
+        // A node that answers at once with nothing must not be asked in a tight loop.
+        if started.elapsed() < Duration::from_millis(20) {
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
