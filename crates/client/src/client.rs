@@ -55,9 +55,10 @@ pub struct ClientOptions {
     pub keepalive_timeout: Duration,
     /// First pause before retrying a call on another endpoint; doubles per retry. Default 50 ms.
     pub retry_backoff_initial: Duration,
-    /// Largest pause between retries. Default 1 s.
+    /// Largest pause between retries. Default 250 ms: a leader election takes 1-2 s, and a
+    /// longer pause would add up to itself to every failover.
     pub retry_backoff_max: Duration,
-    /// Most retries of one call (the deadline usually ends them first). Default 10.
+    /// Most retries of one call (the deadline usually ends them first). Default 64.
     pub retries_max: u32,
     /// Most consecutive failed attempts to (re)open a subscription before its stream ends with
     /// the last error. Reset by every message received. Default 10.
@@ -75,8 +76,8 @@ impl Default for ClientOptions {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(5),
             retry_backoff_initial: Duration::from_millis(50),
-            retry_backoff_max: Duration::from_secs(1),
-            retries_max: 10,
+            retry_backoff_max: Duration::from_millis(250),
+            retries_max: 64,
             subscribe_retries_max: 10,
             response_bytes_max: 64 * 1024 * 1024,
         }

@@ -11,8 +11,10 @@
 //! - otherwise (no leader known, or its node silent for the minimum election timeout), after a
 //!   random part of the spread between minimum and maximum election timeout the group starts a
 //!   pre-vote election (`trigger().elect(true)`), repeated every full randomized timeout until a
-//!   leader is known. Pre-vote keeps a wrongly suspected leader's term intact. A leader's crash
-//!   is thus noticed and replaced within 1-2 s with the default timeouts.
+//!   leader is known. Pre-vote keeps a wrongly suspected leader's term intact. A peer whose
+//!   port refuses connections is gone (crashed or restarting), not paused or cut off, so it
+//!   counts as silent at once. A leader's crash is thus replaced within about 1 s with the
+//!   default timeouts, a leader cut off or paused within 1-2 s after its last answer.
 //!
 //! Writes still replicate at once (appends are not heartbeats), and a new leader announces
 //! itself with its first (blank) entry. The metadata group keeps ordinary heartbeats: it is one
@@ -101,15 +103,32 @@ impl RaftNode {
                 .map(|(id, address)| {
                     let client = self.peers().client(*id, address);
                     async move {
-                        let mut client = client.ok()?;
+                        let Ok(mut client) = client else {
+                            return (*id, Ping::Silent);
+                        };
                         let mut request = tonic::Request::new(PingRequest { from: me });
                         request.set_timeout(interval * 2);
-                        client.ping(request).await.ok().map(|_| *id)
+                        match client.ping(request).await {
+                            Ok(_) => (*id, Ping::Alive),
+                            // Nothing listens on its port: the process is gone (crashed or
+                            // restarting), not paused or cut off. No need to wait out the
+                            // election timeout to be sure.
+                            Err(status) if is_refused(&status) => (*id, Ping::Refused),
+                            Err(_) => (*id, Ping::Silent),
+                        }
                     }
                 });
             let now = Instant::now();
-            for id in futures::future::join_all(pings).await.into_iter().flatten() {
-                last_alive.insert(id, now);
+            for (id, ping) in futures::future::join_all(pings).await {
+                match ping {
+                    Ping::Alive => {
+                        last_alive.insert(id, now);
+                    }
+                    Ping::Refused => {
+                        last_alive.remove(&id);
+                    }
+                    Ping::Silent => {}
+                }
             }
             let now = Instant::now();
             let alive = |node: NodeId| {
@@ -142,6 +161,28 @@ impl RaftNode {
             }
         }
     }
+}
+
+/// What one ping found.
+enum Ping {
+    Alive,
+    /// The connection was refused: nothing listens on the peer's port.
+    Refused,
+    /// No answer (timeout, reset, unreachable): maybe paused or cut off.
+    Silent,
+}
+
+/// Whether a failed RPC failed because the peer refused the connection.
+fn is_refused(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    let mut source: Option<&(dyn Error + 'static)> = status.source();
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        source = error.source();
+    }
+    status.message().contains("Connection refused")
 }
 
 /// Between the minimum and the maximum election timeout: the pause between two elections of a
