@@ -237,7 +237,8 @@ mod tests {
         let options = crate::ClientOptions::default();
         assert_eq!(backoff(&options, 1), Duration::from_millis(50));
         assert_eq!(backoff(&options, 2), Duration::from_millis(100));
-        assert_eq!(backoff(&options, 6), Duration::from_secs(1));
-        assert_eq!(backoff(&options, 200), Duration::from_secs(1));
+        assert_eq!(backoff(&options, 3), Duration::from_millis(200));
+        assert_eq!(backoff(&options, 4), options.retry_backoff_max);
+        assert_eq!(backoff(&options, 200), options.retry_backoff_max);
     }
 }
