@@ -542,29 +542,7 @@ impl TestCluster {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // The node is configured by its flags alone: ORDO_* variables of the test environment
-        // (ORDO_BIN, a developer's own settings) must not leak into its configuration.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("ORDO_") {
-                command.env_remove(name);
-            }
-        }
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        command.env("RUST_BACKTRACE", "1");
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. It makes the
-        // kernel SIGKILL the node if the thread that spawned it dies (a test binary killed by a
-        // timeout), so no server outlives its test.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        node_process_settings(&mut command);
         let child = command
             .spawn()
             .with_context(|| format!("start {} for node {}", self.binary.display(), node.id))?;
@@ -595,6 +573,34 @@ impl Drop for TestCluster {
 /// it; the `Option<Child>` inside is still meaningful, so it is used anyway.
 fn lock(slot: &Mutex<Option<Child>>) -> std::sync::MutexGuard<'_, Option<Child>> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Settings every test-started `ordo serve` gets: configured by its flags alone (ORDO_*
+/// variables of the test environment, ORDO_BIN or a developer's own settings, must not leak
+/// into its configuration), logs at `info` unless RUST_LOG says otherwise, backtraces on, and
+/// SIGKILLed by the kernel if the thread that started it dies (a test binary killed by a
+/// timeout), so no server outlives its test.
+pub fn node_process_settings(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("ORDO_") {
+            command.env_remove(name);
+        }
+    }
+    if std::env::var_os("RUST_LOG").is_none() {
+        command.env("RUST_LOG", "info");
+    }
+    command.env("RUST_BACKTRACE", "1");
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent. `ip netns exec`
+    // execs the server, which keeps this setting.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Finds the `ordo` binary: `$ORDO_BIN`, else `ordo` next to the test binary's `deps/` dir

@@ -186,27 +186,7 @@ impl Nodes {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("ORDO_") {
-                command.env_remove(name);
-            }
-        }
-        if std::env::var_os("RUST_LOG").is_none() {
-            command.env("RUST_LOG", "info");
-        }
-        command.env("RUST_BACKTRACE", "1");
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent. The node is
-        // SIGKILLed if the thread that started it dies, so no server outlives a killed test.
-        // `ip netns exec` execs the server, which keeps this setting.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        crate::node_process_settings(&mut command);
         let child = command
             .spawn()
             .with_context(|| format!("start node {} in {}", node.id, node.namespace))?;

@@ -219,15 +219,7 @@ pub async fn run(
         p99_us: latencies.value_at_quantile(0.99),
         max_us: latencies.max(),
     };
-    let failures_by_kind = if failures.is_empty() {
-        "0".to_owned()
-    } else {
-        failures
-            .iter()
-            .map(|(kind, count)| format!("{kind}: {count}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let failures_by_kind = super::by_kind(&failures);
     let rows = vec![
         ("shape".to_owned(), summary.shape.clone()),
         ("leaders killed".to_owned(), kills_done.to_string()),

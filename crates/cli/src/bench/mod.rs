@@ -235,6 +235,18 @@ impl Summary {
     }
 }
 
+/// `kind: count, ...` of failures by kind, or `0`.
+fn by_kind(counts: &std::collections::BTreeMap<&'static str, u64>) -> String {
+    if counts.is_empty() {
+        return "0".to_owned();
+    }
+    counts
+        .iter()
+        .map(|(kind, count)| format!("{kind}: {count}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Latency percentiles of a histogram in microseconds, as the JSON lines carry them.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 struct Percentiles {

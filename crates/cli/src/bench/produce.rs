@@ -192,15 +192,7 @@ pub async fn run(
         errors: error_count,
         records,
     };
-    let errors_by_kind = if errors.is_empty() {
-        "0".to_owned()
-    } else {
-        errors
-            .iter()
-            .map(|(kind, count)| format!("{kind}: {count}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    let errors_by_kind = super::by_kind(&errors);
     let mut rows = summary.rows(elapsed);
     rows.push(("calls".into(), latencies_us.len().to_string()));
     rows.push(("errors".into(), errors_by_kind));
