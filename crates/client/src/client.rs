@@ -231,14 +231,18 @@ impl Client {
         }
         let client = self.clone();
         let name = topic.to_owned();
+        // A lookup must not eat a short request deadline.
+        let limit = ROUTE_LOOKUP_TIMEOUT.min(self.inner.options.request_timeout / 4);
         let lookup = async move {
-            match tokio::time::timeout(ROUTE_LOOKUP_TIMEOUT, client.lookup_route(&name)).await {
+            match tokio::time::timeout(limit, client.lookup_route(&name)).await {
                 Ok(Ok(found)) => client.inner.routes.set(&name, found),
                 Ok(Err(ClientError::NotFound { .. })) => client.inner.routes.remove(&name),
-                Ok(Err(error)) => {
-                    tracing::debug!(topic = %name, %error, "partition leader lookup failed");
+                failed => {
+                    // Remember that nothing is known, so that calls do not wait for a lookup
+                    // again until the route is due for a refresh (in the background).
+                    tracing::debug!(topic = %name, ?failed, "partition leader lookup failed");
+                    client.inner.routes.set(&name, TopicRoute::new(Vec::new()));
                 }
-                Err(_) => tracing::debug!(topic = %name, "partition leader lookup timed out"),
             }
             client.inner.routes.end_refresh(&name);
         };
