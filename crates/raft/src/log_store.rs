@@ -8,8 +8,9 @@
 //! - Flush callback only when durable: `append` hands openraft's callback to the fsync thread,
 //!   which calls it after `flush_wal(true)` returned. `append` itself returns once the entries
 //!   are readable (written to the memtable), so the leader replicates while its fsync runs.
-//! - Reads of the recent tail (replication, apply) come from the entry cache, which mirrors
-//!   appends, truncations and purges before they are written.
+//! - Reads of the recent tail (replication, apply) come from the entry cache. Appended entries
+//!   enter it only once RocksDB holds them (never replicate what this log does not hold);
+//!   truncations and purges cut it before they are written.
 //! - Restart reads the last entry and the purge marker only: no scan of the log.
 
 use std::fmt::Debug;
