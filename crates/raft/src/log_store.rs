@@ -4,9 +4,9 @@
 //! - No holes: entries are written at their own index; truncation deletes `index..` and purge
 //!   deletes `..=index`, both ends, never the middle.
 //! - Writes serialized: every write goes through the storage writer thread in FIFO order.
-//! - Vote durable before return: `save_vote` waits for the WAL fsync.
+//! - Vote durable before return: `save_vote` waits for the journal fsync.
 //! - Flush callback only when durable: `append` hands openraft's callback to the fsync thread,
-//!   which calls it after `flush_wal(true)` returned. `append` itself returns once the entries
+//!   which calls it after the journal fsync returned. `append` itself returns once the entries
 //!   are readable (written to the memtable), so the leader replicates while its fsync runs.
 //! - Reads of the recent tail (replication, apply) come from the entry cache. Appended entries
 //!   enter it only once RocksDB holds them (never replicate what this log does not hold);

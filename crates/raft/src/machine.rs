@@ -10,7 +10,7 @@
 //!
 //! The applied state is written without fsync: after a crash the machine restarts from the last
 //! applied state that reached disk and openraft re-applies the committed entries after it
-//! (rewriting identical index entries). The WAL is ordered, so a durable applied state implies
+//! (rewriting identical index entries). The journal is ordered, so a durable applied state implies
 //! the log entries before it are durable too.
 //!
 //! Partition snapshots carry only the applied state: partitions never purge their log

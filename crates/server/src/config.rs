@@ -126,6 +126,11 @@ pub struct StorageConfig {
     pub write_buffer_bytes: u64,
     /// Block cache, bytes. Default 128 MiB.
     pub block_cache_bytes: u64,
+    /// Size at which the journal starts a new file, bytes. Default 256 MiB.
+    pub journal_file_bytes: u64,
+    /// Journal bytes written between memtable flushes: the most a restart replays. Default
+    /// 256 MiB.
+    pub journal_replay_bytes_max: u64,
 }
 
 impl Default for StorageConfig {
@@ -135,6 +140,8 @@ impl Default for StorageConfig {
             write_queue_max: defaults.write_queue_max as u64,
             write_buffer_bytes: defaults.write_buffer_bytes as u64,
             block_cache_bytes: defaults.block_cache_bytes as u64,
+            journal_file_bytes: defaults.journal_file_bytes,
+            journal_replay_bytes_max: defaults.journal_replay_bytes_max,
         }
     }
 }
@@ -307,6 +314,17 @@ impl NodeConfig {
         if self.storage.write_queue_max == 0 {
             return fail("storage.write_queue_max must be > 0".into());
         }
+        if self.storage.write_buffer_bytes < 4 << 20 {
+            return fail("storage.write_buffer_bytes must be at least 4 MiB".into());
+        }
+        if self.storage.journal_file_bytes < 1 << 20
+            || self.storage.journal_replay_bytes_max < 1 << 20
+        {
+            return fail(
+                "storage.journal_file_bytes and storage.journal_replay_bytes_max must be at least 1 MiB"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -328,6 +346,8 @@ impl NodeConfig {
             write_queue_max: self.storage.write_queue_max as usize,
             write_buffer_bytes: self.storage.write_buffer_bytes as usize,
             block_cache_bytes: self.storage.block_cache_bytes as usize,
+            journal_file_bytes: self.storage.journal_file_bytes,
+            journal_replay_bytes_max: self.storage.journal_replay_bytes_max,
         }
     }
 }

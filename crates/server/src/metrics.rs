@@ -85,17 +85,17 @@ impl Metrics {
             subscriptions_max_gauge.clone(),
         );
         let store_fsyncs = Counter::default();
-        registry.register("storage_fsyncs", "WAL fsyncs", store_fsyncs.clone());
+        registry.register("storage_fsyncs", "Journal fsyncs", store_fsyncs.clone());
         let store_fsync_callbacks = Counter::default();
         registry.register(
             "storage_fsync_writes",
-            "Durable writes completed by WAL fsyncs (writes / fsyncs = group commit size)",
+            "Durable writes completed by journal fsyncs (writes / fsyncs = group commit size)",
             store_fsync_callbacks.clone(),
         );
         let store_fsync_seconds = Counter::default();
         registry.register(
             "storage_fsync_seconds",
-            "Time spent in WAL fsync",
+            "Time spent in journal fsync",
             store_fsync_seconds.clone(),
         );
         let store_write_bytes = Counter::default();

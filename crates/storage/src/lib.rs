@@ -3,16 +3,19 @@
 //! # Layout
 //! - `keys`: the byte layout of every key (group prefix, big-endian indices) and the checksummed
 //!   value frame.
+//! - `journal`: the node's own write-ahead log and the only copy of log entry bytes; RocksDB
+//!   runs without its WAL and maps log keys to journal locations.
 //! - `writer`: the single writer thread and the fsync thread. Every write of every group goes
-//!   through them in FIFO order; concurrent appends share one WAL fsync (group commit).
+//!   through them in FIFO order; concurrent appends share one journal fsync (group commit).
 //! - `store`: [`Store`] (open, stats) and [`GroupStore`], the handle one group uses to read and
 //!   write its log, its metadata and its offset index.
 //!
 //! # What this crate must never do
 //! It knows nothing of Raft, topics or gRPC: it stores opaque bytes under (group, index) and
-//! (group, offset) keys. It never reports a write durable before RocksDB's WAL fsync returned.
+//! (group, offset) keys. It never reports a write durable before the journal fsync that covers it returned.
 //! It never returns a value whose checksum does not match: that is [`StorageError::Corruption`].
 
+mod journal;
 mod keys;
 mod store;
 mod writer;
@@ -34,6 +37,9 @@ pub enum StorageError {
     /// RocksDB reported an error (I/O, no space, corruption it detected itself).
     #[error("rocksdb: {0}")]
     Rocks(String),
+    /// A journal file could not be created, written, synced or read.
+    #[error("journal: {0}")]
+    Io(String),
     /// A stored value failed its checksum: the bytes on disk are not what was written.
     #[error("checksum mismatch in {what}: stored {stored:#010x}, computed {computed:#010x}")]
     Corruption {
@@ -70,7 +76,7 @@ impl From<StorageError> for std::io::Error {
                 std::io::ErrorKind::InvalidData
             }
             StorageError::Closed => std::io::ErrorKind::BrokenPipe,
-            StorageError::Rocks(_) => std::io::ErrorKind::Other,
+            StorageError::Rocks(_) | StorageError::Io(_) => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, error)
     }

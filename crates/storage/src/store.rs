@@ -1,8 +1,12 @@
 //! [`Store`]: the node's RocksDB instance; [`GroupStore`]: one group's view of it.
 //!
+//! On disk: `rocksdb/` (RocksDB, run without its WAL) and `journal/` (see `journal`).
+//!
 //! Column families:
-//! - `log`: `group ++ index` -> framed Raft log entry. The partition's Raft log IS its data log.
-//! - `meta`: `group ++ tag` -> framed small values (vote, committed, purged, applied state).
+//! - `log`: `group ++ index` -> framed journal location of the Raft log entry (the entry's bytes
+//!   live once, in the journal). The partition's Raft log IS its data log.
+//! - `meta`: `group ++ tag` -> framed small values (vote, committed, purged, applied state), and
+//!   the journal position applied to RocksDB.
 //! - `index`: `group ++ base offset` -> framed (log index, record count): where each offset lives.
 //!
 //! Writes go through the writer thread (see `writer`); reads go straight to RocksDB and are
@@ -23,11 +27,16 @@ use tokio::sync::oneshot;
 
 use crate::GroupId;
 use crate::StorageError;
+use crate::journal::Journal;
+use crate::journal::JournalWriter;
+use crate::journal::Location;
 use crate::keys::key;
 use crate::keys::split_key;
 use crate::keys::{frame, unframe};
+use crate::writer::FlushPolicy;
 use crate::writer::Op;
 use crate::writer::WriteRequest;
+use crate::writer::WriterParts;
 
 /// Column families, by role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +47,20 @@ pub(crate) enum Cf {
 }
 
 impl Cf {
-    const ALL: [Cf; 3] = [Cf::Log, Cf::Meta, Cf::Index];
+    pub(crate) const ALL: [Cf; 3] = [Cf::Log, Cf::Meta, Cf::Index];
+
+    /// The column family's tag in journal records.
+    pub(crate) fn tag(self) -> u8 {
+        match self {
+            Cf::Log => 1,
+            Cf::Meta => 2,
+            Cf::Index => 3,
+        }
+    }
+
+    pub(crate) fn from_tag(tag: u8) -> Option<Cf> {
+        Cf::ALL.into_iter().find(|cf| cf.tag() == tag)
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -60,18 +82,20 @@ impl CfHandles {
     }
 }
 
-/// Log entries of at least this many bytes are stored in blob files (key-value separation).
-const BLOB_VALUE_BYTES_MIN: u64 = 512;
-
 /// Tunables of the store. Defaults suit a node with a few GiB of memory.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// Capacity of the write queue (requests). Writers wait when it is full.
     pub write_queue_max: usize,
-    /// RocksDB memtable size per column family, bytes.
+    /// RocksDB memtable size per column family, bytes. The writer thread flushes the memtables
+    /// once they hold a quarter of this.
     pub write_buffer_bytes: usize,
     /// Shared block cache, bytes.
     pub block_cache_bytes: usize,
+    /// Size at which the journal starts a new file, bytes.
+    pub journal_file_bytes: u64,
+    /// Journal bytes after which the memtables are flushed, bounding the replay at start-up.
+    pub journal_replay_bytes_max: u64,
 }
 
 impl Default for StoreOptions {
@@ -80,6 +104,8 @@ impl Default for StoreOptions {
             write_queue_max: 4096,
             write_buffer_bytes: 64 << 20,
             block_cache_bytes: 128 << 20,
+            journal_file_bytes: 256 << 20,
+            journal_replay_bytes_max: 256 << 20,
         }
     }
 }
@@ -101,6 +127,7 @@ pub struct StoreStats {
 
 struct Inner {
     db: Arc<DB>,
+    journal: Arc<Journal>,
     writer: mpsc::Sender<WriteRequest>,
     threads: Vec<std::thread::JoinHandle<()>>,
     stats: Arc<StoreStats>,
@@ -133,17 +160,27 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path` and starts its writer threads.
+    /// Opens (or creates) the store in directory `path`, replays the journal records RocksDB
+    /// had not persisted, and starts the writer threads.
     pub fn open(path: &Path, options: &StoreOptions) -> Result<Store, StorageError> {
-        let mut db_options = Options::default();
+        if path.join("CURRENT").exists() {
+            return Err(StorageError::Io(format!(
+                "{} holds a store of an older layout (RocksDB with its WAL, no journal); \
+                 move it away and start this node with an empty data directory",
+                path.display()
+            )));
+        }
+        // Closing does not flush: the next open replays the journal instead (bounded by
+        // `journal_replay_bytes_max`), so every restart goes through the recovery path.
+        let mut db_options =
+            Options::default().get_options_from_string("avoid_flush_during_shutdown=true")?;
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
         db_options.set_bytes_per_sync(1 << 20);
-        db_options.set_manual_wal_flush(false);
-        // After power loss the WAL may end in a torn record: recover everything before it.
-        // Entries past the torn record were never reported durable, so nothing acked is lost.
-        db_options.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        // Writes skip RocksDB's WAL (the journal is the WAL); every column family is flushed at
+        // once so the persisted journal position matches every column family's content.
+        db_options.set_atomic_flush(true);
         let cache = rocksdb::Cache::new_lru_cache(options.block_cache_bytes);
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut cf_options = Options::default();
@@ -153,31 +190,44 @@ impl Store {
             cf_options.set_block_based_table_factory(&table);
             if *cf == Cf::Log {
                 cf_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
-                // Record batches go to blob files when the memtable is flushed, and compactions
-                // move only keys and blob references: each payload byte is written twice
-                // (WAL, blob file), not once per LSM level. Log entries are never overwritten,
-                // so blob garbage collection has nothing to do until retention purges.
-                cf_options.set_enable_blob_files(true);
-                cf_options.set_min_blob_size(BLOB_VALUE_BYTES_MIN);
-                cf_options.set_blob_file_size(256 << 20);
-                cf_options.set_blob_compression_type(rocksdb::DBCompressionType::None);
-                cf_options.set_enable_blob_gc(false);
-                cf_options.set_blob_cache(&cache);
             }
             ColumnFamilyDescriptor::new(cf.name(), cf_options)
         });
-        let db = Arc::new(DB::open_cf_descriptors(&db_options, path, descriptors)?);
+        let db = Arc::new(DB::open_cf_descriptors(
+            &db_options,
+            path.join("rocksdb"),
+            descriptors,
+        )?);
+        let (journal, ids) = Journal::open(&path.join("journal"))?;
+        let started = std::time::Instant::now();
+        let (last, unflushed) = crate::writer::recover(&db, &journal, &ids)?;
+        if unflushed.journal_bytes > 0 {
+            tracing::info!(
+                bytes = unflushed.journal_bytes,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "replayed the journal"
+            );
+        }
+        let appender = JournalWriter::new(journal.clone(), last, options.journal_file_bytes)?;
         let stats = Arc::new(StoreStats::default());
-        let (writer, threads) = crate::writer::start(
-            db.clone(),
-            CfHandles,
-            stats.clone(),
-            options.write_queue_max,
-        )
-        .map_err(|error| StorageError::Rocks(format!("cannot start writer threads: {error}")))?;
+        let parts = WriterParts {
+            db: db.clone(),
+            journal: journal.clone(),
+            appender,
+            stats: stats.clone(),
+            policy: FlushPolicy {
+                memtable_bytes: (options.write_buffer_bytes as u64 / 4).max(1 << 20),
+                journal_bytes: options.journal_replay_bytes_max,
+            },
+            unflushed,
+            record: Vec::new(),
+        };
+        let (writer, threads) = crate::writer::start(parts, options.write_queue_max)
+            .map_err(|error| StorageError::Io(format!("cannot start writer threads: {error}")))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
+                journal,
                 writer,
                 threads,
                 stats,
@@ -408,9 +458,9 @@ impl GroupStore {
             if expected.is_some_and(|expected| expected != index) {
                 break;
             }
-            let payload = unframe(&value, || format!("log group={} index={index}", self.group))?;
+            let payload = self.log_value(index, &value)?;
             bytes += payload.len();
-            entries.push((index, payload.to_vec()));
+            entries.push((index, payload));
             expected = Some(index + 1);
             if bytes >= max_bytes {
                 break;
@@ -446,12 +496,18 @@ impl GroupStore {
     pub fn get_log(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
         let db = &self.inner.db;
         let value = db.get_pinned_cf(CfHandles.get(db, Cf::Log), key(self.group, index))?;
-        value
-            .map(|value| {
-                unframe(&value, || format!("log group={} index={index}", self.group))
-                    .map(<[u8]>::to_vec)
-            })
-            .transpose()
+        value.map(|value| self.log_value(index, &value)).transpose()
+    }
+
+    /// Follows a log entry's journal location to its verified payload.
+    fn log_value(&self, index: u64, pointer: &[u8]) -> Result<Vec<u8>, StorageError> {
+        let what = || format!("log group={} index={index}", self.group);
+        let location =
+            Location::decode(unframe(pointer, what)?).ok_or_else(|| StorageError::Malformed {
+                what: what(),
+                reason: "journal location is not 20 bytes",
+            })?;
+        self.inner.journal.read(location, what)
     }
 
     /// A metadata value.
@@ -606,6 +662,149 @@ mod tests {
             }
         );
         assert_eq!(group.index_floor(39).unwrap(), None);
+    }
+
+    fn small(journal_file_bytes: u64) -> StoreOptions {
+        StoreOptions {
+            write_buffer_bytes: 4 << 20,
+            journal_file_bytes,
+            journal_replay_bytes_max: 256 << 10,
+            ..StoreOptions::default()
+        }
+    }
+
+    fn journal_files(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut files: Vec<_> = std::fs::read_dir(dir.join("journal"))
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .collect();
+        files.sort();
+        files
+    }
+
+    async fn append_sized(group: &GroupStore, range: std::ops::Range<u64>, bytes: usize) {
+        for index in range {
+            let mut batch = group.batch();
+            let mut payload = vec![(index % 251) as u8; bytes];
+            payload[..8].copy_from_slice(&index.to_be_bytes());
+            group.put_log(&mut batch, index, &payload);
+            group.write_durable(batch).await.expect("append");
+        }
+    }
+
+    fn check_sized(group: &GroupStore, range: std::ops::Range<u64>, bytes: usize) {
+        let entries = group.read_log(range.start, range.end, usize::MAX).unwrap();
+        assert_eq!(entries.len() as u64, range.end - range.start);
+        for (index, payload) in entries {
+            assert_eq!(payload.len(), bytes);
+            assert_eq!(payload[..8], index.to_be_bytes());
+            assert!(payload[8..].iter().all(|b| *b == (index % 251) as u8));
+        }
+    }
+
+    /// Across many journal files, flushes and restarts, every entry reads back; the journal
+    /// position RocksDB persisted moves on, so a restart replays only the recent records.
+    #[tokio::test]
+    async fn journal_rotates_flushes_and_replays() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &small(64 << 10)).unwrap();
+            let group = store.group(GroupId(3));
+            append_sized(&group, 0..600, 2000).await;
+            check_sized(&group, 0..600, 2000);
+        }
+        assert!(journal_files(dir.path()).len() > 10, "64 KiB files rotate");
+        let store = Store::open(dir.path(), &small(64 << 10)).unwrap();
+        let group = store.group(GroupId(3));
+        check_sized(&group, 0..600, 2000);
+        let applied = store
+            .inner
+            .db
+            .get_cf(
+                CfHandles.get(&store.inner.db, Cf::Meta),
+                crate::journal::APPLIED_KEY,
+            )
+            .unwrap()
+            .and_then(|value| crate::journal::Position::decode(&value))
+            .expect("a flush persisted the journal position");
+        assert!(applied.file > 1, "flushes happened: {applied:?}");
+        append_sized(&group, 600..700, 2000).await;
+        drop((group, store));
+        let store = Store::open(dir.path(), &small(64 << 10)).unwrap();
+        check_sized(&store.group(GroupId(3)), 0..700, 2000);
+    }
+
+    /// A torn record at the end of the journal (a crash mid-write) is cut off at open; every
+    /// whole record before it is kept and new writes continue after it.
+    #[tokio::test]
+    async fn torn_journal_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            append_sized(&store.group(GroupId(1)), 0..50, 300).await;
+        }
+        let last = journal_files(dir.path()).pop().unwrap();
+        let whole = std::fs::metadata(&last).unwrap().len();
+        {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&last)
+                .unwrap();
+            // A header that promises more body than follows, then a few bytes of it.
+            let mut torn = Vec::new();
+            torn.extend_from_slice(&0x4a44_524fu32.to_le_bytes());
+            torn.extend_from_slice(&1000u32.to_le_bytes());
+            torn.extend_from_slice(&[7u8; 40]);
+            file.write_all(&torn).unwrap();
+        }
+        let store = open(dir.path());
+        assert_eq!(
+            std::fs::metadata(&last).unwrap().len(),
+            whole,
+            "torn tail cut"
+        );
+        let group = store.group(GroupId(1));
+        check_sized(&group, 0..50, 300);
+        append_sized(&group, 50..60, 300).await;
+        drop((group, store));
+        let store = open(dir.path());
+        check_sized(&store.group(GroupId(1)), 0..60, 300);
+    }
+
+    /// If the journal lost bytes RocksDB already refers to, opening fails with a clear error
+    /// rather than serving entries whose bytes are gone.
+    #[tokio::test]
+    async fn journal_shorter_than_rocksdb_state_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &small(1 << 30)).unwrap();
+            append_sized(&store.group(GroupId(1)), 0..400, 2000).await;
+        }
+        let last = journal_files(dir.path()).pop().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&last)
+            .unwrap()
+            .set_len(1000)
+            .unwrap();
+        let error = Store::open(dir.path(), &small(1 << 30)).unwrap_err();
+        assert!(
+            error.to_string().contains("synced journal bytes were lost"),
+            "{error}"
+        );
+    }
+
+    /// A data directory of the layout before the journal is refused with what to do.
+    #[test]
+    fn old_layout_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("CURRENT"), b"MANIFEST-000001\n").unwrap();
+        let error = Store::open(dir.path(), &StoreOptions::default()).unwrap_err();
+        assert!(
+            error.to_string().contains("empty data directory"),
+            "{error}"
+        );
     }
 
     /// Concurrent durable writes complete, and share fsyncs (group commit).

@@ -1,34 +1,49 @@
 //! The write path: one writer thread and one fsync thread per node.
 //!
 //! Every write of every group is a [`WriteRequest`] sent over a bounded channel to the writer
-//! thread, which drains whatever is queued, applies it as ONE RocksDB `WriteBatch` without sync
-//! (so the data is readable at once) and answers `written`. Requests that need durability hand
-//! their callback to the fsync thread, which drains every pending callback, calls
-//! `flush_wal(sync = true)` once and then runs them all: N concurrent appends cost one fsync
-//! (group commit), and a write queued while an fsync runs is covered by the next one.
+//! thread, which drains whatever is queued, appends it to the journal as ONE record (see
+//! `journal`) and applies it to RocksDB as one `WriteBatch` without RocksDB's WAL (so the data
+//! is readable at once), then answers `written`. Requests that need durability hand their
+//! callback to the fsync thread, which drains every pending callback, syncs the journal once and
+//! then runs them all: N concurrent appends cost one fsync (group commit), and a write queued
+//! while an fsync runs is covered by the next one.
 //! When the fsync thread is idle and nothing else is queued, the writer thread fsyncs itself
 //! and runs the callbacks: at low load that saves a thread wake-up (tens of microseconds on a
 //! virtual machine) on every durable write.
 //!
-//! Ordering: writes are applied in channel order, and RocksDB's WAL is ordered, so an fsync that
+//! Ordering: writes are applied in channel order, and the journal is ordered, so a sync that
 //! covers a write also covers every write applied before it (a truncation before an append, a
 //! vote before the entries of its term).
 //!
-//! Never: call a durability callback before `flush_wal(true)` returned Ok; block an async task
-//! (async callers only `send().await` on the bounded channel and await a oneshot).
+//! Memtables: the writer thread flushes RocksDB itself, after syncing the journal, once the
+//! memtables hold `flush_memtable_bytes` or the journal grew by `flush_journal_bytes` since the
+//! last flush (which bounds the replay at start-up). RocksDB's own flush trigger (a full
+//! memtable) is set well above the first bound, so RocksDB never persists a memtable that refers
+//! to journal bytes not yet synced.
+//!
+//! Never: call a durability callback before the journal sync that covers it returned Ok; block an
+//! async task (async callers only `send().await` on the bounded channel and await a oneshot).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 
 use rocksdb::DB;
+use rocksdb::FlushOptions;
 use rocksdb::WriteBatch;
 use rocksdb::WriteOptions;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
 use crate::StorageError;
+use crate::journal;
+use crate::journal::BodyOp;
+use crate::journal::Journal;
+use crate::journal::JournalWriter;
+use crate::journal::Location;
+use crate::journal::Position;
 use crate::store::Cf;
+use crate::store::CfHandles;
 use crate::store::StoreStats;
 
 /// Called once the write it belongs to is on disk (or failed).
@@ -61,11 +76,35 @@ pub(crate) struct WriteRequest {
 /// `written` answers without bound.
 const REQUESTS_PER_BATCH_MAX: usize = 1024;
 
+/// When the writer thread flushes RocksDB's memtables (see the module doc).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FlushPolicy {
+    pub(crate) memtable_bytes: u64,
+    pub(crate) journal_bytes: u64,
+}
+
+/// What was written to RocksDB's memtables since the last flush.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Unflushed {
+    pub(crate) memtable_bytes: u64,
+    pub(crate) journal_bytes: u64,
+}
+
+/// Everything the writer thread owns.
+pub(crate) struct WriterParts {
+    pub(crate) db: Arc<DB>,
+    pub(crate) journal: Arc<Journal>,
+    pub(crate) appender: JournalWriter,
+    pub(crate) stats: Arc<StoreStats>,
+    pub(crate) policy: FlushPolicy,
+    pub(crate) unflushed: Unflushed,
+    /// The record being built, reused from batch to batch.
+    pub(crate) record: Vec<u8>,
+}
+
 /// Starts the writer and fsync threads. They stop when every sender is dropped.
 pub(crate) fn start(
-    db: Arc<DB>,
-    cfs: crate::store::CfHandles,
-    stats: Arc<StoreStats>,
+    parts: WriterParts,
     queue_max: usize,
 ) -> std::io::Result<(mpsc::Sender<WriteRequest>, Vec<std::thread::JoinHandle<()>>)> {
     let (tx, rx) = mpsc::channel::<WriteRequest>(queue_max);
@@ -73,12 +112,12 @@ pub(crate) fn start(
     // Jobs handed to the fsync thread whose callbacks have not all run yet.
     let fsync_pending = Arc::new(AtomicUsize::new(0));
     let fsync = {
-        let db = db.clone();
-        let stats = stats.clone();
+        let journal = parts.journal.clone();
+        let stats = parts.stats.clone();
         let pending = fsync_pending.clone();
         std::thread::Builder::new()
             .name("ordo-fsync".into())
-            .spawn(move || fsync_loop(&db, sync_rx, &stats, &pending))?
+            .spawn(move || fsync_loop(&journal, sync_rx, &stats, &pending))?
     };
     let writer = std::thread::Builder::new()
         .name("ordo-writer".into())
@@ -87,7 +126,7 @@ pub(crate) fn start(
                 jobs: sync_tx,
                 pending: fsync_pending,
             };
-            writer_loop(&db, &cfs, rx, &fsync, &stats)
+            writer_loop(parts, rx, &fsync)
         })?;
     Ok((tx, vec![writer, fsync]))
 }
@@ -98,15 +137,116 @@ struct FsyncHandle {
     pending: Arc<AtomicUsize>,
 }
 
-fn writer_loop(
-    db: &DB,
-    cfs: &crate::store::CfHandles,
-    mut rx: mpsc::Receiver<WriteRequest>,
-    fsync: &FsyncHandle,
-    stats: &StoreStats,
-) {
+fn no_wal() -> WriteOptions {
     let mut options = WriteOptions::default();
     options.set_sync(false);
+    options.disable_wal(true);
+    options
+}
+
+/// The RocksDB batch for one journal record whose body starts at `at`; `end` is the position
+/// just past the record, stored with the batch (see `journal`'s recovery).
+pub(crate) fn batch_for_record(
+    db: &DB,
+    at: Position,
+    body: &[u8],
+    end: Position,
+) -> Result<WriteBatch, StorageError> {
+    let mut batch = WriteBatch::default();
+    for op in journal::decode_body(at, body)? {
+        match op {
+            BodyOp::Put {
+                cf: Cf::Log,
+                key,
+                value,
+                value_at,
+            } => {
+                let location = Location {
+                    file: at.file,
+                    offset: value_at,
+                    len: value.len() as u32,
+                };
+                batch.put_cf(
+                    CfHandles.get(db, Cf::Log),
+                    key,
+                    journal::log_pointer(location),
+                );
+            }
+            BodyOp::Put { cf, key, value, .. } => batch.put_cf(CfHandles.get(db, cf), key, value),
+            BodyOp::DeleteRange { cf, from, to } => {
+                batch.delete_range_cf(CfHandles.get(db, cf), from, to)
+            }
+        }
+    }
+    batch.put_cf(
+        CfHandles.get(db, Cf::Meta),
+        journal::APPLIED_KEY,
+        end.encode(),
+    );
+    Ok(batch)
+}
+
+/// Appends the requests' ops to the journal and applies them to RocksDB. A record that reached
+/// the journal but not RocksDB fails the journal: continuing would give RocksDB a history the
+/// journal replay would not reproduce.
+fn write_requests(parts: &mut WriterParts, requests: &[WriteRequest]) -> Result<(), StorageError> {
+    let mut record = std::mem::take(&mut parts.record);
+    journal::start_record(&mut record);
+    for request in requests {
+        for op in &request.ops {
+            journal::encode_op(&mut record, op);
+        }
+    }
+    let result = write_record(parts, &mut record);
+    if record.capacity() <= RECORD_KEEP_BYTES_MAX {
+        parts.record = record;
+    }
+    result
+}
+
+/// Larger record buffers are freed after use rather than kept for the next batch.
+const RECORD_KEEP_BYTES_MAX: usize = 8 << 20;
+
+fn write_record(parts: &mut WriterParts, record: &mut [u8]) -> Result<(), StorageError> {
+    let at = parts.appender.append(record)?;
+    let body = &record[journal::HEADER_LEN as usize..];
+    let end = parts.appender.end();
+    let applied = batch_for_record(&parts.db, at, body, end).and_then(|batch| {
+        let bytes = batch.size_in_bytes() as u64;
+        parts.db.write_opt(batch, &no_wal())?;
+        Ok(bytes)
+    });
+    let memtable_bytes = applied.map_err(|error| parts.appender.fail(error))?;
+    parts.stats.write_batches.fetch_add(1, Ordering::Relaxed);
+    parts
+        .stats
+        .write_bytes
+        .fetch_add(record.len() as u64, Ordering::Relaxed);
+    parts.unflushed.memtable_bytes += memtable_bytes;
+    parts.unflushed.journal_bytes += record.len() as u64;
+    if parts.unflushed.memtable_bytes >= parts.policy.memtable_bytes
+        || parts.unflushed.journal_bytes >= parts.policy.journal_bytes
+    {
+        flush_memtables(parts)?;
+    }
+    Ok(())
+}
+
+/// Syncs the journal, then has RocksDB flush every memtable (without waiting for it): whatever
+/// the flush persists refers only to synced journal bytes.
+fn flush_memtables(parts: &mut WriterParts) -> Result<(), StorageError> {
+    parts.journal.sync()?;
+    let db = &parts.db;
+    let cfs: Vec<&rocksdb::ColumnFamily> =
+        Cf::ALL.iter().map(|cf| CfHandles.get(db, *cf)).collect();
+    let mut options = FlushOptions::default();
+    options.set_wait(false);
+    db.flush_cfs_opt(&cfs, &options)?;
+    parts.unflushed = Unflushed::default();
+    Ok(())
+}
+
+fn writer_loop(mut parts: WriterParts, mut rx: mpsc::Receiver<WriteRequest>, fsync: &FsyncHandle) {
     let mut requests = Vec::with_capacity(REQUESTS_PER_BATCH_MAX);
     while let Some(first) = rx.blocking_recv() {
         requests.push(first);
@@ -116,21 +256,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let mut batch = WriteBatch::default();
-        for request in &requests {
-            for op in &request.ops {
-                match op {
-                    Op::Put { cf, key, value } => batch.put_cf(cfs.get(db, *cf), key, value),
-                    Op::DeleteRange { cf, from, to } => {
-                        batch.delete_range_cf(cfs.get(db, *cf), from, to)
-                    }
-                }
-            }
-        }
-        let bytes = batch.size_in_bytes() as u64;
-        let result = db.write_opt(batch, &options).map_err(StorageError::from);
-        stats.write_batches.fetch_add(1, Ordering::Relaxed);
-        stats.write_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let result = write_requests(&mut parts, &requests);
         if let Err(error) = &result {
             tracing::error!(%error, "storage write failed");
         }
@@ -153,7 +279,7 @@ fn writer_loop(
         // Callbacks run in write order: inline only when every job handed over earlier has
         // completed (only this thread adds jobs, so none can appear meanwhile).
         if fsync.pending.load(Ordering::Acquire) == 0 && rx.is_empty() {
-            sync_and_complete(db, durables, stats);
+            sync_and_complete(&parts.journal, durables, &parts.stats);
         } else {
             fsync.pending.fetch_add(1, Ordering::AcqRel);
             if let Err(unsent) = fsync.jobs.send(durables) {
@@ -164,12 +290,16 @@ fn writer_loop(
             }
         }
     }
+    // RocksDB flushes its memtables when it closes: sync what they refer to first.
+    if let Err(error) = parts.journal.sync() {
+        tracing::error!(%error, "journal sync at shutdown failed");
+    }
 }
 
-/// One `flush_wal(true)` covering every write applied so far, then the callbacks.
-fn sync_and_complete(db: &DB, callbacks: Vec<Durable>, stats: &StoreStats) {
+/// One journal sync covering every write applied so far, then the callbacks.
+fn sync_and_complete(journal: &Journal, callbacks: Vec<Durable>, stats: &StoreStats) {
     let started = std::time::Instant::now();
-    let result = db.flush_wal(true).map_err(StorageError::from);
+    let result = journal.sync();
     stats.fsyncs.fetch_add(1, Ordering::Relaxed);
     stats
         .fsync_micros
@@ -178,15 +308,89 @@ fn sync_and_complete(db: &DB, callbacks: Vec<Durable>, stats: &StoreStats) {
         .fsync_callbacks
         .fetch_add(callbacks.len() as u64, Ordering::Relaxed);
     if let Err(error) = &result {
-        tracing::error!(%error, "wal fsync failed");
+        tracing::error!(%error, "journal sync failed");
     }
     for callback in callbacks {
         callback(result.clone());
     }
 }
 
-fn fsync_loop(
+/// Applies the journal records RocksDB has not persisted (see `journal`'s recovery). Returns
+/// where the journal ends (last file, length) and what the replay put in the memtables.
+pub(crate) fn recover(
     db: &DB,
+    journal: &Journal,
+    ids: &[u64],
+) -> Result<(Option<(u64, u64)>, Unflushed), StorageError> {
+    let applied = db
+        .get_pinned_cf(CfHandles.get(db, Cf::Meta), journal::APPLIED_KEY)?
+        .map(|value| {
+            Position::decode(&value).ok_or_else(|| StorageError::Malformed {
+                what: "journal position in rocksdb".into(),
+                reason: "not 16 bytes",
+            })
+        })
+        .transpose()?;
+    if let Some(applied) = applied
+        && !ids.contains(&applied.file)
+    {
+        return Err(StorageError::Io(format!(
+            "rocksdb refers to journal file {} which is missing: the journal directory was \
+             changed or lost; restore it or start this node with an empty data directory",
+            applied.file
+        )));
+    }
+    let start = applied.unwrap_or(Position { file: 0, offset: 0 });
+    let mut unflushed = Unflushed::default();
+    let mut last = None;
+    let replay: Vec<u64> = ids.iter().copied().filter(|id| *id >= start.file).collect();
+    for (n, &id) in replay.iter().enumerate() {
+        let from = if id == start.file { start.offset } else { 0 };
+        let len = journal.len(id)?;
+        if from > len {
+            return Err(StorageError::Io(format!(
+                "journal file {id} has {len} bytes but rocksdb has applied it up to {from}: \
+                 synced journal bytes were lost"
+            )));
+        }
+        let end = journal.scan(id, from, |at, body| {
+            let end = Position {
+                file: id,
+                offset: at.offset + body.len() as u64,
+            };
+            let batch = batch_for_record(db, at, body, end)?;
+            unflushed.memtable_bytes += batch.size_in_bytes() as u64;
+            unflushed.journal_bytes += journal::HEADER_LEN + body.len() as u64;
+            db.write_opt(batch, &no_wal())?;
+            Ok(())
+        })?;
+        if end < len {
+            if n + 1 < replay.len() {
+                return Err(StorageError::Malformed {
+                    what: format!("journal file {id} at byte {end}"),
+                    reason: "a damaged record is followed by later journal files",
+                });
+            }
+            tracing::warn!(
+                file = id,
+                at = end,
+                dropped = len - end,
+                "journal ends in a torn record; cutting it"
+            );
+            journal.truncate(id, end)?;
+        }
+        last = Some((id, end));
+    }
+    if last.is_none()
+        && let Some(&id) = ids.last()
+    {
+        last = Some((id, journal.len(id)?));
+    }
+    Ok((last, unflushed))
+}
+
+fn fsync_loop(
+    journal: &Journal,
     rx: std::sync::mpsc::Receiver<Vec<Durable>>,
     stats: &StoreStats,
     pending: &AtomicUsize,
@@ -199,7 +403,7 @@ fn fsync_loop(
             callbacks.extend(next);
             jobs += 1;
         }
-        sync_and_complete(db, std::mem::take(&mut callbacks), stats);
+        sync_and_complete(journal, std::mem::take(&mut callbacks), stats);
         pending.fetch_sub(jobs, Ordering::AcqRel);
     }
 }
