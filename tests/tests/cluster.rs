@@ -147,6 +147,92 @@ async fn produce_through_a_follower_reads_back_from_every_node() {
     cluster.finish(result);
 }
 
+/// Many concurrent produce calls to one partition, which its leader coalesces into shared Raft
+/// entries: each call gets its own consecutive run of offsets, the partition's offsets are dense
+/// and hold exactly the acked records on every replica, and the log has fewer entries than calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_produces_to_one_partition_share_entries() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "coalesced";
+        cluster.create_topic(topic, 1, 3).await?;
+        let leader = cluster.leaders(topic).await?[0];
+        const CALLS: usize = 300;
+        // One connection, so the calls are multiplexed and reach the leader together.
+        let client = cluster.log_client(leader);
+        let mut calls = tokio::task::JoinSet::new();
+        for call in 0..CALLS {
+            let mut client = client.clone();
+            calls.spawn(async move {
+                let mut ledger = Ledger::default();
+                let records = unique_records(&format!("call{call}"), 0, 1 + call % 3, false);
+                let count = records.len();
+                let outcome = produce_once(
+                    &mut client,
+                    &mut ledger,
+                    topic,
+                    Some(0),
+                    records,
+                    Duration::from_secs(30),
+                )
+                .await?;
+                let response = outcome.map_err(|status| {
+                    anyhow::anyhow!("call {call}: {:?}: {}", status.code(), status.message())
+                })?;
+                let offsets: Vec<u64> = response.acks.iter().map(|ack| ack.offset).collect();
+                let first = offsets[0];
+                ensure!(
+                    offsets == (first..first + count as u64).collect::<Vec<_>>(),
+                    "call {call} got offsets {offsets:?}, not one consecutive run"
+                );
+                anyhow::Ok(ledger)
+            });
+        }
+        let mut ledger = Ledger::default();
+        while let Some(call) = calls.join_next().await {
+            ledger.merge(call.context("produce task panicked")??)?;
+        }
+        let records: usize = (0..CALLS).map(|call| 1 + call % 3).sum();
+        ensure!(
+            ledger.acked_count() == records,
+            "acked {}",
+            ledger.acked_count()
+        );
+        ensure!(
+            ledger.acked_end(0) == records as u64,
+            "offsets are not dense: end {} for {records} records",
+            ledger.acked_end(0)
+        );
+        check_everywhere(&cluster, &mut ledger, topic, 1, &cluster.node_ids()).await?;
+
+        let mut internal =
+            ordo_proto::internal::internal_client::InternalClient::new(cluster.channel(leader));
+        let status = internal
+            .group_status(ordo_proto::internal::GroupStatusRequest { groups: Vec::new() })
+            .await?
+            .into_inner();
+        let group = status
+            .groups
+            .iter()
+            .find(|group| group.leader == Some(leader))
+            .context("the leader reports its partition group")?;
+        println!(
+            "{CALLS} calls, {records} records, {} log entries (incl. the leader's blank entry)",
+            group.last_log_index
+        );
+        ensure!(
+            (group.last_log_index as usize) < CALLS,
+            "{CALLS} concurrent calls made {} log entries: nothing was coalesced",
+            group.last_log_index
+        );
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
 /// SIGKILL of partition 0's leader under a produce load loses no acked record: once a new
 /// leader is elected, every acked record is read back at its acked offset from both survivors,
 /// offsets stay dense, and no offset holds two different records in any two reads.

@@ -14,7 +14,6 @@ use std::collections::VecDeque;
 
 use openraft::EntryPayload;
 
-use crate::types::Command;
 use crate::types::Entry;
 
 /// Bytes an entry counts against the cache bound besides its record batch.
@@ -108,8 +107,7 @@ impl EntryCache {
 fn size_of_entry(entry: &Entry) -> usize {
     ENTRY_OVERHEAD_BYTES
         + match &entry.payload {
-            EntryPayload::Normal(Command::Append { batch, .. }) => batch.len(),
-            EntryPayload::Normal(Command::Meta(command)) => command.len(),
+            EntryPayload::Normal(command) => command.payload_bytes(),
             _ => 0,
         }
 }
@@ -128,7 +126,7 @@ mod tests {
                 openraft::impls::leader_id_adv::LeaderId::new(1, 1),
                 index,
             ),
-            payload: EntryPayload::Normal(Command::Append {
+            payload: EntryPayload::Normal(crate::types::Command::Append {
                 count: 1,
                 batch: Bytes::from(vec![0u8; size]),
             }),

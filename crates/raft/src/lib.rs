@@ -20,6 +20,7 @@
 //! It never acknowledges a write before openraft reports it committed, which requires a quorum of
 //! replicas to have fsynced it (the log store calls openraft's flush callback only after fsync).
 
+mod coalesce;
 mod codec;
 mod entry_cache;
 mod log_store;
@@ -38,6 +39,7 @@ pub use node::RaftNode;
 pub use node::RaftOptions;
 pub use node::ReadBatch;
 pub use node::WriteError;
+pub use types::AppendBatch;
 pub use types::Command;
 pub use types::Response;
 

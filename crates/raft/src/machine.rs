@@ -250,18 +250,20 @@ impl Logic for OffsetLogic {
         command: Command,
     ) -> Response {
         match command {
-            Command::Append { count, .. } => {
+            Command::Append { .. } | Command::Appends(_) => {
                 let base_offset = self.next_offset;
+                let count = command.record_count();
                 store.put_index(
                     batch,
                     IndexEntry {
                         base_offset,
                         log_index: index,
-                        count,
+                        count: u32::try_from(count)
+                            .expect("coalescing keeps an entry's count in u32"),
                     },
                 );
                 self.next_offset = base_offset
-                    .checked_add(u64::from(count))
+                    .checked_add(count)
                     .expect("offsets cannot overflow u64");
                 Response::Appended { base_offset }
             }
@@ -312,7 +314,7 @@ impl Logic for MetaLogic {
     ) -> Response {
         match command {
             Command::Meta(command) => Response::Meta(self.apply.apply(index, &command).into()),
-            Command::Append { .. } => {
+            Command::Append { .. } | Command::Appends(_) => {
                 tracing::warn!(index, "record batch in the metadata log ignored");
                 Response::None
             }

@@ -47,6 +47,25 @@ use crate::types::Vote;
 /// `max_payload_entries` entries of at most a batch each).
 pub const INTERNAL_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
+/// Most entry payload bytes in one Raft append RPC: a lagging follower is sent a prefix of the
+/// entries openraft offers (at least one) and the rest in the next RPC, so no append can exceed
+/// [`INTERNAL_MESSAGE_BYTES_MAX`] (one entry is at most a batch, bounded by the broker's limits).
+pub(crate) const APPEND_ENTRIES_BYTES_MAX: usize = 16 << 20;
+
+/// How many of `entries`, from the first, fit in `bytes_max` of payload (always at least one).
+fn entries_within(entries: &[crate::types::Entry], bytes_max: usize) -> usize {
+    let mut bytes = 0usize;
+    for (n, entry) in entries.iter().enumerate() {
+        if let openraft::EntryPayload::Normal(command) = &entry.payload {
+            bytes = bytes.saturating_add(command.payload_bytes());
+        }
+        if bytes > bytes_max && n > 0 {
+            return n;
+        }
+    }
+    entries.len()
+}
+
 /// Lazily connected channels to every peer, shared by all groups and by request forwarding.
 #[derive(Clone)]
 pub struct Peers {
@@ -212,10 +231,21 @@ impl RaftNetworkV2<C> for GroupNetwork {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<C>,
+        mut rpc: AppendEntriesRequest<C>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
-        Ok(self.call(RaftKind::Append, &rpc, option.hard_ttl()).await?)
+        let keep = entries_within(&rpc.entries, APPEND_ENTRIES_BYTES_MAX);
+        if keep == rpc.entries.len() {
+            return Ok(self.call(RaftKind::Append, &rpc, option.hard_ttl()).await?);
+        }
+        rpc.entries.truncate(keep);
+        let last = rpc.entries.last().map(|entry| entry.log_id);
+        let response: AppendEntriesResponse<C> =
+            self.call(RaftKind::Append, &rpc, option.hard_ttl()).await?;
+        Ok(match response {
+            AppendEntriesResponse::Success => AppendEntriesResponse::PartialSuccess(last),
+            other => other,
+        })
     }
 
     async fn vote(
@@ -257,5 +287,63 @@ impl RaftNetworkV2<C> for GroupNetwork {
         Ok(self
             .call(RaftKind::TransferLeader, &request, option.hard_ttl())
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use openraft::EntryPayload;
+    use openraft::vote::RaftLeaderId;
+
+    use super::*;
+    use crate::types::AppendBatch;
+    use crate::types::Command;
+    use crate::types::Entry;
+
+    fn entry(index: u64, command: Command) -> Entry {
+        Entry {
+            log_id: openraft::LogId::new(
+                openraft::impls::leader_id_adv::LeaderId::new(1, 1),
+                index,
+            ),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    fn append(bytes: usize) -> Command {
+        Command::Append {
+            count: 1,
+            batch: Bytes::from(vec![0u8; bytes]),
+        }
+    }
+
+    /// An append RPC carries a prefix of the entries within the byte budget, always at least
+    /// one (a single entry is bounded by the batch limit), and coalesced entries count whole.
+    #[test]
+    fn append_rpcs_stay_within_the_byte_budget() {
+        let entries: Vec<Entry> = (1..=10).map(|index| entry(index, append(100))).collect();
+        assert_eq!(entries_within(&entries, 1000), 10);
+        assert_eq!(entries_within(&entries, 450), 4);
+        assert_eq!(entries_within(&entries, 10), 1, "at least one entry");
+        assert_eq!(entries_within(&[], 10), 0);
+        let coalesced = Command::Appends(vec![
+            AppendBatch {
+                count: 2,
+                batch: Bytes::from(vec![0u8; 300]),
+            },
+            AppendBatch {
+                count: 1,
+                batch: Bytes::from(vec![0u8; 300]),
+            },
+        ]);
+        let entries = vec![
+            entry(1, append(100)),
+            entry(2, coalesced),
+            entry(3, append(1)),
+        ];
+        assert_eq!(entries_within(&entries, 650), 1);
+        assert_eq!(entries_within(&entries, 700), 2);
+        assert_eq!(entries_within(&entries, 701), 3);
     }
 }

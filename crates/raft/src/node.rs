@@ -33,6 +33,8 @@ use tokio::sync::watch;
 use crate::GroupId;
 use crate::META_GROUP;
 use crate::NodeId;
+use crate::coalesce::CoalesceLimits;
+use crate::coalesce::Coalescer;
 use crate::codec::decode;
 use crate::codec::encode;
 use crate::log_store::LogStore;
@@ -50,7 +52,7 @@ use crate::types::Response;
 use crate::types::Snapshot;
 use crate::types::SnapshotData;
 
-type PartitionRaft = Raft<C, Machine<OffsetLogic>>;
+pub(crate) type PartitionRaft = Raft<C, Machine<OffsetLogic>>;
 type MetaRaft = Raft<C, Machine<MetaLogic>>;
 
 /// Raft timing and batching, shared by every group on the node.
@@ -69,6 +71,11 @@ pub struct RaftOptions {
     /// Bytes of the most recent log entries each group keeps in memory for replication and
     /// apply (see `entry_cache`); 0 disables the cache.
     pub entry_cache_bytes: usize,
+    /// Most batch bytes in one entry made of concurrent appends to a partition (see `coalesce`).
+    pub coalesce_bytes_max: usize,
+    /// Most proposals of one partition in flight at once; appends arriving meanwhile are
+    /// coalesced into the next entry.
+    pub proposals_in_flight_max: usize,
 }
 
 impl Default for RaftOptions {
@@ -80,6 +87,8 @@ impl Default for RaftOptions {
             append_entries_max: 256,
             connect_timeout: Duration::from_secs(2),
             entry_cache_bytes: 1 << 20,
+            coalesce_bytes_max: 1 << 20,
+            proposals_in_flight_max: 2,
         }
     }
 }
@@ -179,6 +188,7 @@ struct Partition {
     raft: PartitionRaft,
     store: GroupStore,
     high_watermark: watch::Receiver<u64>,
+    coalescer: Arc<Coalescer>,
 }
 
 struct Inner {
@@ -435,10 +445,19 @@ impl RaftNode {
                 Err(error) => tracing::warn!(%group, %error, "partition group initialize"),
             }
         }
+        let coalescer = Arc::new(Coalescer::new(
+            raft.clone(),
+            group,
+            CoalesceLimits {
+                bytes_max: self.inner.options.coalesce_bytes_max,
+                proposals_max: self.inner.options.proposals_in_flight_max.max(1),
+            },
+        ));
         let partition = Partition {
             raft,
             store,
             high_watermark,
+            coalescer,
         };
         let mut partitions = self
             .inner
@@ -482,7 +501,18 @@ impl RaftNode {
         let partition = self
             .partition(group)
             .ok_or(WriteError::GroupNotFound(group))?;
-        propose(&partition.raft, group, command, timeout).await
+        match command {
+            Command::Append { count, batch } => {
+                // A follower answers at once, so the caller can forward cleanly.
+                let leader = partition.raft.metrics().borrow_watched().current_leader;
+                if leader != Some(self.inner.id) {
+                    return Err(WriteError::NotLeader { group, leader });
+                }
+                let base_offset = partition.coalescer.append(count, batch, timeout).await?;
+                Ok(Response::Appended { base_offset })
+            }
+            command => propose(&partition.raft, group, command, timeout).await,
+        }
     }
 
     /// Proposes a metadata command; returns the state machine's encoded answer.
@@ -664,7 +694,7 @@ impl RaftNode {
     }
 }
 
-async fn propose<SM>(
+pub(crate) async fn propose<SM>(
     raft: &Raft<C, SM>,
     group: GroupId,
     command: Command,
@@ -844,9 +874,11 @@ fn read_committed(
             group,
             reason: format!("index {index}: {error}"),
         })?;
-        if let EntryPayload::Normal(Command::Append { count, batch }) = entry.payload {
-            batches.push((base_offset, count, batch));
-            base_offset += u64::from(count);
+        if let EntryPayload::Normal(command) = &entry.payload {
+            for (count, batch) in command.batches() {
+                batches.push((base_offset, count, batch.clone()));
+                base_offset += u64::from(count);
+            }
         }
     }
     Ok(ReadBatch {

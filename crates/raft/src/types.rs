@@ -19,6 +19,48 @@ pub enum Command {
     },
     /// A metadata command, encoded by the broker and applied through [`crate::MetaApply`].
     Meta(Bytes),
+    /// Several batches proposed together (concurrent appends to one partition coalesced into one
+    /// entry, see `coalesce`): they get consecutive offsets, in order.
+    Appends(Vec<AppendBatch>),
+}
+
+/// One batch of an [`Command::Appends`] entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppendBatch {
+    /// Records in the batch.
+    pub count: u32,
+    /// The encoded batch, opaque to this crate.
+    pub batch: Bytes,
+}
+
+impl Command {
+    /// The record batches this entry carries, in offset order, as `(count, batch)`.
+    pub fn batches(&self) -> Vec<(u32, &Bytes)> {
+        match self {
+            Command::Append { count, batch } => vec![(*count, batch)],
+            Command::Appends(batches) => batches
+                .iter()
+                .map(|part| (part.count, &part.batch))
+                .collect(),
+            Command::Meta(_) => Vec::new(),
+        }
+    }
+
+    /// Records in the entry (0 for metadata).
+    pub fn record_count(&self) -> u64 {
+        self.batches()
+            .iter()
+            .map(|(count, _)| u64::from(*count))
+            .sum()
+    }
+
+    /// Bytes of payload the entry carries.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Command::Meta(command) => command.len(),
+            _ => self.batches().iter().map(|(_, batch)| batch.len()).sum(),
+        }
+    }
 }
 
 impl std::fmt::Display for Command {
@@ -28,6 +70,13 @@ impl std::fmt::Display for Command {
                 write!(f, "append({count} records, {} bytes)", batch.len())
             }
             Command::Meta(command) => write!(f, "meta({} bytes)", command.len()),
+            Command::Appends(batches) => write!(
+                f,
+                "appends({} batches, {} records, {} bytes)",
+                batches.len(),
+                self.record_count(),
+                self.payload_bytes()
+            ),
         }
     }
 }

@@ -73,6 +73,12 @@ pub struct RaftConfig {
     /// Bytes of recent log entries each Raft group keeps in memory, so replication and apply
     /// do not read them back from disk. Memory bound: this x groups on the node. Default 1 MiB.
     pub entry_cache_bytes: u64,
+    /// Concurrent appends to one partition are proposed together as one Raft entry of at most
+    /// this many batch bytes (a larger single batch is proposed alone). Default 1 MiB.
+    pub coalesce_bytes_max: u64,
+    /// Proposals of one partition in flight at once; appends arriving meanwhile wait and are
+    /// coalesced into the next entry. Default 2.
+    pub proposals_in_flight_max: u64,
 }
 
 impl Default for RaftConfig {
@@ -84,6 +90,8 @@ impl Default for RaftConfig {
             append_entries_max: 256,
             leader_balance_interval_ms: 10_000,
             entry_cache_bytes: 1 << 20,
+            coalesce_bytes_max: 1 << 20,
+            proposals_in_flight_max: 2,
         }
     }
 }
@@ -300,6 +308,9 @@ impl NodeConfig {
                 "raft: election_timeout_max_ms must be above election_timeout_min_ms".into(),
             );
         }
+        if raft.proposals_in_flight_max == 0 {
+            return fail("raft.proposals_in_flight_max must be > 0".into());
+        }
         if raft.append_entries_max == 0 || raft.leader_balance_interval_ms == 0 {
             return fail(
                 "raft: append_entries_max and leader_balance_interval_ms must be > 0".into(),
@@ -311,19 +322,8 @@ impl NodeConfig {
         if self.grpc.max_concurrent_streams == 0 || self.grpc.subscriptions_max == 0 {
             return fail("grpc: max_concurrent_streams and subscriptions_max must be > 0".into());
         }
-        if self.storage.write_queue_max == 0 {
-            return fail("storage.write_queue_max must be > 0".into());
-        }
-        if self.storage.write_buffer_bytes < 4 << 20 {
-            return fail("storage.write_buffer_bytes must be at least 4 MiB".into());
-        }
-        if self.storage.journal_file_bytes < 1 << 20
-            || self.storage.journal_replay_bytes_max < 1 << 20
-        {
-            return fail(
-                "storage.journal_file_bytes and storage.journal_replay_bytes_max must be at least 1 MiB"
-                    .into(),
-            );
+        if let Err(error) = self.store_options().validate() {
+            return fail(format!("storage: {error}"));
         }
         Ok(())
     }
@@ -337,6 +337,9 @@ impl NodeConfig {
             append_entries_max: self.raft.append_entries_max,
             connect_timeout: Duration::from_secs(2),
             entry_cache_bytes: usize::try_from(self.raft.entry_cache_bytes).unwrap_or(usize::MAX),
+            coalesce_bytes_max: usize::try_from(self.raft.coalesce_bytes_max).unwrap_or(usize::MAX),
+            proposals_in_flight_max: usize::try_from(self.raft.proposals_in_flight_max)
+                .unwrap_or(usize::MAX),
         }
     }
 

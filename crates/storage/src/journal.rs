@@ -48,8 +48,9 @@ use crate::writer::Op;
 const MAGIC: u32 = 0x4a44_524f;
 /// Bytes before a record's body.
 pub(crate) const HEADER_LEN: u64 = 12;
-/// Key (in the `meta` column family) of the journal position applied to RocksDB. Its length
-/// differs from every group key, so no group's range delete touches it.
+/// Key (in the `meta` column family) of the journal position applied to RocksDB. It is not a
+/// group key, but it sorts inside the meta range of one group id; that is harmless, because
+/// every batch writes it last, after any range delete.
 pub(crate) const APPLIED_KEY: &[u8] = b"journal-applied";
 
 const OP_PUT: u8 = 1;
@@ -121,6 +122,9 @@ pub(crate) struct Journal {
     current: AtomicU64,
     /// Set by the first failed sync or unrecoverable write; every later write and sync fails.
     failed: Mutex<Option<StorageError>>,
+    /// Held across every sync: Linux reports a writeback error to one of several concurrent
+    /// fsyncs only, so syncs run one at a time and each first checks that none failed before.
+    sync_lock: Mutex<()>,
 }
 
 fn io_error(what: &str, path: &Path, error: std::io::Error) -> StorageError {
@@ -140,7 +144,12 @@ fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 impl Journal {
     /// Opens the journal in `dir` (created if missing). Returns it and its files' ids in order.
     pub(crate) fn open(dir: &Path) -> Result<(Arc<Journal>, Vec<u64>), StorageError> {
-        std::fs::create_dir_all(dir).map_err(|error| io_error("cannot create", dir, error))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|error| io_error("cannot create", dir, error))?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
         let mut files = BTreeMap::new();
         let entries =
             std::fs::read_dir(dir).map_err(|error| io_error("cannot list", dir, error))?;
@@ -168,6 +177,7 @@ impl Journal {
             current: AtomicU64::new(ids.last().copied().unwrap_or(0)),
             files: RwLock::new(files),
             failed: Mutex::new(None),
+            sync_lock: Mutex::new(()),
         });
         Ok((journal, ids))
     }
@@ -197,11 +207,16 @@ impl Journal {
     }
 
     /// Makes every record appended so far durable: syncs the current file (earlier files were
-    /// synced when the next one was created). A failed sync fails the journal for good: the
-    /// kernel may have dropped the dirty pages, so nothing after it can be trusted.
+    /// synced when the next one was created).
     pub(crate) fn sync(&self) -> Result<(), StorageError> {
+        self.sync_file(self.current.load(Ordering::Acquire))
+    }
+
+    /// Syncs file `id`. A failed sync fails the journal for good: the kernel may have dropped
+    /// the dirty pages, so nothing after it can be trusted.
+    pub(crate) fn sync_file(&self, id: u64) -> Result<(), StorageError> {
+        let _one_at_a_time = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.check()?;
-        let id = self.current.load(Ordering::Acquire);
         let Some(file) = self.file(id) else {
             return Ok(());
         };
@@ -345,11 +360,7 @@ impl JournalWriter {
 
     /// Syncs the current file, then creates the next one.
     fn rotate(&mut self) -> Result<(), StorageError> {
-        self.journal.check()?;
-        self.file.sync_data().map_err(|error| {
-            self.journal
-                .fail(io_error("cannot sync", &self.journal.path(self.id), error))
-        })?;
+        self.journal.sync_file(self.id)?;
         self.file = create(&self.journal, self.id + 1)?;
         self.id += 1;
         self.len = 0;
@@ -392,9 +403,25 @@ impl JournalWriter {
         })
     }
 
-    /// Marks the journal failed (the record it holds could not be applied to RocksDB).
-    pub(crate) fn fail(&self, error: StorageError) -> StorageError {
-        self.journal.fail(error)
+    /// Removes the last record, which starts at `start` (its body at `start + HEADER_LEN`) and
+    /// could not be applied to RocksDB, so that a write reported failed never comes back at the
+    /// next open. If the file cannot be cut the journal fails for good.
+    pub(crate) fn cut_back(&mut self, body_at: Position) -> Result<(), StorageError> {
+        let start = body_at.offset - HEADER_LEN;
+        debug_assert_eq!(
+            body_at.file, self.id,
+            "the last record is in the current file"
+        );
+        let path = self.journal.path(self.id);
+        self.file.set_len(start).map_err(|error| {
+            self.journal.fail(io_error(
+                "cannot cut back after a failed apply",
+                &path,
+                error,
+            ))
+        })?;
+        self.len = start;
+        Ok(())
     }
 }
 
@@ -407,7 +434,11 @@ fn create(journal: &Journal, id: u64) -> Result<Arc<File>, StorageError> {
         .create_new(true)
         .open(&path)
         .map_err(|error| io_error("cannot create", &path, error))?;
-    sync_dir(&journal.dir)?;
+    if let Err(error) = sync_dir(&journal.dir) {
+        // The file may or may not survive a crash: stop here rather than write into it.
+        let _ = std::fs::remove_file(&path);
+        return Err(journal.fail(error));
+    }
     let file = Arc::new(file);
     journal
         .files

@@ -58,6 +58,9 @@ pub enum StorageError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// The store's options are out of their bounds.
+    #[error("invalid storage options: {0}")]
+    InvalidOptions(String),
     /// The store is shutting down; the write was not done.
     #[error("storage is closed")]
     Closed,
@@ -76,6 +79,7 @@ impl From<StorageError> for std::io::Error {
                 std::io::ErrorKind::InvalidData
             }
             StorageError::Closed => std::io::ErrorKind::BrokenPipe,
+            StorageError::InvalidOptions(_) => std::io::ErrorKind::InvalidInput,
             StorageError::Rocks(_) | StorageError::Io(_) => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, error)

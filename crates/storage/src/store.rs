@@ -110,6 +110,24 @@ impl Default for StoreOptions {
     }
 }
 
+impl StoreOptions {
+    /// Checks the bounds the store relies on (the writer thread flushes memtables at a quarter
+    /// of `write_buffer_bytes`, well before RocksDB would on its own).
+    pub fn validate(&self) -> Result<(), StorageError> {
+        let fail = |message: &str| Err(StorageError::InvalidOptions(message.to_owned()));
+        if self.write_queue_max == 0 {
+            return fail("write_queue_max must be > 0");
+        }
+        if self.write_buffer_bytes < 4 << 20 {
+            return fail("write_buffer_bytes must be at least 4 MiB");
+        }
+        if self.journal_file_bytes < 1 << 20 || self.journal_replay_bytes_max < 1 << 20 {
+            return fail("journal_file_bytes and journal_replay_bytes_max must be at least 1 MiB");
+        }
+        Ok(())
+    }
+}
+
 /// Counters of the write path, read by the server's metrics.
 #[derive(Debug, Default)]
 pub struct StoreStats {
@@ -170,10 +188,14 @@ impl Store {
                 path.display()
             )));
         }
+        options.validate()?;
         // Closing does not flush: the next open replays the journal instead (bounded by
-        // `journal_replay_bytes_max`), so every restart goes through the recovery path.
-        let mut db_options =
-            Options::default().get_options_from_string("avoid_flush_during_shutdown=true")?;
+        // `journal_replay_bytes_max`), so every restart goes through the recovery path. No
+        // automatic resume after a background error (a full disk): resuming flushes memtables
+        // that may refer to journal bytes not yet synced; a restart replays instead.
+        let mut db_options = Options::default().get_options_from_string(
+            "avoid_flush_during_shutdown=true;max_bgerror_resume_count=0",
+        )?;
         db_options.create_if_missing(true);
         db_options.create_missing_column_families(true);
         db_options.set_max_background_jobs(2);
@@ -185,6 +207,8 @@ impl Store {
         let descriptors = Cf::ALL.iter().map(|cf| {
             let mut cf_options = Options::default();
             cf_options.set_write_buffer_size(options.write_buffer_bytes);
+            // Room for memtables still flushing when the writer thread switches the next one.
+            cf_options.set_max_write_buffer_number(4);
             let mut table = rocksdb::BlockBasedOptions::default();
             table.set_block_cache(&cache);
             cf_options.set_block_based_table_factory(&table);
@@ -216,7 +240,7 @@ impl Store {
             appender,
             stats: stats.clone(),
             policy: FlushPolicy {
-                memtable_bytes: (options.write_buffer_bytes as u64 / 4).max(1 << 20),
+                memtable_bytes: options.write_buffer_bytes as u64 / 4,
                 journal_bytes: options.journal_replay_bytes_max,
             },
             unflushed,
@@ -668,7 +692,7 @@ mod tests {
         StoreOptions {
             write_buffer_bytes: 4 << 20,
             journal_file_bytes,
-            journal_replay_bytes_max: 256 << 10,
+            journal_replay_bytes_max: 1 << 20,
             ..StoreOptions::default()
         }
     }
@@ -708,15 +732,15 @@ mod tests {
     async fn journal_rotates_flushes_and_replays() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(dir.path(), &small(64 << 10)).unwrap();
+            let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
             let group = store.group(GroupId(3));
-            append_sized(&group, 0..600, 2000).await;
-            check_sized(&group, 0..600, 2000);
+            append_sized(&group, 0..3000, 2000).await;
+            check_sized(&group, 0..3000, 2000);
         }
-        assert!(journal_files(dir.path()).len() > 10, "64 KiB files rotate");
-        let store = Store::open(dir.path(), &small(64 << 10)).unwrap();
+        assert!(journal_files(dir.path()).len() > 4, "1 MiB files rotate");
+        let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
         let group = store.group(GroupId(3));
-        check_sized(&group, 0..600, 2000);
+        check_sized(&group, 0..3000, 2000);
         let applied = store
             .inner
             .db
@@ -728,10 +752,10 @@ mod tests {
             .and_then(|value| crate::journal::Position::decode(&value))
             .expect("a flush persisted the journal position");
         assert!(applied.file > 1, "flushes happened: {applied:?}");
-        append_sized(&group, 600..700, 2000).await;
+        append_sized(&group, 3000..3100, 2000).await;
         drop((group, store));
-        let store = Store::open(dir.path(), &small(64 << 10)).unwrap();
-        check_sized(&store.group(GroupId(3)), 0..700, 2000);
+        let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
+        check_sized(&store.group(GroupId(3)), 0..3100, 2000);
     }
 
     /// A torn record at the end of the journal (a crash mid-write) is cut off at open; every
@@ -779,7 +803,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let store = Store::open(dir.path(), &small(1 << 30)).unwrap();
-            append_sized(&store.group(GroupId(1)), 0..400, 2000).await;
+            append_sized(&store.group(GroupId(1)), 0..1000, 2000).await;
         }
         let last = journal_files(dir.path()).pop().unwrap();
         std::fs::OpenOptions::new()

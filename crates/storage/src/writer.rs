@@ -75,6 +75,22 @@ pub(crate) struct WriteRequest {
 /// Most requests merged into one `WriteBatch`, so one huge backlog cannot delay the first
 /// `written` answers without bound.
 const REQUESTS_PER_BATCH_MAX: usize = 1024;
+/// No more requests are merged into a journal record once it holds this many bytes (one
+/// request alone may be larger: a Raft append of many entries).
+const RECORD_BYTES_TARGET: usize = 16 << 20;
+
+impl WriteRequest {
+    /// Bytes of keys and values in the request.
+    fn bytes(&self) -> usize {
+        self.ops
+            .iter()
+            .map(|op| match op {
+                Op::Put { key, value, .. } => key.len() + value.len(),
+                Op::DeleteRange { from, to, .. } => from.len() + to.len(),
+            })
+            .sum()
+    }
+}
 
 /// When the writer thread flushes RocksDB's memtables (see the module doc).
 #[derive(Debug, Clone, Copy)]
@@ -187,8 +203,8 @@ pub(crate) fn batch_for_record(
 }
 
 /// Appends the requests' ops to the journal and applies them to RocksDB. A record that reached
-/// the journal but not RocksDB fails the journal: continuing would give RocksDB a history the
-/// journal replay would not reproduce.
+/// the journal but not RocksDB is cut off the journal again: the write failed, and the replay at
+/// the next open must not bring it back.
 fn write_requests(parts: &mut WriterParts, requests: &[WriteRequest]) -> Result<(), StorageError> {
     let mut record = std::mem::take(&mut parts.record);
     journal::start_record(&mut record);
@@ -216,7 +232,13 @@ fn write_record(parts: &mut WriterParts, record: &mut [u8]) -> Result<(), Storag
         parts.db.write_opt(batch, &no_wal())?;
         Ok(bytes)
     });
-    let memtable_bytes = applied.map_err(|error| parts.appender.fail(error))?;
+    let memtable_bytes = match applied {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            parts.appender.cut_back(at)?;
+            return Err(error);
+        }
+    };
     parts.stats.write_batches.fetch_add(1, Ordering::Relaxed);
     parts
         .stats
@@ -233,7 +255,9 @@ fn write_record(parts: &mut WriterParts, record: &mut [u8]) -> Result<(), Storag
 }
 
 /// Syncs the journal, then has RocksDB flush every memtable (without waiting for it): whatever
-/// the flush persists refers only to synced journal bytes.
+/// the flush persists refers only to synced journal bytes. A flush RocksDB refuses to schedule
+/// (writes stopped, a background error) is logged and tried again after the next write; the
+/// write itself is applied and is not failed for it.
 fn flush_memtables(parts: &mut WriterParts) -> Result<(), StorageError> {
     parts.journal.sync()?;
     let db = &parts.db;
@@ -241,18 +265,24 @@ fn flush_memtables(parts: &mut WriterParts) -> Result<(), StorageError> {
         Cf::ALL.iter().map(|cf| CfHandles.get(db, *cf)).collect();
     let mut options = FlushOptions::default();
     options.set_wait(false);
-    db.flush_cfs_opt(&cfs, &options)?;
-    parts.unflushed = Unflushed::default();
+    match db.flush_cfs_opt(&cfs, &options) {
+        Ok(()) => parts.unflushed = Unflushed::default(),
+        Err(error) => tracing::warn!(%error, "memtable flush not scheduled; retrying later"),
+    }
     Ok(())
 }
 
 fn writer_loop(mut parts: WriterParts, mut rx: mpsc::Receiver<WriteRequest>, fsync: &FsyncHandle) {
     let mut requests = Vec::with_capacity(REQUESTS_PER_BATCH_MAX);
     while let Some(first) = rx.blocking_recv() {
+        let mut bytes = first.bytes();
         requests.push(first);
-        while requests.len() < REQUESTS_PER_BATCH_MAX {
+        while requests.len() < REQUESTS_PER_BATCH_MAX && bytes < RECORD_BYTES_TARGET {
             match rx.try_recv() {
-                Ok(request) => requests.push(request),
+                Ok(request) => {
+                    bytes += request.bytes();
+                    requests.push(request);
+                }
                 Err(_) => break,
             }
         }
@@ -341,6 +371,12 @@ pub(crate) fn recover(
         )));
     }
     let start = applied.unwrap_or(Position { file: 0, offset: 0 });
+    // After a kill the last file's unsynced tail is still in the page cache: make it durable
+    // before RocksDB can persist anything that refers to it (only the last file can be
+    // unsynced; rotation syncs the one before).
+    if let Some(&last) = ids.last() {
+        journal.sync_file(last)?;
+    }
     let mut unflushed = Unflushed::default();
     let mut last = None;
     let replay: Vec<u64> = ids.iter().copied().filter(|id| *id >= start.file).collect();
