@@ -91,6 +91,30 @@ async fn wait_for_signal() {
     }
 }
 
+/// Exit status of a node that stopped because its storage failed (EX_IOERR).
+pub const EXIT_STORAGE_FAILED: i32 = 74;
+
+/// Crash-only storage failure: the first failed write or sync ends the process. Openraft stops
+/// every group whose write failed, and a node that kept answering pings with stopped groups
+/// would keep its followers from electing a new leader; a restart replays the journal and
+/// serves again from what is durable (a full disk keeps failing until space returns).
+fn exit_on_storage_fault(store: &Store) {
+    let mut fault = store.fault();
+    tokio::spawn(async move {
+        let Ok(failed) = fault.wait_for(Option::is_some).await else {
+            return;
+        };
+        let error = failed.as_ref().map(ToString::to_string).unwrap_or_default();
+        tracing::error!(
+            %error,
+            exit_code = EXIT_STORAGE_FAILED,
+            "storage failed; exiting so the node restarts from its durable state"
+        );
+        eprintln!("ordo: storage failed: {error}; exiting with status {EXIT_STORAGE_FAILED}");
+        std::process::exit(EXIT_STORAGE_FAILED);
+    });
+}
+
 /// Runs a node with `config` until `shutdown` turns true.
 pub async fn serve(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     use tracing::Instrument;
@@ -108,6 +132,7 @@ async fn serve_node(
         source,
     })?;
     let store = Store::open(&config.data_dir.join("db"), &config.store_options())?;
+    exit_on_storage_fault(&store);
     let peers = Peers::new(Duration::from_secs(2));
     let raft = RaftNode::new(node_id, store.clone(), peers, &config.raft_options())
         .map_err(ServerError::Startup)?;

@@ -149,6 +149,7 @@ struct Inner {
     writer: mpsc::Sender<WriteRequest>,
     threads: Vec<std::thread::JoinHandle<()>>,
     stats: Arc<StoreStats>,
+    fault: Arc<tokio::sync::watch::Sender<Option<StorageError>>>,
 }
 
 impl Drop for Inner {
@@ -234,6 +235,7 @@ impl Store {
         }
         let appender = JournalWriter::new(journal.clone(), last, options.journal_file_bytes)?;
         let stats = Arc::new(StoreStats::default());
+        let fault = Arc::new(tokio::sync::watch::Sender::new(None));
         let parts = WriterParts {
             db: db.clone(),
             journal: journal.clone(),
@@ -245,6 +247,7 @@ impl Store {
             },
             unflushed,
             record: Vec::new(),
+            fault: fault.clone(),
         };
         let (writer, threads) = crate::writer::start(parts, options.write_queue_max)
             .map_err(|error| StorageError::Io(format!("cannot start writer threads: {error}")))?;
@@ -255,6 +258,7 @@ impl Store {
                 writer,
                 threads,
                 stats,
+                fault,
             }),
         })
     }
@@ -265,6 +269,13 @@ impl Store {
             inner: self.inner.clone(),
             group,
         }
+    }
+
+    /// The first write or sync that failed, once one has. A failed write stops the Raft groups
+    /// that made it (openraft treats storage errors as fatal), so the node should stop too and
+    /// restart from what is durable: watch this.
+    pub fn fault(&self) -> tokio::sync::watch::Receiver<Option<StorageError>> {
+        self.inner.fault.subscribe()
     }
 
     /// Write-path counters.

@@ -116,6 +116,19 @@ pub(crate) struct WriterParts {
     pub(crate) unflushed: Unflushed,
     /// The record being built, reused from batch to batch.
     pub(crate) record: Vec<u8>,
+    /// Set to the first write or sync error (see [`crate::Store::fault`]).
+    pub(crate) fault: Arc<tokio::sync::watch::Sender<Option<StorageError>>>,
+}
+
+/// Records the first storage failure for whoever watches [`crate::Store::fault`].
+fn report_fault(fault: &tokio::sync::watch::Sender<Option<StorageError>>, error: &StorageError) {
+    fault.send_if_modified(|first| {
+        if first.is_some() {
+            return false;
+        }
+        *first = Some(error.clone());
+        true
+    });
 }
 
 /// Starts the writer and fsync threads. They stop when every sender is dropped.
@@ -130,10 +143,11 @@ pub(crate) fn start(
     let fsync = {
         let journal = parts.journal.clone();
         let stats = parts.stats.clone();
+        let fault = parts.fault.clone();
         let pending = fsync_pending.clone();
         std::thread::Builder::new()
             .name("ordo-fsync".into())
-            .spawn(move || fsync_loop(&journal, sync_rx, &stats, &pending))?
+            .spawn(move || fsync_loop(&journal, sync_rx, &stats, &fault, &pending))?
     };
     let writer = std::thread::Builder::new()
         .name("ordo-writer".into())
@@ -289,6 +303,7 @@ fn writer_loop(mut parts: WriterParts, mut rx: mpsc::Receiver<WriteRequest>, fsy
         let result = write_requests(&mut parts, &requests);
         if let Err(error) = &result {
             tracing::error!(%error, "storage write failed");
+            report_fault(&parts.fault, error);
         }
         let mut durables = Vec::new();
         for request in requests.drain(..) {
@@ -309,7 +324,7 @@ fn writer_loop(mut parts: WriterParts, mut rx: mpsc::Receiver<WriteRequest>, fsy
         // Callbacks run in write order: inline only when every job handed over earlier has
         // completed (only this thread adds jobs, so none can appear meanwhile).
         if fsync.pending.load(Ordering::Acquire) == 0 && rx.is_empty() {
-            sync_and_complete(&parts.journal, durables, &parts.stats);
+            sync_and_complete(&parts.journal, durables, &parts.stats, &parts.fault);
         } else {
             fsync.pending.fetch_add(1, Ordering::AcqRel);
             if let Err(unsent) = fsync.jobs.send(durables) {
@@ -327,7 +342,12 @@ fn writer_loop(mut parts: WriterParts, mut rx: mpsc::Receiver<WriteRequest>, fsy
 }
 
 /// One journal sync covering every write applied so far, then the callbacks.
-fn sync_and_complete(journal: &Journal, callbacks: Vec<Durable>, stats: &StoreStats) {
+fn sync_and_complete(
+    journal: &Journal,
+    callbacks: Vec<Durable>,
+    stats: &StoreStats,
+    fault: &tokio::sync::watch::Sender<Option<StorageError>>,
+) {
     let started = std::time::Instant::now();
     let result = journal.sync();
     stats.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -339,6 +359,7 @@ fn sync_and_complete(journal: &Journal, callbacks: Vec<Durable>, stats: &StoreSt
         .fetch_add(callbacks.len() as u64, Ordering::Relaxed);
     if let Err(error) = &result {
         tracing::error!(%error, "journal sync failed");
+        report_fault(fault, error);
     }
     for callback in callbacks {
         callback(result.clone());
@@ -429,6 +450,7 @@ fn fsync_loop(
     journal: &Journal,
     rx: std::sync::mpsc::Receiver<Vec<Durable>>,
     stats: &StoreStats,
+    fault: &tokio::sync::watch::Sender<Option<StorageError>>,
     pending: &AtomicUsize,
 ) {
     let mut callbacks: Vec<Durable> = Vec::new();
@@ -439,7 +461,7 @@ fn fsync_loop(
             callbacks.extend(next);
             jobs += 1;
         }
-        sync_and_complete(journal, std::mem::take(&mut callbacks), stats);
+        sync_and_complete(journal, std::mem::take(&mut callbacks), stats, fault);
         pending.fetch_sub(jobs, Ordering::AcqRel);
     }
 }

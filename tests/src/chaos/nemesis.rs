@@ -18,6 +18,10 @@ use super::net::{Net, NodeRules};
 use super::nodes::Nodes;
 use crate::with_timeout;
 
+/// Exit status of a node whose storage failed (`ordo_server::EXIT_STORAGE_FAILED`; the tests do
+/// not link the server crate).
+const STORAGE_FAILED_EXIT: i32 = 74;
+
 /// The kinds of fault, with their weights in the random choice.
 pub const FAULTS: &[(&str, u32)] = &[
     ("kill", 4),
@@ -139,6 +143,31 @@ impl<'a> Nemesis<'a> {
     /// Logs and restarts every node whose process exited without the nemesis killing it.
     pub fn restart_crashed(&mut self) -> Result<()> {
         for (index, status) in self.nodes.reap_exited() {
+            // A node exits when its storage fails (crash-only, see `STORAGE_FAILED_EXIT`)
+            // and cannot start while its disk is full: expected on the small disk. It stays down
+            // until space returns (the disk-full fault then starts it).
+            if self.small_disk == Some(index)
+                && (self.disk_full || status.code() == Some(STORAGE_FAILED_EXIT))
+            {
+                self.log(
+                    "storage-exit",
+                    Phase::Note,
+                    &[index],
+                    format!(
+                        "exited with {status} on its storage failure (small disk {}); {}",
+                        if self.disk_full { "full" } else { "not full" },
+                        if self.disk_full {
+                            "left down until space returns"
+                        } else {
+                            "restarted"
+                        }
+                    ),
+                );
+                if !self.disk_full {
+                    self.nodes.spawn(index)?;
+                }
+                continue;
+            }
             let disk = if self.small_disk == Some(index) {
                 format!(
                     " (small disk {}, {} bytes free)",
@@ -394,13 +423,16 @@ impl<'a> Nemesis<'a> {
                     "space returned; node process {}; {errors} storage errors (ENOSPC) in its log",
                     if alive { "alive" } else { "had exited" }
                 );
-                // A node whose storage failed stays wedged (its Raft groups shut down, RocksDB
-                // keeps its background error) until restarted: an operator's restart, unless
+                // A node whose storage failed exits (and is started again here once space is
+                // back). One that failed and kept running would be wedged: restart it, unless
                 // the strict mode wants the run to show the wedge.
-                if errors > 0 && alive && !self.disk_strict {
+                if !alive {
+                    self.nodes.spawn(index)?;
+                    detail += "; started again";
+                } else if errors > 0 && !self.disk_strict {
                     self.nodes.kill(index)?;
                     self.nodes.spawn(index)?;
-                    detail += "; restarted (a node does not recover from ENOSPC by itself)";
+                    detail += "; restarted (it had storage errors but had not exited)";
                 }
                 self.log(kind, Phase::End, &[index], detail);
             }

@@ -259,7 +259,7 @@ impl Nodes {
     }
 
     /// Nodes whose process exited without the harness killing it: (index, exit status).
-    pub fn reap_exited(&self) -> Vec<(usize, String)> {
+    pub fn reap_exited(&self) -> Vec<(usize, std::process::ExitStatus)> {
         let mut exited = Vec::new();
         for index in 0..self.nodes.len() {
             let mut process = self.lock(index);
@@ -268,7 +268,7 @@ impl Nodes {
             {
                 process.child = None;
                 process.paused = false;
-                exited.push((index, status.to_string()));
+                exited.push((index, status));
             }
         }
         exited
