@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::GroupId;
 use crate::WriteError;
@@ -100,7 +101,11 @@ impl Coalescer {
             if queue.proposers < self.limits.proposals_max {
                 queue.proposers += 1;
                 let this = self.clone();
-                tokio::spawn(async move { this.propose_queued().await });
+                // The proposer works for every queued caller; it keeps the first one's span
+                // (node, topic, partition).
+                tokio::spawn(
+                    async move { this.propose_queued().await }.instrument(tracing::Span::current()),
+                );
             }
             id
         };
