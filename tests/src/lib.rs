@@ -518,31 +518,18 @@ impl TestCluster {
     }
 
     fn spawn(&self, node: &Node) -> Result<()> {
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)
-            .with_context(|| format!("open {}", node.log_path.display()))?;
-        writeln!(log, "===== ordo-tests: starting node {} =====", node.id)?;
-        let mut command = Command::new(&self.binary);
-        command
-            .arg("serve")
-            .arg("--node-id")
-            .arg(node.id.to_string())
-            .arg("--data-dir")
-            .arg(&node.data_dir)
-            .arg("--listen")
-            .arg(node.address.to_string())
-            .arg("--advertise")
-            .arg(node.address.to_string())
-            .arg("--initial-cluster")
-            .arg(&self.initial_cluster)
-            .arg("--metrics-listen")
-            .arg(node.metrics_address.to_string())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        node_process_settings(&mut command);
+        let mut command = serve_command(
+            Command::new(&self.binary),
+            &ServeSpec {
+                id: node.id,
+                data_dir: &node.data_dir,
+                address: node.address,
+                initial_cluster: &self.initial_cluster,
+                metrics: node.metrics_address,
+                log_path: &node.log_path,
+                starter: "ordo-tests",
+            },
+        )?;
         let child = command
             .spawn()
             .with_context(|| format!("start {} for node {}", self.binary.display(), node.id))?;
@@ -573,6 +560,55 @@ impl Drop for TestCluster {
 /// it; the `Option<Child>` inside is still meaningful, so it is used anyway.
 fn lock(slot: &Mutex<Option<Child>>) -> std::sync::MutexGuard<'_, Option<Child>> {
     slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The flags and log of one test-started `ordo serve`.
+pub struct ServeSpec<'a> {
+    pub id: NodeId,
+    pub data_dir: &'a Path,
+    /// Listen and advertised address.
+    pub address: SocketAddr,
+    pub initial_cluster: &'a str,
+    pub metrics: SocketAddr,
+    /// The node's log: stdout and stderr are appended to it after a start marker.
+    pub log_path: &'a Path,
+    /// Who starts the node, for the marker (`ordo-tests`, `ordo-chaos`).
+    pub starter: &'a str,
+}
+
+/// `command` (the `ordo` binary, or a wrapper such as `ip netns exec NS` followed by it) with
+/// `serve` and the node's flags, its output appended to the node's log, and
+/// [`node_process_settings`].
+pub fn serve_command(mut command: Command, spec: &ServeSpec) -> Result<Command> {
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(spec.log_path)
+        .with_context(|| format!("open {}", spec.log_path.display()))?;
+    writeln!(
+        log,
+        "===== {}: starting node {} =====",
+        spec.starter, spec.id
+    )?;
+    command
+        .arg("serve")
+        .arg("--node-id")
+        .arg(spec.id.to_string())
+        .arg("--data-dir")
+        .arg(spec.data_dir)
+        .arg("--listen")
+        .arg(spec.address.to_string())
+        .arg("--advertise")
+        .arg(spec.address.to_string())
+        .arg("--initial-cluster")
+        .arg(spec.initial_cluster)
+        .arg("--metrics-listen")
+        .arg(spec.metrics.to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    node_process_settings(&mut command);
+    Ok(command)
 }
 
 /// Settings every test-started `ordo serve` gets: configured by its flags alone (ORDO_*

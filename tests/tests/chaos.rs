@@ -31,14 +31,7 @@ async fn chaos_short_run_loses_no_acked_record() {
     let outcome = run_until_signal(config)
         .await
         .expect("the chaos run could not run");
-    println!("{}", outcome.report.render());
-    if let Some(dir) = &outcome.kept {
-        println!(
-            "history: {} (run dir {} kept)",
-            outcome.history.display(),
-            dir.display()
-        );
-    }
+    outcome.print();
     assert!(
         outcome.report.passed(),
         "the chaos run found violations (seed {seed}, rerun with ORDO_TEST_SEED={seed}):\n{}",

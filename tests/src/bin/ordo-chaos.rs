@@ -88,14 +88,7 @@ fn main_inner() -> Result<bool> {
                 .enable_all()
                 .build()?;
             let outcome = runtime.block_on(run_until_signal(config))?;
-            println!("{}", outcome.report.render());
-            if let Some(dir) = &outcome.kept {
-                println!(
-                    "history: {} (run dir {} kept)",
-                    outcome.history.display(),
-                    dir.display()
-                );
-            }
+            outcome.print();
             Ok(outcome.report.passed())
         }
         _ => bail!("{USAGE}\nfaults: {}", fault_kinds().join(", ")),

@@ -162,6 +162,20 @@ pub struct Outcome {
     pub kept: Option<PathBuf>,
 }
 
+impl Outcome {
+    /// Prints the report, and where the history is when the run's dir was kept.
+    pub fn print(&self) {
+        println!("{}", self.report.render());
+        if let Some(dir) = &self.kept {
+            println!(
+                "history: {} (run dir {} kept)",
+                self.history.display(),
+                dir.display()
+            );
+        }
+    }
+}
+
 /// The run's temp dir: removed at the end unless the run failed (or a panic unwinds through it,
 /// or `keep` was asked), in which case its path is printed.
 struct RunDir {

@@ -2,11 +2,11 @@
 //! (`ip netns exec`, which execs, so the child's pid is the server's), and the small tmpfs that
 //! holds one node's data dir for the disk-full fault.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -160,33 +160,22 @@ impl Nodes {
             "node {} is already running",
             node.id
         );
-        let mut log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&node.log_path)
-            .with_context(|| format!("open {}", node.log_path.display()))?;
-        writeln!(log, "===== ordo-chaos: starting node {} =====", node.id)?;
-        let mut command = Command::new("ip");
-        command
+        let mut wrapper = Command::new("ip");
+        wrapper
             .args(["netns", "exec", &node.namespace])
-            .arg(&self.binary)
-            .arg("serve")
-            .arg("--node-id")
-            .arg(node.id.to_string())
-            .arg("--data-dir")
-            .arg(&node.data_dir)
-            .arg("--listen")
-            .arg(node.address.to_string())
-            .arg("--advertise")
-            .arg(node.address.to_string())
-            .arg("--initial-cluster")
-            .arg(&self.initial_cluster)
-            .arg("--metrics-listen")
-            .arg(SocketAddr::new(node.address.ip(), METRICS_PORT).to_string())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        crate::node_process_settings(&mut command);
+            .arg(&self.binary);
+        let mut command = crate::serve_command(
+            wrapper,
+            &crate::ServeSpec {
+                id: node.id,
+                data_dir: &node.data_dir,
+                address: node.address,
+                initial_cluster: &self.initial_cluster,
+                metrics: SocketAddr::new(node.address.ip(), METRICS_PORT),
+                log_path: &node.log_path,
+                starter: "ordo-chaos",
+            },
+        )?;
         let child = command
             .spawn()
             .with_context(|| format!("start node {} in {}", node.id, node.namespace))?;
