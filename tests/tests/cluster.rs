@@ -20,7 +20,8 @@ use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use ordo_proto::v1::{
     ClusterStatusRequest, CreateTopicRequest, DeleteTopicRequest, DescribeTopicRequest,
-    FetchRequest, ProduceRequest, Record, StoredRecord,
+    FetchRequest, ProduceRequest, ProduceStreamRequest, Record, StoredRecord,
+    produce_stream_response,
 };
 use ordo_tests::{
     Ledger, NodeId, READ_TIMEOUT, TestCluster, effective_code, expect_code, produce_acked,
@@ -29,10 +30,11 @@ use ordo_tests::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::{Instant, sleep, timeout};
-use tonic::Code;
+use tonic::{Code, Status};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt;
 
 /// Every test runs three nodes: the smallest cluster that survives the loss of one.
 const NODES: usize = 3;
@@ -227,6 +229,147 @@ async fn concurrent_produces_to_one_partition_share_entries() {
             "{CALLS} concurrent calls made {} log entries: nothing was coalesced",
             group.last_log_index
         );
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// One ProduceStream carrying 1,500 requests, some of them bad, sent through a node without
+/// reading answers first: every request is answered exactly once under its own id; a bad one
+/// gets the status a unary call would (code and ErrorInfo reason) without disturbing the
+/// others; every acked record is on every replica at its offset; and once the client closes
+/// its side, the server ends the stream after the last answer. 1,500 is above the server's
+/// default read-ahead (grpc.produce_stream_in_flight_max = 1,024), so the bound is exercised.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_stream_answers_every_request_by_id() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "piped";
+        cluster.create_topic(topic, PARTITIONS, 3).await?;
+        cluster.leaders(topic).await?;
+        const REQUESTS: u64 = 1_500;
+        // What each bad request must get: code and ErrorInfo reason.
+        let bad = |id: u64| match id % 100 {
+            7 => Some((Code::NotFound, "TOPIC_NOT_FOUND")),
+            13 => Some((Code::InvalidArgument, "EMPTY_BATCH")),
+            29 => Some((Code::InvalidArgument, "MISSING_REQUEST")),
+            _ => None,
+        };
+        let mut sent_records = std::collections::HashMap::new();
+        let mut messages = Vec::new();
+        for id in 0..REQUESTS {
+            let records = unique_records(&format!("req{id}"), 0, 1 + (id % 3) as usize, true);
+            let request = match id % 100 {
+                7 => Some(ProduceRequest {
+                    topic: "no-such-topic".to_owned(),
+                    partition: None,
+                    records,
+                }),
+                13 => Some(ProduceRequest {
+                    topic: topic.to_owned(),
+                    partition: None,
+                    records: Vec::new(),
+                }),
+                29 => None,
+                _ => {
+                    sent_records.insert(id, records.clone());
+                    Some(ProduceRequest {
+                        topic: topic.to_owned(),
+                        partition: None,
+                        records,
+                    })
+                }
+            };
+            messages.push(ProduceStreamRequest {
+                id,
+                request,
+                timeout_ms: 30_000,
+            });
+        }
+        let (sender, receiver) = tokio::sync::mpsc::channel(64);
+        let mut log = cluster.log_client(cluster.node_ids()[1]);
+        let mut answers = log
+            .produce_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .context("open the produce stream")?
+            .into_inner();
+        // Sends everything, then closes the request side by dropping the sender.
+        let sending = tokio::spawn(async move {
+            for message in messages {
+                sender.send(message).await.ok()?;
+            }
+            Some(())
+        });
+
+        let mut ledger = Ledger::default();
+        let mut answered = std::collections::HashSet::new();
+        let read_all = async {
+            while let Some(answer) = answers.message().await? {
+                let id = answer.id;
+                ensure!(id < REQUESTS, "answer for id {id}, which was never sent");
+                ensure!(answered.insert(id), "id {id} answered twice");
+                let outcome = match answer.result {
+                    Some(produce_stream_response::Result::Response(response)) => Ok(response),
+                    Some(produce_stream_response::Result::Error(error)) => {
+                        Err(Status::with_details(
+                            Code::from_i32(error.code),
+                            error.message,
+                            error.details,
+                        ))
+                    }
+                    None => bail!("id {id}: answer without a result"),
+                };
+                match (bad(id), outcome) {
+                    (Some((code, reason)), Err(status)) => {
+                        let info = status.get_details_error_info();
+                        ensure!(
+                            status.code() == code
+                                && info.as_ref().map(|info| info.reason.as_str()) == Some(reason),
+                            "id {id}: expected {code:?} {reason}, got {:?} {info:?}: {}",
+                            status.code(),
+                            status.message()
+                        );
+                    }
+                    (Some(_), Ok(response)) => bail!("bad request {id} succeeded: {response:?}"),
+                    (None, outcome) => {
+                        if let Err(status) = &outcome {
+                            bail!("id {id} failed: {:?}: {}", status.code(), status.message());
+                        }
+                        ledger.record(&sent_records[&id], None, &outcome)?;
+                    }
+                }
+            }
+            anyhow::Ok(())
+        };
+        timeout(Duration::from_secs(120), read_all)
+            .await
+            .context("the stream did not end within 120 s of the requests")??;
+        ensure!(
+            sending.await?.is_some(),
+            "the server stopped accepting requests before all were sent"
+        );
+        ensure!(
+            answered.len() as u64 == REQUESTS,
+            "{} of {REQUESTS} requests answered before the stream ended",
+            answered.len()
+        );
+        let good = sent_records.values().map(Vec::len).sum::<usize>();
+        ensure!(
+            ledger.acked_count() == good,
+            "acked {} of {good}",
+            ledger.acked_count()
+        );
+        check_everywhere(
+            &cluster,
+            &mut ledger,
+            topic,
+            PARTITIONS,
+            &cluster.node_ids(),
+        )
+        .await?;
         Ok(())
     }
     .await;

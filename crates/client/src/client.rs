@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ordo_proto::v1 as proto;
@@ -27,6 +27,7 @@ use tonic::{Request, Status};
 
 use crate::convert;
 use crate::error::{ClientError, Effect};
+use crate::pipe::Pipe;
 use crate::routing::{Routes, TopicRoute};
 use crate::subscribe::Subscription;
 use crate::types::{
@@ -65,6 +66,10 @@ pub struct ClientOptions {
     pub subscribe_retries_max: u32,
     /// Largest response message the client decodes, in bytes. Default 64 MiB.
     pub response_bytes_max: usize,
+    /// Send produce calls pipelined on one `ProduceStream` per endpoint (default, true) rather
+    /// than as one unary `Produce` call each. Same semantics either way; the stream saves the
+    /// per-call HTTP/2 stream. A server without ProduceStream is detected and gets unary calls.
+    pub produce_stream: bool,
 }
 
 impl Default for ClientOptions {
@@ -80,6 +85,7 @@ impl Default for ClientOptions {
             retries_max: 64,
             subscribe_retries_max: 10,
             response_bytes_max: 64 * 1024 * 1024,
+            produce_stream: true,
         }
     }
 }
@@ -110,6 +116,10 @@ struct Node {
     /// `host:port`, to match a leader address hinted by the server.
     authority: String,
     channel: Channel,
+    /// The open ProduceStream to this endpoint, if any (see `pipe`).
+    pipe: tokio::sync::Mutex<Option<Arc<Pipe>>>,
+    /// Set when this endpoint answered UNIMPLEMENTED to ProduceStream (an older server).
+    unary_only: AtomicBool,
 }
 
 /// The endpoint a call went to, for mapping errors that arrive later (on a stream).
@@ -205,13 +215,12 @@ impl Client {
             records: records.into_iter().map(proto::Record::from).collect(),
         };
         let result = self
-            .call_on(leader, Effect::Write, Duration::ZERO, |channel, timeout| {
-                let request = timed(request.clone(), timeout);
-                async move { self.log(channel).produce(request).await }
+            .call_indexed(leader, Effect::Write, Duration::ZERO, |index, timeout| {
+                self.produce_attempt(index, request.clone(), timeout)
             })
             .await;
         match result {
-            Ok((response, _)) => convert::produce_acks(response.into_inner(), sent),
+            Ok((response, _)) => convert::produce_acks(response, sent),
             Err(error) => {
                 if let Some(route) = route {
                     route.mark_stale();
@@ -219,6 +228,52 @@ impl Client {
                 Err(error)
             }
         }
+    }
+
+    /// One attempt of a produce call at endpoint `index`: on its ProduceStream when enabled
+    /// and supported, else as a unary call.
+    async fn produce_attempt(
+        &self,
+        index: usize,
+        request: proto::ProduceRequest,
+        timeout: Duration,
+    ) -> Result<proto::ProduceResponse, Status> {
+        let node = &self.inner.nodes[index];
+        if self.inner.options.produce_stream && !node.unary_only.load(Ordering::Relaxed) {
+            match self.pipe(node, timeout).await {
+                Ok(pipe) => return pipe.produce(request, timeout).await,
+                Err(status) if status.code() == tonic::Code::Unimplemented => {
+                    tracing::info!(endpoint = %node.address, "server has no ProduceStream; sending unary produce calls");
+                    node.unary_only.store(true, Ordering::Relaxed);
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        self.log(node.channel.clone())
+            .produce(timed(request, timeout))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// The open ProduceStream to `node`, opened now (within `timeout`) when there is none or
+    /// the last one broke. Calls that arrive while it opens wait for the same one.
+    async fn pipe(&self, node: &Node, timeout: Duration) -> Result<Arc<Pipe>, Status> {
+        let mut slot = node.pipe.lock().await;
+        if let Some(pipe) = slot.as_ref().filter(|pipe| pipe.is_open()) {
+            return Ok(Arc::clone(pipe));
+        }
+        *slot = None;
+        let open = Pipe::open(self.log(node.channel.clone()), Arc::clone(&node.address));
+        // Nothing is sent until the stream is open, so a timeout here wrote nothing.
+        let pipe = tokio::time::timeout(timeout, open).await.map_err(|_| {
+            Status::unavailable(format!(
+                "opening a produce stream to {} took longer than {timeout:?}; nothing was written",
+                node.address
+            ))
+        })??;
+        let pipe = Arc::new(pipe);
+        *slot = Some(Arc::clone(&pipe));
+        Ok(pipe)
     }
 
     /// The partition leaders of `topic`, looked up on first use and refreshed in the
@@ -500,6 +555,25 @@ impl Client {
         F: FnMut(Channel, Duration) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        self.call_indexed(first, effect, extra, |index, remaining| {
+            attempt(self.inner.nodes[index].channel.clone(), remaining)
+        })
+        .await
+    }
+
+    /// Like [`Client::call_on`], with `attempt` given the index of the endpoint instead of its
+    /// channel.
+    async fn call_indexed<T, F, Fut>(
+        &self,
+        first: Option<usize>,
+        effect: Effect,
+        extra: Duration,
+        mut attempt: F,
+    ) -> Result<(T, EndpointName), ClientError>
+    where
+        F: FnMut(usize, Duration) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let options = &self.inner.options;
         let started = Instant::now();
         let budget = options.request_timeout.saturating_add(extra);
@@ -513,8 +587,7 @@ impl Client {
             let node = &self.inner.nodes[index];
             let remaining = budget.saturating_sub(started.elapsed());
             let local_limit = remaining.saturating_add(options.deadline_grace);
-            let outcome =
-                tokio::time::timeout(local_limit, attempt(node.channel.clone(), remaining)).await;
+            let outcome = tokio::time::timeout(local_limit, attempt(index, remaining)).await;
             let error = match outcome {
                 Ok(Ok(value)) => return Ok((value, Arc::clone(&node.address))),
                 Ok(Err(status)) => ClientError::from_status(status, effect, &node.address),
@@ -617,6 +690,8 @@ impl Node {
             address: Arc::from(address),
             authority,
             channel: builder.connect_lazy(),
+            pipe: tokio::sync::Mutex::new(None),
+            unary_only: AtomicBool::new(false),
         })
     }
 }

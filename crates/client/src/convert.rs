@@ -175,6 +175,40 @@ impl From<proto::ClusterStatusResponse> for ClusterStatus {
 }
 
 /// The acknowledgements of a produce of `sent` records, checked to be one per record.
+/// One request of a ProduceStream.
+pub(crate) fn produce_stream_request(
+    id: u64,
+    request: proto::ProduceRequest,
+    timeout_ms: u32,
+) -> proto::ProduceStreamRequest {
+    proto::ProduceStreamRequest {
+        id,
+        request: Some(request),
+        timeout_ms,
+    }
+}
+
+/// One answer of a ProduceStream: its id and what a unary Produce would have returned. An
+/// error is rebuilt as the status a unary call would have ended with, details included, so
+/// [`ClientError::from_status`] reads both alike.
+pub(crate) fn produce_stream_answer(
+    answer: proto::ProduceStreamResponse,
+) -> (u64, Result<proto::ProduceResponse, tonic::Status>) {
+    use proto::produce_stream_response::Result as Answer;
+    let result = match answer.result {
+        Some(Answer::Response(response)) => Ok(response),
+        Some(Answer::Error(error)) => Err(tonic::Status::with_details(
+            tonic::Code::from_i32(error.code),
+            error.message,
+            error.details,
+        )),
+        None => Err(tonic::Status::internal(
+            "protocol error: a ProduceStream answer carried neither a response nor an error",
+        )),
+    };
+    (answer.id, result)
+}
+
 pub(crate) fn produce_acks(
     response: proto::ProduceResponse,
     sent: usize,

@@ -21,6 +21,7 @@
 //! # Layout
 //! - `client`: [`Client`] and [`ClientOptions`]: endpoints, channels, deadlines, retries.
 //! - `subscribe`: [`Subscription`], a record stream that resumes after a broken connection.
+//! - `pipe`: pipelined produce calls on one `ProduceStream` per endpoint.
 //! - `routing`: partition leaders of topics, so produce calls skip the forwarding hop.
 //! - `error`: [`ClientError`] and the one function that builds it from a gRPC status.
 //! - `types`: the domain types callers build and receive.
@@ -32,6 +33,7 @@
 mod client;
 mod convert;
 mod error;
+mod pipe;
 mod routing;
 mod subscribe;
 mod types;

@@ -110,6 +110,9 @@ pub struct GrpcConfig {
     pub keepalive_timeout_ms: u64,
     /// Subscribe streams open at once on this node. Default 4096.
     pub subscriptions_max: u64,
+    /// Requests of one ProduceStream read ahead of their answers; past it the server stops
+    /// reading that stream until answers go out. Default 1024.
+    pub produce_stream_in_flight_max: u64,
 }
 
 impl Default for GrpcConfig {
@@ -120,6 +123,7 @@ impl Default for GrpcConfig {
             keepalive_interval_ms: 10_000,
             keepalive_timeout_ms: 5_000,
             subscriptions_max: 4096,
+            produce_stream_in_flight_max: 1024,
         }
     }
 }
@@ -319,8 +323,11 @@ impl NodeConfig {
         if self.grpc.message_bytes_max < self.limits.batch_bytes_max + (1 << 20) {
             return fail("grpc.message_bytes_max must exceed limits.batch_bytes_max by at least 1 MiB of framing".into());
         }
-        if self.grpc.max_concurrent_streams == 0 || self.grpc.subscriptions_max == 0 {
-            return fail("grpc: max_concurrent_streams and subscriptions_max must be > 0".into());
+        if self.grpc.max_concurrent_streams == 0
+            || self.grpc.subscriptions_max == 0
+            || self.grpc.produce_stream_in_flight_max == 0
+        {
+            return fail("grpc: max_concurrent_streams, subscriptions_max and produce_stream_in_flight_max must be > 0".into());
         }
         if let Err(error) = self.store_options().validate() {
             return fail(format!("storage: {error}"));

@@ -31,11 +31,17 @@ pub fn request_timeout(metadata: &tonic::metadata::MetadataMap, default: Duratio
         .and_then(|value| value.to_str().ok())
         .and_then(parse_grpc_timeout);
     match caller {
-        Some(caller) => caller
-            .saturating_sub(ANSWER_MARGIN.min(caller / 10))
-            .min(default),
+        Some(caller) => answer_within(caller, default),
         None => default,
     }
+}
+
+/// The time a request with the caller's deadline `caller` may take: less a margin to send the
+/// answer, capped by `default`.
+pub fn answer_within(caller: Duration, default: Duration) -> Duration {
+    caller
+        .saturating_sub(ANSWER_MARGIN.min(caller / 10))
+        .min(default)
 }
 
 #[cfg(test)]

@@ -159,6 +159,9 @@ async fn serve_node(
         subscriptions: Arc::new(tokio::sync::Semaphore::new(
             config.grpc.subscriptions_max as usize,
         )),
+        produce_stream_in_flight_max: usize::try_from(config.grpc.produce_stream_in_flight_max)
+            .unwrap_or(usize::MAX),
+        shutdown: shutdown.clone(),
     };
 
     if let Some(address) = config.metrics_listen {

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Open subscriptions.
     pub subscriptions: Gauge,
     subscriptions_max: Gauge,
+    /// Open ProduceStreams.
+    pub produce_streams: Gauge,
     store_fsyncs: Counter<u64, AtomicU64>,
     store_fsync_callbacks: Counter<u64, AtomicU64>,
     store_fsync_seconds: Counter<f64, AtomicU64>,
@@ -83,6 +85,12 @@ impl Metrics {
             "subscriptions_max",
             "Limit on open Subscribe streams",
             subscriptions_max_gauge.clone(),
+        );
+        let produce_streams = Gauge::default();
+        registry.register(
+            "produce_streams",
+            "Open ProduceStream streams",
+            produce_streams.clone(),
         );
         let store_fsyncs = Counter::default();
         registry.register("storage_fsyncs", "Journal fsyncs", store_fsyncs.clone());
@@ -136,6 +144,7 @@ impl Metrics {
             fetch_requests,
             subscriptions,
             subscriptions_max: subscriptions_max_gauge,
+            produce_streams,
             store_fsyncs,
             store_fsync_callbacks,
             store_fsync_seconds,

@@ -8,6 +8,8 @@ use std::time::Duration;
 use std::time::Instant;
 
 use futures::Stream;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use ordo_broker::Broker;
 use ordo_broker::BrokerError;
 use ordo_broker::PartitionView;
@@ -18,11 +20,14 @@ use ordo_proto::internal as internal_pb;
 use ordo_proto::v1 as pb;
 use tokio::sync::Semaphore;
 use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tonic::Request;
 use tonic::Response;
 use tonic::Status;
+use tonic::Streaming;
 use tracing::Instrument;
 
+use crate::deadline;
 use crate::deadline::request_timeout;
 use crate::metrics::Metrics;
 use crate::status;
@@ -34,12 +39,19 @@ const SUBSCRIBE_POLL: Duration = Duration::from_secs(5);
 /// Answers buffered per Subscribe stream.
 const SUBSCRIBE_BUFFER: usize = 4;
 
+/// Answers buffered per ProduceStream.
+const PRODUCE_STREAM_BUFFER: usize = 64;
+
 /// Shared state of the services. Cheap to clone.
 #[derive(Clone)]
 pub struct Services {
     pub(crate) broker: Broker,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) subscriptions: Arc<Semaphore>,
+    /// Requests of one ProduceStream read ahead of their answers (grpc config).
+    pub(crate) produce_stream_in_flight_max: usize,
+    /// Turns true at shutdown; ProduceStreams stop reading then.
+    pub(crate) shutdown: watch::Receiver<bool>,
 }
 
 fn record_from_wire(record: pb::Record) -> Record {
@@ -100,21 +112,14 @@ fn topic_to_wire(topic: TopicView) -> pb::TopicDescription {
     }
 }
 
-fn is_forwarded<T>(request: &Request<T>) -> bool {
-    request
-        .metadata()
-        .contains_key(ordo_broker::FORWARDED_HEADER)
-}
-
-#[tonic::async_trait]
-impl pb::log_server::Log for Services {
-    async fn produce(
+impl Services {
+    /// One produce request, unary or from a stream: the broker call, its metrics, the answer.
+    async fn produce_one(
         &self,
-        request: Request<pb::ProduceRequest>,
-    ) -> Result<Response<pb::ProduceResponse>, Status> {
+        request: pb::ProduceRequest,
+        timeout: Duration,
+    ) -> Result<pb::ProduceResponse, Status> {
         let started = Instant::now();
-        let timeout = request_timeout(request.metadata(), self.broker.limits().produce_timeout());
-        let request = request.into_inner();
         let span =
             tracing::debug_span!("produce", node = self.broker.node_id(), topic = %request.topic);
         let count = request.records.len() as u64;
@@ -134,12 +139,125 @@ impl pb::log_server::Log for Services {
         self.metrics
             .produce_latency
             .observe(started.elapsed().as_secs_f64());
-        Ok(Response::new(pb::ProduceResponse {
+        Ok(pb::ProduceResponse {
             acks: acks
                 .into_iter()
                 .map(|(partition, offset)| pb::RecordAck { partition, offset })
                 .collect(),
-        }))
+        })
+    }
+
+    /// Serves one ProduceStream: reads requests while fewer than
+    /// `produce_stream_in_flight_max` are unanswered, runs them concurrently, and sends each
+    /// answer as it completes. Ends when the client closes its side and every answer is sent,
+    /// when the client goes away (unanswered requests are dropped; the broker finishes or
+    /// abandons their appends on its own), or at shutdown, after answering what was read.
+    async fn run_produce_stream(
+        self,
+        mut inbound: Streaming<pb::ProduceStreamRequest>,
+        sender: mpsc::Sender<Result<pb::ProduceStreamResponse, Status>>,
+    ) {
+        let mut shutdown = self.shutdown.clone();
+        let mut pending = FuturesUnordered::new();
+        let mut reading = true;
+        self.metrics.produce_streams.inc();
+        loop {
+            if !reading && pending.is_empty() {
+                break;
+            }
+            let room = pending.len() < self.produce_stream_in_flight_max;
+            tokio::select! {
+                message = inbound.message(), if reading && room => match message {
+                    Ok(Some(message)) => pending.push(self.produce_streamed(message)),
+                    Ok(None) => reading = false,
+                    Err(status) => {
+                        tracing::debug!(%status, "produce stream broke");
+                        break;
+                    }
+                },
+                Some(answer) = pending.next() => {
+                    if sender.send(Ok(answer)).await.is_err() {
+                        break;
+                    }
+                }
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if reading => {
+                    reading = false;
+                }
+                _ = sender.closed() => break,
+                else => break,
+            }
+        }
+        self.metrics.produce_streams.dec();
+    }
+
+    /// One request of a ProduceStream, answered with its id.
+    async fn produce_streamed(
+        &self,
+        message: pb::ProduceStreamRequest,
+    ) -> pb::ProduceStreamResponse {
+        let default = self.broker.limits().produce_timeout();
+        let timeout = match message.timeout_ms {
+            0 => default,
+            millis => deadline::answer_within(Duration::from_millis(u64::from(millis)), default),
+        };
+        let result = match message.request {
+            Some(request) => self.produce_one(request, timeout).await,
+            None => Err(invalid(
+                "MISSING_REQUEST",
+                "a ProduceStreamRequest needs its request field",
+            )),
+        };
+        pb::ProduceStreamResponse {
+            id: message.id,
+            result: Some(match result {
+                Ok(response) => pb::produce_stream_response::Result::Response(response),
+                Err(status) => pb::produce_stream_response::Result::Error(pb::StreamStatus {
+                    code: status.code() as i32,
+                    message: status.message().to_owned(),
+                    details: status.details().to_vec().into(),
+                }),
+            }),
+        }
+    }
+}
+
+fn is_forwarded<T>(request: &Request<T>) -> bool {
+    request
+        .metadata()
+        .contains_key(ordo_broker::FORWARDED_HEADER)
+}
+
+#[tonic::async_trait]
+impl pb::log_server::Log for Services {
+    async fn produce(
+        &self,
+        request: Request<pb::ProduceRequest>,
+    ) -> Result<Response<pb::ProduceResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), self.broker.limits().produce_timeout());
+        self.produce_one(request.into_inner(), timeout)
+            .await
+            .map(Response::new)
+    }
+
+    type ProduceStreamStream =
+        Pin<Box<dyn Stream<Item = Result<pb::ProduceStreamResponse, Status>> + Send + 'static>>;
+
+    async fn produce_stream(
+        &self,
+        request: Request<Streaming<pb::ProduceStreamRequest>>,
+    ) -> Result<Response<Self::ProduceStreamStream>, Status> {
+        let inbound = request.into_inner();
+        let (sender, receiver) = mpsc::channel(PRODUCE_STREAM_BUFFER);
+        let services = self.clone();
+        let span = tracing::debug_span!("produce_stream", node = self.broker.node_id());
+        tokio::spawn(
+            services
+                .run_produce_stream(inbound, sender)
+                .instrument(span),
+        );
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     async fn fetch(

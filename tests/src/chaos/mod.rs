@@ -344,7 +344,9 @@ async fn drive(
         small_disk + 1
     );
 
+    let stream_clients = workload::stream_clients(nodes).await?;
     let shared = Arc::new(workload::Shared {
+        stream_clients,
         nodes: Arc::clone(nodes),
         history: Arc::clone(history),
         topic: TOPIC.to_owned(),

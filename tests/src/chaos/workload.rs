@@ -1,6 +1,11 @@
 //! The workload: producers sending keyed records with unique values through random nodes, with
 //! retries, and one consumer per partition reading it from offset 0 and following its tail,
 //! switching nodes now and then. Every call and its result goes to the history.
+//!
+//! Even-numbered producers send unary `Produce` calls and classify the raw statuses; odd ones
+//! send through `ordo_client::Client` (one per node, no retries of its own), which pipelines
+//! its calls on a `ProduceStream`, and record the client's own verdict. So the checker also
+//! holds the client to its word: a call it calls "not written" must not appear in the log.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +18,8 @@ use rand::{Rng, SeedableRng};
 use tokio::time::{Instant, sleep, timeout};
 use tonic::Code;
 use tonic_types::StatusExt;
+
+use ordo_client::ClientError;
 
 use super::history::{Event, History, Read, Sent, Written};
 use super::nodes::Nodes;
@@ -37,6 +44,8 @@ const FETCH_BYTES_MAX: u32 = 256 * 1024;
 /// What the workload tasks share.
 pub struct Shared {
     pub nodes: Arc<Nodes>,
+    /// One client per node (by index), for the producers that use ProduceStream.
+    pub stream_clients: Vec<ordo_client::Client>,
     pub history: Arc<History>,
     pub topic: String,
     /// Producers stop starting calls when set.
@@ -84,25 +93,13 @@ pub async fn producer(shared: Arc<Shared>, process: usize, seed: u64) -> u64 {
                 node: shared.nodes.nodes[index].id,
                 records: sent.clone(),
             });
-            let request = ProduceRequest {
-                topic: shared.topic.clone(),
-                partition: None,
-                records: records.clone(),
+            let attempted = if process.is_multiple_of(2) {
+                unary_attempt(&shared, index, &records).await
+            } else {
+                stream_attempt(&shared, index, &records).await
             };
-            let mut client = shared.nodes.log_client(index);
-            let outcome = timeout(
-                PRODUCE_DEADLINE + CLIENT_GRACE,
-                client.produce(with_timeout(request, PRODUCE_DEADLINE)),
-            )
-            .await;
-            let retry = match outcome {
-                Ok(Ok(response)) => {
-                    let acks = response
-                        .into_inner()
-                        .acks
-                        .iter()
-                        .map(|ack| (ack.partition, ack.offset))
-                        .collect();
+            let retry = match attempted {
+                Attempted::Acked(acks) => {
                     shared.history.log(Event::Ok {
                         process,
                         call,
@@ -111,42 +108,21 @@ pub async fn producer(shared: Arc<Shared>, process: usize, seed: u64) -> u64 {
                     });
                     false
                 }
-                Ok(Err(status)) => {
-                    let code = effective_code(&status);
-                    // Only UNAVAILABLE from the node itself (with its error details) promises
-                    // that nothing was written; the transport's UNAVAILABLE promises nothing.
-                    let written = if code == Code::Unavailable && !status.details().is_empty() {
-                        Written::No
-                    } else {
-                        Written::Unknown
-                    };
+                Attempted::Failed {
+                    code,
+                    written,
+                    message,
+                    retry,
+                } => {
                     shared.history.log(Event::Fail {
                         process,
                         call,
                         attempt,
-                        code: format!("{code:?}"),
-                        written,
-                        message: status.message().chars().take(300).collect(),
-                    });
-                    !matches!(
                         code,
-                        Code::InvalidArgument
-                            | Code::NotFound
-                            | Code::AlreadyExists
-                            | Code::FailedPrecondition
-                            | Code::OutOfRange
-                    )
-                }
-                Err(_) => {
-                    shared.history.log(Event::Fail {
-                        process,
-                        call,
-                        attempt,
-                        code: String::from("ClientTimeout"),
-                        written: Written::Unknown,
-                        message: format!("no answer within {:?}", PRODUCE_DEADLINE + CLIENT_GRACE),
+                        written,
+                        message: message.chars().take(300).collect(),
                     });
-                    true
+                    retry
                 }
             };
             if !retry {
@@ -157,6 +133,143 @@ pub async fn producer(shared: Arc<Shared>, process: usize, seed: u64) -> u64 {
         sleep(Duration::from_millis(rng.random_range(0..15))).await;
     }
     call
+}
+
+/// One client per node, each with that node as its only endpoint and no retries of its own, so
+/// that each attempt is one call whose outcome the client itself classifies.
+pub async fn stream_clients(nodes: &Nodes) -> anyhow::Result<Vec<ordo_client::Client>> {
+    let options = ordo_client::ClientOptions {
+        request_timeout: PRODUCE_DEADLINE,
+        deadline_grace: CLIENT_GRACE,
+        connect_timeout: Duration::from_secs(1),
+        retries_max: 0,
+        produce_stream: true,
+        ..ordo_client::ClientOptions::default()
+    };
+    let mut clients = Vec::new();
+    for node in &nodes.nodes {
+        let endpoint = format!("http://{}", node.address);
+        clients.push(ordo_client::Client::connect_with_options([endpoint], options.clone()).await?);
+    }
+    Ok(clients)
+}
+
+/// What one produce attempt came to.
+enum Attempted {
+    Acked(Vec<(u32, u64)>),
+    Failed {
+        code: String,
+        written: Written,
+        message: String,
+        retry: bool,
+    },
+}
+
+/// One unary Produce through node `index`.
+async fn unary_attempt(shared: &Shared, index: usize, records: &[Record]) -> Attempted {
+    let request = ProduceRequest {
+        topic: shared.topic.clone(),
+        partition: None,
+        records: records.to_vec(),
+    };
+    let mut client = shared.nodes.log_client(index);
+    let outcome = timeout(
+        PRODUCE_DEADLINE + CLIENT_GRACE,
+        client.produce(with_timeout(request, PRODUCE_DEADLINE)),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(response)) => Attempted::Acked(
+            response
+                .into_inner()
+                .acks
+                .iter()
+                .map(|ack| (ack.partition, ack.offset))
+                .collect(),
+        ),
+        Ok(Err(status)) => {
+            let code = effective_code(&status);
+            // Only UNAVAILABLE from the node itself (with its error details) promises
+            // that nothing was written; the transport's UNAVAILABLE promises nothing.
+            let written = if code == Code::Unavailable && !status.details().is_empty() {
+                Written::No
+            } else {
+                Written::Unknown
+            };
+            Attempted::Failed {
+                code: format!("{code:?}"),
+                written,
+                message: status.message().to_owned(),
+                retry: !matches!(
+                    code,
+                    Code::InvalidArgument
+                        | Code::NotFound
+                        | Code::AlreadyExists
+                        | Code::FailedPrecondition
+                        | Code::OutOfRange
+                ),
+            }
+        }
+        Err(_) => Attempted::Failed {
+            code: String::from("ClientTimeout"),
+            written: Written::Unknown,
+            message: format!("no answer within {:?}", PRODUCE_DEADLINE + CLIENT_GRACE),
+            retry: true,
+        },
+    }
+}
+
+/// One produce call through `ordo_client` on node `index`'s ProduceStream. The client's error
+/// decides what was written: only the errors it calls retryable promise nothing was.
+async fn stream_attempt(shared: &Shared, index: usize, records: &[Record]) -> Attempted {
+    let records = records
+        .iter()
+        .map(|record| {
+            let out = ordo_client::Record::new(record.value.clone());
+            match &record.key {
+                Some(key) => out.with_key(key.clone()),
+                None => out,
+            }
+        })
+        .collect();
+    // The client bounds the call itself (deadline plus grace); this outer bound only guards
+    // against a client bug hanging the workload.
+    let limit = PRODUCE_DEADLINE + CLIENT_GRACE * 2;
+    let outcome = timeout(
+        limit,
+        shared.stream_clients[index].produce(&shared.topic, None, records),
+    )
+    .await;
+    match outcome {
+        Ok(Ok(acks)) => {
+            Attempted::Acked(acks.iter().map(|ack| (ack.partition, ack.offset)).collect())
+        }
+        Ok(Err(error)) => Attempted::Failed {
+            code: format!("client:{}", error.kind()),
+            written: if error.is_retryable() {
+                Written::No
+            } else {
+                Written::Unknown
+            },
+            message: error.to_string(),
+            retry: !matches!(
+                error,
+                ClientError::InvalidArgument { .. }
+                    | ClientError::NotFound { .. }
+                    | ClientError::AlreadyExists { .. }
+                    | ClientError::FailedPrecondition { .. }
+                    | ClientError::OutOfRange { .. }
+                    | ClientError::InvalidEndpoint { .. }
+                    | ClientError::Protocol { .. }
+            ),
+        },
+        Err(_) => Attempted::Failed {
+            code: String::from("ClientHung"),
+            written: Written::Unknown,
+            message: format!("ordo_client gave no answer within {limit:?}"),
+            retry: true,
+        },
+    }
 }
 
 /// Follows one partition from offset 0. Returns the next offset it would read.

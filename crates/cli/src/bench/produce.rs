@@ -72,19 +72,24 @@ pub struct ProduceBenchArgs {
     /// Seed of the random keys and values (default: from the clock); printed with the result.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Send each produce call as a unary Produce instead of pipelining the calls on one
+    /// ProduceStream per node (the client's default).
+    #[arg(long)]
+    pub unary: bool,
 }
 
 impl ProduceBenchArgs {
     fn shape(&self) -> String {
         format!(
-            "produce record_size={} batch={} in_flight={} clients={} partitions={} replication_factor={} keys={}",
+            "produce record_size={} batch={} in_flight={} clients={} partitions={} replication_factor={} keys={}{}",
             self.record_size,
             self.batch,
             self.in_flight,
             self.clients,
             self.partitions,
             self.replication_factor,
-            self.keys
+            self.keys,
+            if self.unary { " unary" } else { "" }
         )
     }
 }
@@ -128,7 +133,14 @@ pub async fn run(
     let live = Arc::new(Live::default());
     let mut tasks = JoinSet::new();
     for index in 0..args.clients {
-        let client = crate::client_for(endpoints.clone(), global.timeout).await?;
+        let options = ordo_client::ClientOptions {
+            request_timeout: global.timeout,
+            produce_stream: !args.unary,
+            ..ordo_client::ClientOptions::default()
+        };
+        let client = ordo_client::Client::connect_with_options(endpoints.clone(), options)
+            .await
+            .context("invalid --endpoints")?;
         let args = args.clone();
         let live = Arc::clone(&live);
         let seed = seed.wrapping_add(u64::from(index));
