@@ -182,6 +182,39 @@ impl TestCluster {
         format!("http://{}", self.node(node).address)
     }
 
+    /// The sum of every series of metric `name` (e.g. `ordo_produce_requests_total`, all
+    /// labels) on node `node`'s `/metrics`, read with a plain HTTP/1.0 GET.
+    pub async fn metric(&self, node: NodeId, name: &str) -> Result<u64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let address = self.node(node).metrics_address;
+        let read = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: ordo\r\n\r\n")
+                .await?;
+            let mut body = String::new();
+            stream.read_to_string(&mut body).await?;
+            anyhow::Ok(body)
+        };
+        let body = tokio::time::timeout(READ_TIMEOUT, read)
+            .await
+            .with_context(|| format!("metrics of node {node} at {address}: no answer"))??;
+        let mut sum = 0_u64;
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if !(rest.starts_with(' ') || rest.starts_with('{')) {
+                continue;
+            }
+            let value = rest.rsplit(' ').next().unwrap_or_default();
+            sum += value
+                .parse::<f64>()
+                .with_context(|| format!("metric line {line:?}"))? as u64;
+        }
+        Ok(sum)
+    }
+
     /// The file a node's stdout and stderr go to.
     pub fn log_path(&self, node: NodeId) -> PathBuf {
         self.node(node).log_path.clone()

@@ -376,6 +376,129 @@ async fn produce_stream_answers_every_request_by_id() {
     cluster.finish(result);
 }
 
+/// `ordo-client` merges concurrent calls to one partition into shared requests (one request in
+/// flight per partition by default) and still acks each call with its own records: 400
+/// concurrent calls, to a given partition or keyless (partition chosen by the client), each get
+/// one ack per record; every acked offset holds that call's record on every replica. A call
+/// whose record is over the server's limit, merged with others (the client's batch bound is
+/// raised above the limit), fails alone with INVALID_ARGUMENT: the merged request is refused
+/// and the client sends its calls one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_batches_concurrent_calls_and_acks_each_its_own() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "batched";
+        cluster.create_topic(topic, PARTITIONS, 3).await?;
+        cluster.leaders(topic).await?;
+        let endpoints: Vec<String> = cluster
+            .node_ids()
+            .into_iter()
+            .map(|node| cluster.endpoint(node))
+            .collect();
+        let client = ordo_client::Client::connect_with_options(
+            endpoints,
+            ordo_client::ClientOptions {
+                request_timeout: Duration::from_secs(30),
+                produce_batch_bytes_max: 4 << 20,
+                ..ordo_client::ClientOptions::default()
+            },
+        )
+        .await?;
+        const CALLS: usize = 400;
+        // Over the server's default limits.record_bytes_max (1 MiB), under the client's bound.
+        const OVERSIZED_CALL: usize = 200;
+        let mut calls = tokio::task::JoinSet::new();
+        for call in 0..CALLS {
+            let client = client.clone();
+            calls.spawn(async move {
+                let records = if call == OVERSIZED_CALL {
+                    vec![Record {
+                        key: None,
+                        value: Bytes::from(vec![b'x'; (1 << 20) + 100]),
+                        headers: Vec::new(),
+                        timestamp_ms: None,
+                    }]
+                } else {
+                    unique_records(&format!("call{call}"), 0, 1 + call % 3, false)
+                };
+                let partition = (call % 2 == 0).then_some((call % 3) as u32);
+                let wire: Vec<ordo_client::Record> = records
+                    .iter()
+                    .map(|record| ordo_client::Record::new(record.value.clone()))
+                    .collect();
+                let outcome = client.produce(topic, partition, wire).await;
+                (call, partition, records, outcome)
+            });
+        }
+        let mut ledger = Ledger::default();
+        let mut merged_refusal_seen = false;
+        while let Some(joined) = calls.join_next().await {
+            let (call, partition, records, outcome) = joined.context("produce task panicked")?;
+            match outcome {
+                Ok(acks) => {
+                    ensure!(
+                        call != OVERSIZED_CALL,
+                        "the oversized call was acked: {acks:?}"
+                    );
+                    let response = ordo_proto::v1::ProduceResponse {
+                        acks: acks
+                            .iter()
+                            .map(|ack| ordo_proto::v1::RecordAck {
+                                partition: ack.partition,
+                                offset: ack.offset,
+                            })
+                            .collect(),
+                    };
+                    ledger.record(&records, partition, &Ok(response))?;
+                }
+                Err(ordo_client::ClientError::InvalidArgument { reason, message })
+                    if call == OVERSIZED_CALL =>
+                {
+                    ensure!(
+                        reason.as_deref() == Some("LIMIT_EXCEEDED"),
+                        "oversized call: reason {reason:?}: {message}"
+                    );
+                    merged_refusal_seen = true;
+                }
+                Err(error) => bail!("call {call} failed: {error}"),
+            }
+        }
+        ensure!(merged_refusal_seen, "the oversized call did not fail");
+        let records: usize = (0..CALLS)
+            .filter(|call| *call != OVERSIZED_CALL)
+            .map(|call| 1 + call % 3)
+            .sum();
+        ensure!(
+            ledger.acked_count() == records,
+            "acked {} of {records}",
+            ledger.acked_count()
+        );
+        check_everywhere(
+            &cluster,
+            &mut ledger,
+            topic,
+            PARTITIONS,
+            &cluster.node_ids(),
+        )
+        .await?;
+        // Fewer requests than calls reached the servers: the calls were merged.
+        let mut requests = 0_u64;
+        for node in cluster.node_ids() {
+            requests += cluster.metric(node, "ordo_produce_requests_total").await?;
+        }
+        println!("{CALLS} calls reached the servers as {requests} produce requests");
+        ensure!(
+            requests < CALLS as u64,
+            "{CALLS} concurrent calls made {requests} requests: nothing was merged"
+        );
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
 /// SIGKILL of partition 0's leader under a produce load loses no acked record: once a new
 /// leader is elected, every acked record is read back at its acked offset from both survivors,
 /// offsets stay dense, and no offset holds two different records in any two reads.

@@ -37,7 +37,7 @@ pub enum Effect {
 }
 
 /// An error returned by [`crate::Client`]. Each variant names something a caller can act on.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {
     /// The topic or partition does not exist.
     #[error("not found: {message}")]

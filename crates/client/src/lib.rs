@@ -21,6 +21,7 @@
 //! # Layout
 //! - `client`: [`Client`] and [`ClientOptions`]: endpoints, channels, deadlines, retries.
 //! - `subscribe`: [`Subscription`], a record stream that resumes after a broken connection.
+//! - `batch`: queues of concurrent produce calls per partition, sent together.
 //! - `pipe`: pipelined produce calls on one `ProduceStream` per endpoint.
 //! - `routing`: partition leaders of topics, so produce calls skip the forwarding hop.
 //! - `error`: [`ClientError`] and the one function that builds it from a gRPC status.
@@ -30,6 +31,7 @@
 //! This crate depends on `ordo-proto` and no other Ordo crate: it speaks only the public API.
 //! No wire struct appears in its public API.
 
+mod batch;
 mod client;
 mod convert;
 mod error;

@@ -76,12 +76,17 @@ pub struct ProduceBenchArgs {
     /// ProduceStream per node (the client's default).
     #[arg(long)]
     pub unary: bool,
+    /// Produce requests each client keeps in flight per partition before it merges further
+    /// calls into one request (ClientOptions::produce_requests_per_partition_max); 0 sends
+    /// every call as its own request.
+    #[arg(long, default_value_t = 1)]
+    pub requests_per_partition: usize,
 }
 
 impl ProduceBenchArgs {
     fn shape(&self) -> String {
         format!(
-            "produce record_size={} batch={} in_flight={} clients={} partitions={} replication_factor={} keys={}{}",
+            "produce record_size={} batch={} in_flight={} clients={} partitions={} replication_factor={} keys={} requests_per_partition={}{}",
             self.record_size,
             self.batch,
             self.in_flight,
@@ -89,6 +94,7 @@ impl ProduceBenchArgs {
             self.partitions,
             self.replication_factor,
             self.keys,
+            self.requests_per_partition,
             if self.unary { " unary" } else { "" }
         )
     }
@@ -136,6 +142,7 @@ pub async fn run(
         let options = ordo_client::ClientOptions {
             request_timeout: global.timeout,
             produce_stream: !args.unary,
+            produce_requests_per_partition_max: args.requests_per_partition,
             ..ordo_client::ClientOptions::default()
         };
         let client = ordo_client::Client::connect_with_options(endpoints.clone(), options)
