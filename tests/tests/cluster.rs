@@ -499,6 +499,124 @@ async fn client_batches_concurrent_calls_and_acks_each_its_own() {
     cluster.finish(result);
 }
 
+/// A node stopped with SIGTERM while `ordo-client` sends produce calls to it on ProduceStreams
+/// fails no call: the node answers what it has read, refuses what arrives while it drains
+/// (UNAVAILABLE / SHUTTING_DOWN: nothing written), the client retries those elsewhere, and
+/// every call is acked. Every ack is then on both remaining replicas. Client batching is off
+/// so that many requests are on the wire when the node stops (with the old behaviour, stop
+/// reading at shutdown, 15-20 of the 2,560 calls ended as unknown outcomes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_under_stream_load_fails_no_call() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "drained";
+        cluster.create_topic(topic, PARTITIONS, 3).await?;
+        cluster.leaders(topic).await?;
+        let endpoints: Vec<String> = cluster
+            .node_ids()
+            .into_iter()
+            .map(|node| cluster.endpoint(node))
+            .collect();
+        let client = ordo_client::Client::connect_with_options(
+            endpoints,
+            ordo_client::ClientOptions {
+                request_timeout: Duration::from_secs(20),
+                // Every call its own request, so many are on the wire when the node stops.
+                produce_requests_per_partition_max: 0,
+                ..ordo_client::ClientOptions::default()
+            },
+        )
+        .await?;
+        const PRODUCERS: usize = 64;
+        const CALLS_EACH: usize = 40;
+        const STOP_AFTER_ACKS: usize = 600;
+        let acked = Arc::new(AtomicUsize::new(0));
+        let mut producers = tokio::task::JoinSet::new();
+        for producer in 0..PRODUCERS {
+            let (client, acked) = (client.clone(), Arc::clone(&acked));
+            producers.spawn(async move {
+                let mut outcomes = Vec::new();
+                for call in 0..CALLS_EACH {
+                    // Keyless: the client picks each call's partition and sends it straight
+                    // to that partition's leader, so the stopping node gets its share.
+                    let records =
+                        unique_records(&format!("p{producer}-c{call}"), 0, 1 + call % 2, false);
+                    let wire: Vec<ordo_client::Record> = records
+                        .iter()
+                        .map(|record| ordo_client::Record::new(record.value.clone()))
+                        .collect();
+                    let outcome = client.produce(topic, None, wire).await;
+                    if outcome.is_ok() {
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    outcomes.push((records, outcome));
+                }
+                outcomes
+            });
+        }
+        let victim = cluster.node_ids()[1];
+        let waited = timeout(Duration::from_secs(60), async {
+            while acked.load(Ordering::Relaxed) < STOP_AFTER_ACKS {
+                sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        ensure!(
+            waited.is_ok(),
+            "{STOP_AFTER_ACKS} acks did not come within 60 s"
+        );
+        let status = cluster.stop(victim).await?;
+        println!(
+            "node {victim} stopped ({status}) after {} acked calls",
+            acked.load(Ordering::Relaxed)
+        );
+        ensure!(
+            status.success(),
+            "node {victim} did not stop cleanly: {status}"
+        );
+
+        let mut ledger = Ledger::default();
+        let mut failed = Vec::new();
+        while let Some(joined) = producers.join_next().await {
+            for (records, outcome) in joined.context("producer panicked")? {
+                match outcome {
+                    Ok(acks) => {
+                        let response = ordo_proto::v1::ProduceResponse {
+                            acks: acks
+                                .iter()
+                                .map(|ack| ordo_proto::v1::RecordAck {
+                                    partition: ack.partition,
+                                    offset: ack.offset,
+                                })
+                                .collect(),
+                        };
+                        ledger.record(&records, None, &Ok(response))?;
+                    }
+                    Err(error) => failed.push(error.to_string()),
+                }
+            }
+        }
+        ensure!(
+            failed.is_empty(),
+            "{} of {} calls failed, e.g. {:?}",
+            failed.len(),
+            PRODUCERS * CALLS_EACH,
+            &failed[..failed.len().min(3)]
+        );
+        let survivors: Vec<NodeId> = cluster
+            .node_ids()
+            .into_iter()
+            .filter(|node| *node != victim)
+            .collect();
+        check_everywhere(&cluster, &mut ledger, topic, PARTITIONS, &survivors).await?;
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
 /// SIGKILL of partition 0's leader under a produce load loses no acked record: once a new
 /// leader is elected, every acked record is read back at its acked offset from both survivors,
 /// offsets stay dense, and no offset holds two different records in any two reads.

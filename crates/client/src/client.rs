@@ -396,12 +396,25 @@ impl Client {
         *slot = None;
         let open = Pipe::open(self.log(node.channel.clone()), Arc::clone(&node.address));
         // Nothing is sent until the stream is open, so a timeout here wrote nothing.
-        let pipe = tokio::time::timeout(timeout, open).await.map_err(|_| {
-            Status::unavailable(format!(
-                "opening a produce stream to {} took longer than {timeout:?}; nothing was written",
-                node.address
-            ))
-        })??;
+        let pipe = tokio::time::timeout(timeout, open)
+            .await
+            .map_err(|_| {
+                Status::unavailable(format!(
+                    "opening a produce stream to {} took longer than {timeout:?}; nothing was written",
+                    node.address
+                ))
+            })?
+            .map_err(|status| {
+                if status.code() == tonic::Code::Unimplemented {
+                    return status;
+                }
+                // No request goes on a stream before it is open: a failed open wrote nothing,
+                // whatever the transport says (e.g. a stream refused after the node's GOAWAY).
+                Status::unavailable(format!(
+                    "could not open a produce stream to {}: {status}; nothing was written",
+                    node.address
+                ))
+            })?;
         let pipe = Arc::new(pipe);
         *slot = Some(Arc::clone(&pipe));
         Ok(pipe)

@@ -15,6 +15,8 @@ use tonic_types::StatusExt;
 
 /// `ErrorInfo` reason for a write whose outcome is unknown (proposed, not confirmed in time).
 pub const REASON_OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
+/// `ErrorInfo` reason of a request a node refused because it is shutting down (nothing written).
+pub const REASON_SHUTTING_DOWN: &str = "SHUTTING_DOWN";
 /// `ErrorInfo` reason sent by a node that is not the leader it was asked to be.
 pub const REASON_NOT_LEADER: &str = "NOT_LEADER";
 /// `ErrorInfo` metadata key: id of the node believed to lead.
@@ -231,6 +233,15 @@ impl ClientError {
                 }
             }
         }
+    }
+
+    /// Whether `status` is a node's refusal because it is shutting down: the connection's
+    /// streams should not be used for new calls.
+    pub(crate) fn is_shutting_down(status: &Status) -> bool {
+        status.code() == Code::Unavailable
+            && status
+                .get_details_error_info()
+                .is_some_and(|info| info.reason == REASON_SHUTTING_DOWN)
     }
 
     /// Maps a status made by the client's own transport (it carries the transport error as its

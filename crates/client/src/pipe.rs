@@ -10,6 +10,10 @@
 //! - a call not yet handed to the stream was never sent: UNAVAILABLE, which is retryable;
 //! - a call sent without an answer has an unknown outcome: a status with the `OUTCOME_UNKNOWN`
 //!   reason, never retried.
+//!
+//! A node that shuts down drains its streams: it answers what it has read, refuses what arrives
+//! for a short while with UNAVAILABLE / `SHUTTING_DOWN` (retried on another endpoint), then ends
+//! the stream. The first such refusal closes the pipe to new calls.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +29,7 @@ use tonic::{Code, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::convert;
-use crate::error::REASON_OUTCOME_UNKNOWN;
+use crate::error::{ClientError, REASON_OUTCOME_UNKNOWN};
 
 /// Requests queued on one pipe before callers wait: beyond this they wait for the stream's
 /// HTTP/2 flow control, which the server holds back past its own read-ahead bound.
@@ -142,7 +146,14 @@ async fn read_answers(
         match answers.next().await {
             Some(Ok(message)) => {
                 let (id, answer) = convert::produce_stream_answer(message);
-                let waiter = shared.lock().waiting.remove(&id);
+                let mut state = shared.lock();
+                if answer.as_ref().is_err_and(ClientError::is_shutting_down) {
+                    // The node drains this stream before it stops: new calls must not use it
+                    // (they would reach a closed stream), so the next call opens another.
+                    state.closed = true;
+                }
+                let waiter = state.waiting.remove(&id);
+                drop(state);
                 // A missing waiter gave up (its deadline passed locally); nothing to do.
                 if let Some(waiter) = waiter {
                     let _ = waiter.send(answer);
@@ -194,7 +205,7 @@ fn timeout_millis(timeout: Duration) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{ClientError, Effect};
+    use crate::error::Effect;
 
     /// A call that never left is retryable; a call lost with the stream is an unknown outcome.
     #[test]

@@ -39,6 +39,8 @@ const SUBSCRIBE_POLL: Duration = Duration::from_secs(5);
 /// Answers buffered per Subscribe stream.
 const SUBSCRIBE_BUFFER: usize = 4;
 
+/// How long a ProduceStream keeps reading (and refusing) requests after shutdown begins.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 /// Answers buffered per ProduceStream.
 const PRODUCE_STREAM_BUFFER: usize = 64;
 
@@ -150,8 +152,13 @@ impl Services {
     /// Serves one ProduceStream: reads requests while fewer than
     /// `produce_stream_in_flight_max` are unanswered, runs them concurrently, and sends each
     /// answer as it completes. Ends when the client closes its side and every answer is sent,
-    /// when the client goes away (unanswered requests are dropped; the broker finishes or
-    /// abandons their appends on its own), or at shutdown, after answering what was read.
+    /// or when the client goes away (unanswered requests are dropped; the broker finishes or
+    /// abandons their appends on its own).
+    ///
+    /// At shutdown it drains: requests read from then on are answered at once with UNAVAILABLE,
+    /// reason `SHUTTING_DOWN` (nothing written; the client retries elsewhere and stops using the
+    /// stream), so that requests already on the wire do not end as unknown outcomes. After
+    /// [`SHUTDOWN_DRAIN`] it stops reading and ends once the requests it took are answered.
     async fn run_produce_stream(
         self,
         mut inbound: Streaming<pb::ProduceStreamRequest>,
@@ -160,6 +167,9 @@ impl Services {
         let mut shutdown = self.shutdown.clone();
         let mut pending = FuturesUnordered::new();
         let mut reading = true;
+        let mut draining = false;
+        let drain_end = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(drain_end);
         self.metrics.produce_streams.inc();
         loop {
             if !reading && pending.is_empty() {
@@ -168,7 +178,7 @@ impl Services {
             let room = pending.len() < self.produce_stream_in_flight_max;
             tokio::select! {
                 message = inbound.message(), if reading && room => match message {
-                    Ok(Some(message)) => pending.push(self.produce_streamed(message)),
+                    Ok(Some(message)) => pending.push(self.produce_streamed(message, draining)),
                     Ok(None) => reading = false,
                     Err(status) => {
                         tracing::debug!(%status, "produce stream broke");
@@ -180,9 +190,11 @@ impl Services {
                         break;
                     }
                 }
-                () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if reading => {
-                    reading = false;
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if !draining => {
+                    draining = true;
+                    drain_end.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
                 }
+                () = &mut drain_end, if reading => reading = false,
                 _ = sender.closed() => break,
                 else => break,
             }
@@ -191,10 +203,18 @@ impl Services {
     }
 
     /// One request of a ProduceStream, answered with its id.
+    /// When `draining`, it is refused as UNAVAILABLE / `SHUTTING_DOWN` without being run.
     async fn produce_streamed(
         &self,
         message: pb::ProduceStreamRequest,
+        draining: bool,
     ) -> pb::ProduceStreamResponse {
+        if draining {
+            return stream_answer(
+                message.id,
+                Err(status::shutting_down(self.broker.node_id())),
+            );
+        }
         let default = self.broker.limits().produce_timeout();
         let timeout = match message.timeout_ms {
             0 => default,
@@ -207,17 +227,26 @@ impl Services {
                 "a ProduceStreamRequest needs its request field",
             )),
         };
-        pb::ProduceStreamResponse {
-            id: message.id,
-            result: Some(match result {
-                Ok(response) => pb::produce_stream_response::Result::Response(response),
-                Err(status) => pb::produce_stream_response::Result::Error(pb::StreamStatus {
-                    code: status.code() as i32,
-                    message: status.message().to_owned(),
-                    details: status.details().to_vec().into(),
-                }),
+        stream_answer(message.id, result)
+    }
+}
+
+/// The answer to request `id` of a ProduceStream: the response, or the status a unary call
+/// would have ended with.
+fn stream_answer(
+    id: u64,
+    result: Result<pb::ProduceResponse, Status>,
+) -> pb::ProduceStreamResponse {
+    pb::ProduceStreamResponse {
+        id,
+        result: Some(match result {
+            Ok(response) => pb::produce_stream_response::Result::Response(response),
+            Err(status) => pb::produce_stream_response::Result::Error(pb::StreamStatus {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                details: status.details().to_vec().into(),
             }),
-        }
+        }),
     }
 }
 

@@ -12,6 +12,7 @@
 //! | cluster too small | FAILED_PRECONDITION | `FAILED_PRECONDITION` | |
 //! | offset outside the log | OUT_OF_RANGE | `OFFSET_OUT_OF_RANGE` | `start_offset`, `end_offset` |
 //! | nothing written, no leader | UNAVAILABLE | `NOT_LEADER` / `UNAVAILABLE` | `leader_id`, `leader_address` |
+//! | nothing written, node stopping | UNAVAILABLE | `SHUTTING_DOWN` | |
 //! | proposed, not confirmed | DEADLINE_EXCEEDED | `OUTCOME_UNKNOWN` | |
 //! | too much in flight | RESOURCE_EXHAUSTED | `RESOURCE_EXHAUSTED` | |
 //! | bug or storage failure | INTERNAL | `INTERNAL` | |
@@ -34,6 +35,16 @@ fn status(code: Code, message: String, reason: &str, metadata: HashMap<String, S
         code,
         message,
         ErrorDetails::with_error_info(reason, DOMAIN, metadata),
+    )
+}
+
+/// UNAVAILABLE for a request refused because node `node` is shutting down: nothing was written.
+pub fn shutting_down(node: u64) -> Status {
+    status(
+        Code::Unavailable,
+        format!("node {node} is shutting down; nothing was written; retry on another node"),
+        "SHUTTING_DOWN",
+        HashMap::new(),
     )
 }
 
