@@ -376,6 +376,129 @@ async fn produce_stream_answers_every_request_by_id() {
     cluster.finish(result);
 }
 
+/// A message over the server's `grpc.message_bytes_max` (16 MiB) on a ProduceStream ends the
+/// stream only after the requests read before it are answered, and with an error status, not a
+/// silent end. Through `ordo-client`, a call that large goes unary and fails alone while small
+/// calls sent at the same time succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_fails_alone() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "oversized";
+        cluster.create_topic(topic, 1, 3).await?;
+        cluster.leaders(topic).await?;
+        const SMALL: u64 = 20;
+        let huge = || Record {
+            key: None,
+            value: Bytes::from(vec![b'x'; 17 << 20]),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        };
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let mut log = cluster.log_client(cluster.node_ids()[0]);
+        let mut answers = log
+            .produce_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .context("open the produce stream")?
+            .into_inner();
+        let sending = tokio::spawn(async move {
+            for id in 0..=SMALL {
+                let records = if id == SMALL {
+                    vec![huge()]
+                } else {
+                    unique_records(&format!("small{id}"), 0, 1, false)
+                };
+                let request = ProduceRequest {
+                    topic: topic.to_owned(),
+                    partition: Some(0),
+                    records,
+                };
+                let message = ProduceStreamRequest {
+                    id,
+                    request: Some(request),
+                    timeout_ms: 30_000,
+                };
+                // The last send may fail once the server has ended the stream.
+                if sender.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut ok = 0;
+        let ended_with = timeout(Duration::from_secs(60), async {
+            loop {
+                match answers.message().await {
+                    Ok(Some(answer)) => {
+                        ensure!(
+                            answer.id < SMALL,
+                            "the oversized request {} was answered",
+                            answer.id
+                        );
+                        ensure!(
+                            matches!(
+                                answer.result,
+                                Some(produce_stream_response::Result::Response(_))
+                            ),
+                            "request {} failed: {:?}",
+                            answer.id,
+                            answer.result
+                        );
+                        ok += 1;
+                    }
+                    Ok(None) => bail!("the stream ended without an error after {ok} answers"),
+                    Err(status) => return Ok(status),
+                }
+            }
+        })
+        .await
+        .context("no end of the stream within 60 s")??;
+        sending.abort();
+        println!(
+            "stream ended with {:?}: {}",
+            ended_with.code(),
+            ended_with.message()
+        );
+        ensure!(
+            ok == SMALL,
+            "{ok} of {SMALL} requests read before the oversized one answered"
+        );
+
+        let endpoints: Vec<String> = cluster
+            .node_ids()
+            .into_iter()
+            .map(|node| cluster.endpoint(node))
+            .collect();
+        let client = ordo_client::Client::connect(endpoints).await?;
+        let big = client.produce(topic, Some(0), vec![ordo_client::Record::new(huge().value)]);
+        let small = futures::future::join_all((0..50).map(|index| {
+            client.produce(
+                topic,
+                Some(0),
+                vec![ordo_client::Record::new(format!("after-{index}"))],
+            )
+        }));
+        let (big, small) = tokio::join!(big, small);
+        match big {
+            Ok(acks) => bail!("a 17 MiB call was acked: {acks:?}"),
+            Err(error) => {
+                println!("the 17 MiB call failed with {}: {error}", error.kind());
+                ensure!(
+                    matches!(error, ordo_client::ClientError::InvalidArgument { .. }),
+                    "the 17 MiB call failed with {error:?}, not INVALID_ARGUMENT"
+                );
+            }
+        }
+        for outcome in small {
+            outcome.context("a small call sent beside the oversized one")?;
+        }
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
 /// `ordo-client` merges concurrent calls to one partition into shared requests (one request in
 /// flight per partition by default) and still acks each call with its own records: 400
 /// concurrent calls, to a given partition or keyless (partition chosen by the client), each get

@@ -115,6 +115,9 @@ impl Batcher {
         };
         let mut taken = Vec::new();
         let (mut bytes, mut records) = (0_usize, 0_usize);
+        // A call whose caller went away (its future dropped) is not sent: nothing was written
+        // for it, and sending it later would write what the caller gave up on.
+        queue.waiting.retain(|waiter| !waiter.reply.is_closed());
         while let Some(next) = queue.waiting.front() {
             let fits = bytes + next.bytes <= self.bytes_max
                 && records + next.records.len() <= BATCH_RECORDS_MAX;
@@ -263,6 +266,19 @@ mod tests {
         assert!(second.finish().is_none());
         let _fourth = send_now(batcher.enter("t", 0, records(1, 10)));
         let _fifth = waits(batcher.enter("t", 0, records(1, 10)));
+    }
+
+    /// A queued call whose caller went away is dropped, not sent.
+    #[test]
+    fn abandoned_calls_are_not_sent() {
+        let batcher = Arc::new(Batcher::new(1, 1 << 20));
+        let first = send_now(batcher.enter("t", 0, records(1, 10)));
+        let gone = waits(batcher.enter("t", 0, records(1, 11)));
+        let _kept = waits(batcher.enter("t", 0, records(1, 12)));
+        drop(gone);
+        let (taken, _) = first.finish().expect("the live call is handed over");
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].records[0].value.len(), 12);
     }
 
     /// A call larger than the byte bound still leaves, alone.

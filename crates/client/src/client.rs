@@ -35,6 +35,8 @@ use crate::types::{
     ClusterStatus, FetchResult, Record, RecordAck, StartAt, TopicDescription, TopicSummary,
 };
 
+/// Largest produce request sent on a ProduceStream; larger ones go as unary calls.
+const STREAM_REQUEST_BYTES_MAX: usize = 4 << 20;
 /// Bound on looking up a topic's partition leaders before a produce goes without them.
 const ROUTE_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -69,7 +71,8 @@ pub struct ClientOptions {
     pub response_bytes_max: usize,
     /// Send produce calls pipelined on one `ProduceStream` per endpoint (default, true) rather
     /// than as one unary `Produce` call each. Same semantics either way; the stream saves the
-    /// per-call HTTP/2 stream. A server without ProduceStream is detected and gets unary calls.
+    /// per-call HTTP/2 stream. A server without ProduceStream is detected and gets unary calls;
+    /// so do requests over 4 MiB, whose own failure must not break the shared stream.
     pub produce_stream: bool,
     /// Produce requests in flight per partition before further calls to it queue in the client
     /// and leave together, as one request, when one completes (Kafka's record accumulator with
@@ -270,21 +273,22 @@ impl Client {
             .map(|waiter| waiter.queued.elapsed())
             .max()
             .unwrap_or_default();
-        let budget = self.inner.options.request_timeout.saturating_sub(waited);
-        let deadline = Instant::now() + budget;
+        let deadline = Instant::now() + self.inner.options.request_timeout.saturating_sub(waited);
+        let route = self.route(topic).await;
+        let unsent = |waiter: Waiter| {
+            let _ = waiter.reply.send(Err(ClientError::Unavailable {
+                leader_hint: None,
+                leader_address: None,
+                message: format!(
+                    "the call waited in the client's queue for partition {partition} until its deadline; nothing was written"
+                ),
+            }));
+        };
+        let budget = deadline.saturating_duration_since(Instant::now());
         if budget.is_zero() {
-            for waiter in batch {
-                let _ = waiter.reply.send(Err(ClientError::Unavailable {
-                    leader_hint: None,
-                    leader_address: None,
-                    message: format!(
-                        "the call waited {waited:?} in the client's queue for partition {partition}, past its deadline; nothing was written"
-                    ),
-                }));
-            }
+            batch.into_iter().for_each(unsent);
             return;
         }
-        let route = self.route(topic).await;
         if batch.len() == 1 {
             let waiter = batch.remove(0);
             let answer = self
@@ -308,17 +312,25 @@ impl Client {
                 }
             }
             Err(ClientError::InvalidArgument { .. }) => {
-                let budget = deadline.saturating_duration_since(Instant::now());
-                let singles = batch.into_iter().map(|waiter| {
-                    let route = route.clone();
-                    async move {
-                        let answer = self
-                            .send_produce(topic, Some(partition), route, waiter.records, budget)
-                            .await;
-                        let _ = waiter.reply.send(answer);
+                // The broker validates a whole request before writing any of it, so nothing
+                // was written: send each call on its own, in order, within what is left.
+                for waiter in batch {
+                    let budget = deadline.saturating_duration_since(Instant::now());
+                    if budget.is_zero() {
+                        unsent(waiter);
+                        continue;
                     }
-                });
-                futures::future::join_all(singles).await;
+                    let answer = self
+                        .send_produce(
+                            topic,
+                            Some(partition),
+                            route.clone(),
+                            waiter.records,
+                            budget,
+                        )
+                        .await;
+                    let _ = waiter.reply.send(answer);
+                }
             }
             Err(error) => {
                 for waiter in batch {
@@ -369,10 +381,14 @@ impl Client {
         request: proto::ProduceRequest,
         timeout: Duration,
     ) -> Result<proto::ProduceResponse, Status> {
+        let deadline = Instant::now() + timeout;
         let node = &self.inner.nodes[index];
-        if self.inner.options.produce_stream && !node.unary_only.load(Ordering::Relaxed) {
-            match self.pipe(node, timeout).await {
-                Ok(pipe) => return pipe.produce(request, timeout).await,
+        // A request too large for one stream message goes unary, so that its own failure
+        // (e.g. over the server's message size) cannot break the stream other calls share.
+        let small = prost::Message::encoded_len(&request) <= STREAM_REQUEST_BYTES_MAX;
+        if small && self.inner.options.produce_stream && !node.unary_only.load(Ordering::Relaxed) {
+            match self.pipe(node, deadline).await {
+                Ok(pipe) => return pipe.produce(request, deadline).await,
                 Err(status) if status.code() == tonic::Code::Unimplemented => {
                     tracing::info!(endpoint = %node.address, "server has no ProduceStream; sending unary produce calls");
                     node.unary_only.store(true, Ordering::Relaxed);
@@ -380,36 +396,39 @@ impl Client {
                 Err(status) => return Err(status),
             }
         }
+        let timeout = deadline.saturating_duration_since(Instant::now());
         self.log(node.channel.clone())
             .produce(timed(request, timeout))
             .await
             .map(tonic::Response::into_inner)
     }
 
-    /// The open ProduceStream to `node`, opened now (within `timeout`) when there is none or
-    /// the last one broke. Calls that arrive while it opens wait for the same one.
-    async fn pipe(&self, node: &Node, timeout: Duration) -> Result<Arc<Pipe>, Status> {
-        let mut slot = node.pipe.lock().await;
+    /// The open ProduceStream to `node`, opened now when there is none or the last one broke.
+    /// Calls that arrive while it opens wait for the same one. Nothing is sent before a stream
+    /// is open, so every failure here, including `deadline` passing, wrote nothing.
+    async fn pipe(&self, node: &Node, deadline: Instant) -> Result<Arc<Pipe>, Status> {
+        let too_late = || {
+            Status::unavailable(format!(
+                "no produce stream to {} could be opened before the call's deadline; nothing was written",
+                node.address
+            ))
+        };
+        let mut slot = tokio::time::timeout_at(deadline, node.pipe.lock())
+            .await
+            .map_err(|_| too_late())?;
         if let Some(pipe) = slot.as_ref().filter(|pipe| pipe.is_open()) {
             return Ok(Arc::clone(pipe));
         }
         *slot = None;
         let open = Pipe::open(self.log(node.channel.clone()), Arc::clone(&node.address));
-        // Nothing is sent until the stream is open, so a timeout here wrote nothing.
-        let pipe = tokio::time::timeout(timeout, open)
+        let pipe = tokio::time::timeout_at(deadline, open)
             .await
-            .map_err(|_| {
-                Status::unavailable(format!(
-                    "opening a produce stream to {} took longer than {timeout:?}; nothing was written",
-                    node.address
-                ))
-            })?
+            .map_err(|_| too_late())?
             .map_err(|status| {
                 if status.code() == tonic::Code::Unimplemented {
                     return status;
                 }
-                // No request goes on a stream before it is open: a failed open wrote nothing,
-                // whatever the transport says (e.g. a stream refused after the node's GOAWAY).
+                // Whatever the transport says (e.g. a stream refused after the node's GOAWAY).
                 Status::unavailable(format!(
                     "could not open a produce stream to {}: {status}; nothing was written",
                     node.address

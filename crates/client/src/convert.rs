@@ -174,7 +174,6 @@ impl From<proto::ClusterStatusResponse> for ClusterStatus {
     }
 }
 
-/// The acknowledgements of a produce of `sent` records, checked to be one per record.
 /// One request of a ProduceStream.
 pub(crate) fn produce_stream_request(
     id: u64,
@@ -209,6 +208,7 @@ pub(crate) fn produce_stream_answer(
     (answer.id, result)
 }
 
+/// The acknowledgements of a produce of `sent` records, checked to be one per record.
 pub(crate) fn produce_acks(
     response: proto::ProduceResponse,
     sent: usize,

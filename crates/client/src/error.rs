@@ -205,6 +205,11 @@ impl ClientError {
             Code::InvalidArgument => ClientError::InvalidArgument { reason, message },
             Code::AlreadyExists => ClientError::AlreadyExists { message },
             Code::FailedPrecondition => ClientError::FailedPrecondition { reason, message },
+            // Without Ordo's ErrorInfo an OUT_OF_RANGE comes from the gRPC layer itself: a
+            // message over the server's size limit, i.e. a request too large.
+            Code::OutOfRange if reason.is_none() => {
+                ClientError::InvalidArgument { reason, message }
+            }
             Code::OutOfRange => ClientError::OutOfRange {
                 start: metadata_u64(METADATA_START_OFFSET),
                 end: metadata_u64(METADATA_END_OFFSET),

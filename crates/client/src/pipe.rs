@@ -24,6 +24,7 @@ use futures::StreamExt;
 use ordo_proto::v1 as proto;
 use ordo_proto::v1::log_client::LogClient;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -104,11 +105,12 @@ impl Pipe {
         !self.shared.lock().closed && !self.requests.is_closed()
     }
 
-    /// Sends one produce request with `timeout` and waits for its answer.
+    /// Sends one produce request due by `deadline` and waits for its answer. The deadline sent
+    /// is what is left of it when the request enters the stream.
     pub(crate) async fn produce(
         &self,
         request: proto::ProduceRequest,
-        timeout: Duration,
+        deadline: Instant,
     ) -> Result<proto::ProduceResponse, Status> {
         let (sender, answer) = oneshot::channel();
         let id = {
@@ -125,10 +127,23 @@ impl Pipe {
             shared: &self.shared,
             id,
         };
-        let message = convert::produce_stream_request(id, request, timeout_millis(timeout));
-        if self.requests.send(message).await.is_err() {
-            return Err(never_sent());
-        }
+        // Waiting for room in the queue is bounded by the deadline; a request that never got
+        // in was never sent.
+        let permit = match tokio::time::timeout_at(deadline, self.requests.reserve()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => return Err(never_sent()),
+            Err(_elapsed) => {
+                return Err(Status::unavailable(
+                    "the produce stream's queue stayed full until the call's deadline; nothing was written",
+                ));
+            }
+        };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        permit.send(convert::produce_stream_request(
+            id,
+            request,
+            timeout_millis(timeout),
+        ));
         match answer.await {
             Ok(answer) => answer,
             Err(_closed) => Err(outcome_unknown("the produce stream ended".to_owned())),

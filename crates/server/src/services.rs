@@ -2,6 +2,7 @@
 //! `ordo.internal.v1.Internal`. Each handler converts wire structs to domain types at the edge,
 //! calls the broker, and maps errors through `status::to_status`.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,30 +167,49 @@ impl Services {
     ) {
         let mut shutdown = self.shutdown.clone();
         let mut pending = FuturesUnordered::new();
+        // Answers ready while the client is not reading; counted with `pending` against the
+        // read-ahead bound, so that requests keep completing (and releasing their permits).
+        let mut unsent: VecDeque<pb::ProduceStreamResponse> = VecDeque::new();
+        // The error that broke the client's side, sent after the answers to what was read.
+        let mut broken: Option<Status> = None;
         let mut reading = true;
         let mut draining = false;
         let drain_end = tokio::time::sleep(Duration::MAX);
         tokio::pin!(drain_end);
         self.metrics.produce_streams.inc();
         loop {
-            if !reading && pending.is_empty() {
+            if !reading && pending.is_empty() && unsent.is_empty() {
+                if let Some(status) = broken.take() {
+                    let _ = sender.send(Err(status)).await;
+                }
                 break;
             }
-            let room = pending.len() < self.produce_stream_in_flight_max;
+            let room = pending.len() + unsent.len() < self.produce_stream_in_flight_max;
             tokio::select! {
                 message = inbound.message(), if reading && room => match message {
                     Ok(Some(message)) => pending.push(self.produce_streamed(message, draining)),
                     Ok(None) => reading = false,
                     Err(status) => {
+                        // E.g. a message over grpc.message_bytes_max: the requests already read
+                        // are still answered, then the stream ends with this status.
                         tracing::debug!(%status, "produce stream broke");
-                        break;
+                        reading = false;
+                        broken = Some(status);
                     }
                 },
-                Some(answer) = pending.next() => {
-                    if sender.send(Ok(answer)).await.is_err() {
-                        break;
+                Some(answer) = pending.next() => match sender.try_send(Ok(answer)) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(Ok(answer))) => unsent.push_back(answer),
+                    Err(_closed) => break,
+                },
+                permit = sender.reserve(), if !unsent.is_empty() => match permit {
+                    Ok(permit) => {
+                        if let Some(answer) = unsent.pop_front() {
+                            permit.send(Ok(answer));
+                        }
                     }
-                }
+                    Err(_closed) => break,
+                },
                 () = async { let _ = shutdown.wait_for(|stop| *stop).await; }, if !draining => {
                     draining = true;
                     drain_end.as_mut().reset(tokio::time::Instant::now() + SHUTDOWN_DRAIN);
