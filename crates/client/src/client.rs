@@ -215,6 +215,10 @@ impl Client {
     /// retryable error (nothing was written) is retried on the next endpoint until the deadline;
     /// [`ClientError::OutcomeUnknown`] is returned as is and never retried, because the records
     /// may already be in the log.
+    ///
+    /// Calls travel pipelined on one ProduceStream per node, and concurrent calls to one
+    /// partition may share a request ([`ClientOptions::produce_requests_per_partition_max`]);
+    /// each call still gets its own acknowledgements, and its own error when its request fails.
     pub async fn produce(
         &self,
         topic: &str,
