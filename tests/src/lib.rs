@@ -182,6 +182,16 @@ impl TestCluster {
         format!("http://{}", self.node(node).address)
     }
 
+    /// An `ordo-client` for every node of the cluster, with `options`.
+    pub async fn client(&self, options: ordo_client::ClientOptions) -> Result<ordo_client::Client> {
+        let endpoints: Vec<String> = self
+            .node_ids()
+            .into_iter()
+            .map(|node| self.endpoint(node))
+            .collect();
+        Ok(ordo_client::Client::connect_with_options(endpoints, options).await?)
+    }
+
     /// The sum of every series of metric `name` (e.g. `ordo_produce_requests_total`, all
     /// labels) on node `node`'s `/metrics`, read with a plain HTTP/1.0 GET.
     pub async fn metric(&self, node: NodeId, name: &str) -> Result<u64> {
@@ -758,6 +768,20 @@ pub fn unique_records(prefix: &str, first: usize, count: usize, keyed: bool) -> 
         .collect()
 }
 
+/// `records` as `ordo-client` records (key and value; these tests send no headers).
+pub fn client_records(records: &[Record]) -> Vec<ordo_client::Record> {
+    records
+        .iter()
+        .map(|record| {
+            let out = ordo_client::Record::new(record.value.clone());
+            match &record.key {
+                Some(key) => out.with_key(key.clone()),
+                None => out,
+            }
+        })
+        .collect()
+}
+
 /// One Produce call with a `grpc-timeout` deadline. The records are also given to `ledger`
 /// together with the outcome, before the outcome is returned.
 pub async fn produce_once(
@@ -965,6 +989,25 @@ pub struct Ledger {
 }
 
 impl Ledger {
+    /// Records the acknowledgements `ordo-client` returned for `records` (see [`Self::record`]).
+    pub fn record_acks(
+        &mut self,
+        records: &[Record],
+        partition: Option<u32>,
+        acks: &[ordo_client::RecordAck],
+    ) -> Result<()> {
+        let response = ProduceResponse {
+            acks: acks
+                .iter()
+                .map(|ack| ordo_proto::v1::RecordAck {
+                    partition: ack.partition,
+                    offset: ack.offset,
+                })
+                .collect(),
+        };
+        self.record(records, partition, &Ok(response))
+    }
+
     /// Records the outcome of one produce call of `records` (with `partition` if it named one).
     /// Fails if the acks themselves break the contract: one ack per record, in the named
     /// partition, no position acked twice.

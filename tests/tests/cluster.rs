@@ -24,8 +24,8 @@ use ordo_proto::v1::{
     produce_stream_response,
 };
 use ordo_tests::{
-    Ledger, NodeId, READ_TIMEOUT, TestCluster, effective_code, expect_code, produce_acked,
-    produce_once, test_seed, unique_records, with_timeout,
+    Ledger, NodeId, READ_TIMEOUT, TestCluster, client_records, effective_code, expect_code,
+    produce_acked, produce_once, test_seed, unique_records, with_timeout,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -465,12 +465,7 @@ async fn an_oversized_message_fails_alone() {
             "{ok} of {SMALL} requests read before the oversized one answered"
         );
 
-        let endpoints: Vec<String> = cluster
-            .node_ids()
-            .into_iter()
-            .map(|node| cluster.endpoint(node))
-            .collect();
-        let client = ordo_client::Client::connect(endpoints).await?;
+        let client = cluster.client(Default::default()).await?;
         let big = client.produce(topic, Some(0), vec![ordo_client::Record::new(huge().value)]);
         let small = futures::future::join_all((0..50).map(|index| {
             client.produce(
@@ -515,20 +510,13 @@ async fn client_batches_concurrent_calls_and_acks_each_its_own() {
         let topic = "batched";
         cluster.create_topic(topic, PARTITIONS, 3).await?;
         cluster.leaders(topic).await?;
-        let endpoints: Vec<String> = cluster
-            .node_ids()
-            .into_iter()
-            .map(|node| cluster.endpoint(node))
-            .collect();
-        let client = ordo_client::Client::connect_with_options(
-            endpoints,
-            ordo_client::ClientOptions {
+        let client = cluster
+            .client(ordo_client::ClientOptions {
                 request_timeout: Duration::from_secs(30),
                 produce_batch_bytes_max: 4 << 20,
                 ..ordo_client::ClientOptions::default()
-            },
-        )
-        .await?;
+            })
+            .await?;
         const CALLS: usize = 400;
         // Over the server's default limits.record_bytes_max (1 MiB), under the client's bound.
         const OVERSIZED_CALL: usize = 200;
@@ -547,11 +535,9 @@ async fn client_batches_concurrent_calls_and_acks_each_its_own() {
                     unique_records(&format!("call{call}"), 0, 1 + call % 3, false)
                 };
                 let partition = (call % 2 == 0).then_some((call % 3) as u32);
-                let wire: Vec<ordo_client::Record> = records
-                    .iter()
-                    .map(|record| ordo_client::Record::new(record.value.clone()))
-                    .collect();
-                let outcome = client.produce(topic, partition, wire).await;
+                let outcome = client
+                    .produce(topic, partition, client_records(&records))
+                    .await;
                 (call, partition, records, outcome)
             });
         }
@@ -565,16 +551,7 @@ async fn client_batches_concurrent_calls_and_acks_each_its_own() {
                         call != OVERSIZED_CALL,
                         "the oversized call was acked: {acks:?}"
                     );
-                    let response = ordo_proto::v1::ProduceResponse {
-                        acks: acks
-                            .iter()
-                            .map(|ack| ordo_proto::v1::RecordAck {
-                                partition: ack.partition,
-                                offset: ack.offset,
-                            })
-                            .collect(),
-                    };
-                    ledger.record(&records, partition, &Ok(response))?;
+                    ledger.record_acks(&records, partition, &acks)?;
                 }
                 Err(ordo_client::ClientError::InvalidArgument { reason, message })
                     if call == OVERSIZED_CALL =>
@@ -637,21 +614,14 @@ async fn a_graceful_stop_under_stream_load_fails_no_call() {
         let topic = "drained";
         cluster.create_topic(topic, PARTITIONS, 3).await?;
         cluster.leaders(topic).await?;
-        let endpoints: Vec<String> = cluster
-            .node_ids()
-            .into_iter()
-            .map(|node| cluster.endpoint(node))
-            .collect();
-        let client = ordo_client::Client::connect_with_options(
-            endpoints,
-            ordo_client::ClientOptions {
+        let client = cluster
+            .client(ordo_client::ClientOptions {
                 request_timeout: Duration::from_secs(20),
                 // Every call its own request, so many are on the wire when the node stops.
                 produce_requests_per_partition_max: 0,
                 ..ordo_client::ClientOptions::default()
-            },
-        )
-        .await?;
+            })
+            .await?;
         const PRODUCERS: usize = 64;
         const CALLS_EACH: usize = 40;
         const STOP_AFTER_ACKS: usize = 600;
@@ -666,11 +636,7 @@ async fn a_graceful_stop_under_stream_load_fails_no_call() {
                     // to that partition's leader, so the stopping node gets its share.
                     let records =
                         unique_records(&format!("p{producer}-c{call}"), 0, 1 + call % 2, false);
-                    let wire: Vec<ordo_client::Record> = records
-                        .iter()
-                        .map(|record| ordo_client::Record::new(record.value.clone()))
-                        .collect();
-                    let outcome = client.produce(topic, None, wire).await;
+                    let outcome = client.produce(topic, None, client_records(&records)).await;
                     if outcome.is_ok() {
                         acked.fetch_add(1, Ordering::Relaxed);
                     }
@@ -706,16 +672,7 @@ async fn a_graceful_stop_under_stream_load_fails_no_call() {
             for (records, outcome) in joined.context("producer panicked")? {
                 match outcome {
                     Ok(acks) => {
-                        let response = ordo_proto::v1::ProduceResponse {
-                            acks: acks
-                                .iter()
-                                .map(|ack| ordo_proto::v1::RecordAck {
-                                    partition: ack.partition,
-                                    offset: ack.offset,
-                                })
-                                .collect(),
-                        };
-                        ledger.record(&records, None, &Ok(response))?;
+                        ledger.record_acks(&records, None, &acks)?;
                     }
                     Err(error) => failed.push(error.to_string()),
                 }

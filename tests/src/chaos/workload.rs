@@ -23,7 +23,7 @@ use ordo_client::ClientError;
 
 use super::history::{Event, History, Read, Sent, Written};
 use super::nodes::Nodes;
-use crate::{effective_code, with_timeout};
+use crate::{client_records, effective_code, with_timeout};
 
 /// Distinct keys (shared by all producers).
 const KEYS: u32 = 16;
@@ -222,16 +222,7 @@ async fn unary_attempt(shared: &Shared, index: usize, records: &[Record]) -> Att
 /// One produce call through `ordo_client` on node `index`'s ProduceStream. The client's error
 /// decides what was written: only the errors it calls retryable promise nothing was.
 async fn stream_attempt(shared: &Shared, index: usize, records: &[Record]) -> Attempted {
-    let records = records
-        .iter()
-        .map(|record| {
-            let out = ordo_client::Record::new(record.value.clone());
-            match &record.key {
-                Some(key) => out.with_key(key.clone()),
-                None => out,
-            }
-        })
-        .collect();
+    let records = client_records(records);
     // The client bounds the call itself (deadline plus grace); this outer bound only guards
     // against a client bug hanging the workload.
     let limit = PRODUCE_DEADLINE + CLIENT_GRACE * 2;
