@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("ordo_v1_descriptor.bin"))
         .bytes(".")
+        .codec_path("crate::codec::OrdoCodec")
         .compile_protos(&[public.as_path(), internal.as_path()], &[root.as_path()])?;
     // Relative to this package, so a build in another checkout watches its own protos.
     println!("cargo:rerun-if-changed=../../proto");

@@ -755,6 +755,96 @@ pub fn expect_code<T: std::fmt::Debug>(
     }
 }
 
+/// Fails unless `result` is an error with `code` and the Ordo `ErrorInfo` `reason`; `what` names
+/// the call.
+pub fn expect_reason<T: std::fmt::Debug>(
+    result: std::result::Result<T, Status>,
+    code: Code,
+    reason: &str,
+    what: &str,
+) -> Result<Status> {
+    let status = match result {
+        Ok(value) => bail!("{what}: expected {code:?} / {reason}, got success: {value:?}"),
+        Err(status) => status,
+    };
+    let found = ordo_proto::errors::reason_of(&status);
+    ensure!(
+        status.code() == code && found.as_deref() == Some(reason),
+        "{what}: expected {code:?} / {reason}, got {:?} / {found:?}: {}",
+        status.code(),
+        status.message()
+    );
+    Ok(status)
+}
+
+/// Sends `body` as the raw bytes of a unary call to gRPC method `path` (e.g.
+/// `/ordo.v1.Log/Produce`), as a client generated from another proto, or a broken one, would.
+pub async fn raw_unary(
+    channel: Channel,
+    path: &'static str,
+    body: Bytes,
+) -> std::result::Result<Bytes, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|error| Status::unavailable(error.to_string()))?;
+    let response = grpc
+        .unary(
+            Request::new(body),
+            tonic::codegen::http::uri::PathAndQuery::from_static(path),
+            RawCodec,
+        )
+        .await?;
+    Ok(response.into_inner())
+}
+
+/// A codec that sends and receives message bytes as they are.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Bytes;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(
+        &mut self,
+        item: Bytes,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> std::result::Result<(), Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> std::result::Result<Option<Bytes>, Status> {
+        use bytes::Buf;
+        Ok(Some(buf.copy_to_bytes(buf.remaining())))
+    }
+}
+
 /// Records with values unique to `prefix` (`{prefix}-{index}`) and, when `keyed`, keys spread
 /// over 64 distinct values so that key hashing touches every partition.
 pub fn unique_records(prefix: &str, first: usize, count: usize, keyed: bool) -> Vec<Record> {
@@ -850,10 +940,6 @@ pub async fn produce_acked(
     Ok(())
 }
 
-/// Header that marks a Fetch as already forwarded once (`ordo_broker::FORWARDED_HEADER`). A
-/// node that replicates the partition answers such a Fetch from its own replica only.
-const FORWARDED_HEADER: &str = "x-ordo-forwarded";
-
 /// Whose copy of a partition a read returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
@@ -898,7 +984,7 @@ pub async fn read_partition(
         let mut request = with_timeout(request, RPC_TIMEOUT);
         if source == Source::ThisReplica {
             request.metadata_mut().insert(
-                FORWARDED_HEADER,
+                ordo_proto::FORWARDED_HEADER,
                 tonic::metadata::MetadataValue::from_static("1"),
             );
         }

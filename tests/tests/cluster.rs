@@ -25,7 +25,7 @@ use ordo_proto::v1::{
 };
 use ordo_tests::{
     Ledger, NodeId, READ_TIMEOUT, TestCluster, client_records, effective_code, expect_code,
-    produce_acked, produce_once, test_seed, unique_records, with_timeout,
+    expect_reason, produce_acked, produce_once, raw_unary, test_seed, unique_records, with_timeout,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -1001,10 +1001,48 @@ async fn bad_inputs_get_their_status_codes() {
             "Fetch from offset 1,000,000 of a 10-record partition",
         )?;
 
+        // Past the end through each follower, without waiting: the leader's verdict reaches
+        // the caller (OUT_OF_RANGE with the end), not an UNAVAILABLE that a client following
+        // the documented contract would retry forever.
+        let leader = cluster.leader_of(topic, 0).await?;
+        for follower in cluster
+            .node_ids()
+            .into_iter()
+            .filter(|node| *node != leader)
+        {
+            let status = expect_reason(
+                cluster
+                    .log_client(follower)
+                    .fetch(fetch(topic, 0, 11))
+                    .await,
+                Code::OutOfRange,
+                ordo_proto::errors::reason::OFFSET_OUT_OF_RANGE,
+                &format!("Fetch past the end through follower {follower}"),
+            )?;
+            let end = status
+                .get_details_error_info()
+                .and_then(|info| info.metadata.get("end_offset").cloned());
+            ensure!(
+                end.as_deref() == Some("10"),
+                "follower {follower} answered OUT_OF_RANGE with end {end:?}, expected 10"
+            );
+        }
+
+        // Bytes that do not decode as the method's message: INVALID_ARGUMENT with a reason,
+        // as docs/errors.md promises for every failure.
+        let garbage = Bytes::from_static(&[0xff, 0xff, 0xff]);
+        for path in ["/ordo.v1.Log/Produce", "/ordo.v1.Admin/CreateTopic"] {
+            expect_reason(
+                raw_unary(cluster.channel(node), path, garbage.clone()).await,
+                Code::InvalidArgument,
+                ordo_proto::errors::reason::MALFORMED_MESSAGE,
+                &format!("{path} of undecodable bytes"),
+            )?;
+        }
+
         // A forged node-to-node append: its batch claims more records than it holds (which
         // would shift every later offset), or does not decode at all. The partition's leader
         // refuses both before proposing.
-        let leader = cluster.leader_of(topic, 0).await?;
         let mut internal =
             ordo_proto::internal::internal_client::InternalClient::new(cluster.channel(leader));
         // Topic ids start at 1 and this is the cluster's first topic; partition ids take the

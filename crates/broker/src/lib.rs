@@ -2,40 +2,64 @@
 //! logic on top of the Raft groups.
 //!
 //! # Layout
+//! Each capability has a room of its own: pure state and decisions (no I/O, unit-tested without
+//! a runtime) beside a thin async service that does the I/O.
+//!
+//! Pure:
 //! - `error`: [`BrokerError`], every failure a caller can act on.
 //! - `limits`: [`Limits`], every bound on requests, with documented defaults.
 //! - `names`: topic name rules.
-//! - `records`: domain record types and the batch encoding stored in the log.
+//! - `records`: the batch encoding stored in the log (record types from `ordo_proto::record`).
 //! - `partitioner`: which partition a record goes to.
-//! - `metadata`: the replicated metadata state (topics, replica assignment) and its commands.
-//!   Pure and deterministic; unit-tested without a runtime.
-//! - `broker`: [`Broker`], which routes produce and fetch to partition leaders, forwards across
-//!   nodes, and keeps this node's Raft groups in line with the metadata (reconcile, leader
-//!   balance).
+//! - `metadata`: the replicated metadata state (topics, replica assignment) and its commands,
+//!   applied through the metadata Raft group.
+//! - `route`: the decisions of the retry loops (where a batch goes next; whether a call that ran
+//!   out of time may say "nothing written").
+//! - `rpc`: the contract of each internal call between nodes, used by both ends (this crate's
+//!   `peer` and `ordo-server`'s services): answers, failure classification by reason, headers.
+//!
+//! Services (`impl Broker` blocks):
+//! - `broker`: [`Broker`] itself, its start and the state every service shares.
+//! - `produce`: append through the partition's leader, here or forwarded.
+//! - `fetch`: read committed records, locally or from the leader.
+//! - `admin`: topics, and metadata commands run on the metadata leader.
+//! - `cluster`: status views merged from every node's report.
+//! - `background`: reconcile this node's groups with the metadata; leader balance.
+//! - `peer`: [`Peer`](peer::Peer), the only code that calls other nodes over gRPC.
+//!
+//! The modules the next capabilities add (producer state, groups, queues, retention) follow the
+//! same pattern: a pure state module applied through Raft, plus a thin async service module.
 //!
 //! # What this crate must never do
 //! It never names openraft or RocksDB types (it talks to `ordo-raft`), never serves a record
 //! above the high watermark, and never reports a produce as acked unless the partition's Raft
 //! group committed it.
 
+mod admin;
+mod background;
 mod broker;
+mod cluster;
 mod error;
+mod fetch;
 mod limits;
 mod metadata;
 mod names;
 mod partitioner;
+mod peer;
+mod produce;
 mod records;
+mod route;
+pub mod rpc;
 
 pub use broker::Broker;
 pub use broker::BrokerOptions;
-pub use broker::ClusterView;
-pub use broker::FORWARDED_HEADER;
-pub use broker::FetchOutcome;
-pub use broker::ForwardResult;
-pub use broker::NodeView;
-pub use broker::PartitionView;
-pub use broker::TopicView;
+pub use cluster::ClusterView;
+pub use cluster::NodeView;
+pub use cluster::PartitionView;
+pub use cluster::TopicView;
 pub use error::BrokerError;
+pub use fetch::FetchOutcome;
+pub use limits::InvalidLimits;
 pub use limits::Limits;
 pub use metadata::MetaState;
 pub use metadata::Topic;

@@ -50,28 +50,31 @@ impl Default for Limits {
 
 impl Limits {
     /// Rejects inconsistent limits at start-up.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), InvalidLimits> {
         if self.record_bytes_max == 0 || self.batch_bytes_max < self.record_bytes_max {
-            return Err("limits: need 0 < record_bytes_max <= batch_bytes_max".into());
+            return Err(InvalidLimits(
+                "need 0 < record_bytes_max <= batch_bytes_max",
+            ));
         }
         if self.batch_records_max == 0
             || self.partitions_per_topic_max == 0
             || self.replication_factor_max == 0
         {
-            return Err("limits: batch_records_max, partitions_per_topic_max and replication_factor_max must be > 0".into());
+            return Err(InvalidLimits(
+                "batch_records_max, partitions_per_topic_max and replication_factor_max must be > 0",
+            ));
         }
         // Partition ids share a 20-bit field of the group id with nothing else.
         if self.partitions_per_topic_max > (1 << 20) {
-            return Err("limits: partitions_per_topic_max must be <= 1048576".into());
+            return Err(InvalidLimits("partitions_per_topic_max must be <= 1048576"));
         }
         if self.produce_timeout_ms == 0
             || self.produce_in_flight_max == 0
             || self.fetch_bytes_max == 0
         {
-            return Err(
-                "limits: produce_timeout_ms, produce_in_flight_max and fetch_bytes_max must be > 0"
-                    .into(),
-            );
+            return Err(InvalidLimits(
+                "produce_timeout_ms, produce_in_flight_max and fetch_bytes_max must be > 0",
+            ));
         }
         Ok(())
     }
@@ -88,3 +91,8 @@ impl Limits {
         Ok(())
     }
 }
+
+/// Limits that contradict each other or cannot work; the rule broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("limits: {0}")]
+pub struct InvalidLimits(pub &'static str);

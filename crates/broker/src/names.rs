@@ -8,7 +8,7 @@ pub const TOPIC_NAME_LEN_MAX: usize = 249;
 
 /// Checks a topic name.
 pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
-    let reason = "INVALID_TOPIC_NAME";
+    let reason = ordo_proto::errors::reason::INVALID_TOPIC_NAME;
     if name.is_empty() {
         return Err(BrokerError::invalid(reason, "topic name is empty"));
     }

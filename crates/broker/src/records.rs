@@ -5,51 +5,17 @@
 //! checksum the storage layer keeps on every log entry.
 
 use bytes::Bytes;
+use ordo_proto::errors::reason;
 use serde::Deserialize;
 use serde::Serialize;
 
 use crate::BrokerError;
 use crate::Limits;
 
-/// A record to append.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    /// Partitioning key.
-    pub key: Option<Bytes>,
-    /// Payload.
-    pub value: Bytes,
-    /// Headers, in order.
-    pub headers: Vec<(String, Bytes)>,
-    /// Milliseconds since the epoch; the receiving node's clock when absent.
-    pub timestamp_ms: Option<i64>,
-}
-
-impl Record {
-    /// Bytes this record counts against the size limits.
-    pub fn size_bytes(&self) -> u64 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(key, value)| key.len() + value.len())
-            .sum();
-        (self.key.as_ref().map_or(0, Bytes::len) + self.value.len() + headers) as u64
-    }
-}
-
-/// A committed record read back from a partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRecord {
-    /// Its offset.
-    pub offset: u64,
-    /// Partitioning key.
-    pub key: Option<Bytes>,
-    /// Payload.
-    pub value: Bytes,
-    /// Headers.
-    pub headers: Vec<(String, Bytes)>,
-    /// Milliseconds since the epoch.
-    pub timestamp_ms: i64,
-}
+/// A record to append, and a committed record read back: shared with the Rust client, with their
+/// one conversion to and from the wire, in `ordo_proto::record`.
+pub use ordo_proto::record::Record;
+pub use ordo_proto::record::StoredRecord;
 
 #[derive(Serialize, Deserialize)]
 struct StoredForm {
@@ -98,13 +64,13 @@ pub(crate) fn validate_batch(batch: &[u8], count: u32, limits: &Limits) -> Resul
     )?;
     let forms: Vec<BorrowedForm<'_>> = postcard::from_bytes(batch).map_err(|error| {
         BrokerError::invalid(
-            "BAD_FORWARDED_BATCH",
+            reason::BAD_FORWARDED_BATCH,
             format!("forwarded batch is undecodable: {error}"),
         )
     })?;
     if forms.is_empty() || forms.len() != count as usize {
         return Err(BrokerError::invalid(
-            "BAD_FORWARDED_BATCH",
+            reason::BAD_FORWARDED_BATCH,
             format!(
                 "forwarded batch holds {} records but claims {count}",
                 forms.len()

@@ -9,46 +9,15 @@ use ordo_proto::v1 as proto;
 
 use crate::error::ClientError;
 use crate::types::{
-    ClusterStatus, FetchResult, NodeStatus, PartitionDescription, Record, RecordAck, ReplicaStatus,
+    ClusterStatus, FetchResult, NodeStatus, PartitionDescription, RecordAck, ReplicaStatus,
     StartAt, StoredRecord, TopicDescription, TopicSummary,
 };
-
-impl From<Record> for proto::Record {
-    fn from(record: Record) -> Self {
-        proto::Record {
-            key: record.key,
-            value: record.value,
-            headers: record
-                .headers
-                .into_iter()
-                .map(|(key, value)| proto::Header { key, value })
-                .collect(),
-            timestamp_ms: record.timestamp_ms,
-        }
-    }
-}
 
 impl From<proto::RecordAck> for RecordAck {
     fn from(ack: proto::RecordAck) -> Self {
         RecordAck {
             partition: ack.partition,
             offset: ack.offset,
-        }
-    }
-}
-
-impl From<proto::StoredRecord> for StoredRecord {
-    fn from(record: proto::StoredRecord) -> Self {
-        StoredRecord {
-            offset: record.offset,
-            key: record.key,
-            value: record.value,
-            headers: record
-                .headers
-                .into_iter()
-                .map(|header| (header.key, header.value))
-                .collect(),
-            timestamp_ms: record.timestamp_ms,
         }
     }
 }
@@ -231,35 +200,6 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-
-    /// A record keeps key, value, headers (in order) and timestamp on its way to the wire.
-    #[test]
-    fn record_to_wire_keeps_every_field() {
-        let record = Record::new("value")
-            .with_key("key")
-            .with_header("a", "1")
-            .with_header("a", "2")
-            .with_timestamp_ms(42);
-        let wire = proto::Record::from(record);
-        assert_eq!(wire.key, Some(Bytes::from_static(b"key")));
-        assert_eq!(wire.value, Bytes::from_static(b"value"));
-        assert_eq!(wire.timestamp_ms, Some(42));
-        let headers: Vec<(&str, &[u8])> = wire
-            .headers
-            .iter()
-            .map(|header| (header.key.as_str(), header.value.as_ref()))
-            .collect();
-        assert_eq!(headers, vec![("a", &b"1"[..]), ("a", &b"2"[..])]);
-    }
-
-    /// A record without key or timestamp leaves them absent, so the server picks them.
-    #[test]
-    fn record_without_key_stays_without_key() {
-        let wire = proto::Record::from(Record::new(Bytes::from_static(b"v")));
-        assert_eq!(wire.key, None);
-        assert_eq!(wire.timestamp_ms, None);
-        assert!(wire.headers.is_empty());
-    }
 
     /// A fetch answer converts record by record and reports the next offset to read.
     #[test]

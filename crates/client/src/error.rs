@@ -10,23 +10,25 @@
 
 use std::error::Error as _;
 
+use ordo_proto::errors::never_sent;
+use ordo_proto::errors::source_chain_has;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
-/// `ErrorInfo` reason for a write whose outcome is unknown (proposed, not confirmed in time).
-pub const REASON_OUTCOME_UNKNOWN: &str = "OUTCOME_UNKNOWN";
-/// `ErrorInfo` reason of a request a node refused because it is shutting down (nothing written).
-pub const REASON_SHUTTING_DOWN: &str = "SHUTTING_DOWN";
-/// `ErrorInfo` reason sent by a node that is not the leader it was asked to be.
-pub const REASON_NOT_LEADER: &str = "NOT_LEADER";
-/// `ErrorInfo` metadata key: id of the node believed to lead.
-pub const METADATA_LEADER_ID: &str = "leader_id";
-/// `ErrorInfo` metadata key: gRPC address of the node believed to lead.
-pub const METADATA_LEADER_ADDRESS: &str = "leader_address";
-/// `ErrorInfo` metadata key: first offset still in the log.
-pub const METADATA_START_OFFSET: &str = "start_offset";
 /// `ErrorInfo` metadata key: offset after the last committed record.
-pub const METADATA_END_OFFSET: &str = "end_offset";
+pub use ordo_proto::errors::metadata::END_OFFSET as METADATA_END_OFFSET;
+/// `ErrorInfo` metadata key: gRPC address of the node believed to lead.
+pub use ordo_proto::errors::metadata::LEADER_ADDRESS as METADATA_LEADER_ADDRESS;
+/// `ErrorInfo` metadata key: id of the node believed to lead.
+pub use ordo_proto::errors::metadata::LEADER_ID as METADATA_LEADER_ID;
+/// `ErrorInfo` metadata key: first offset still in the log.
+pub use ordo_proto::errors::metadata::START_OFFSET as METADATA_START_OFFSET;
+/// `ErrorInfo` reason sent by a node that is not the leader it was asked to be.
+pub use ordo_proto::errors::reason::NOT_LEADER as REASON_NOT_LEADER;
+/// `ErrorInfo` reason for a write whose outcome is unknown (proposed, not confirmed in time).
+pub use ordo_proto::errors::reason::OUTCOME_UNKNOWN as REASON_OUTCOME_UNKNOWN;
+/// `ErrorInfo` reason of a request a node refused because it is shutting down (nothing written).
+pub use ordo_proto::errors::reason::SHUTTING_DOWN as REASON_SHUTTING_DOWN;
 
 /// Whether a call can change server state, which decides how an interrupted call is reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,8 +267,7 @@ impl ClientError {
                 },
             };
         }
-        let never_sent = source_chain_has::<tonic::ConnectError>(status);
-        if never_sent || effect == Effect::Read {
+        if never_sent(status) || effect == Effect::Read {
             ClientError::Transport {
                 endpoint: endpoint.to_owned(),
                 message,
@@ -323,18 +324,6 @@ impl ClientError {
             ClientError::Other { .. } => "other",
         }
     }
-}
-
-/// Whether an error of type `E` is among the causes of `status`.
-fn source_chain_has<E: std::error::Error + 'static>(status: &Status) -> bool {
-    let mut source = status.source();
-    while let Some(error) = source {
-        if error.is::<E>() {
-            return true;
-        }
-        source = error.source();
-    }
-    false
 }
 
 /// The status message followed by each cause, joined with ": ".

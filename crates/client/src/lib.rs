@@ -20,6 +20,7 @@
 //!
 //! # Layout
 //! - `client`: [`Client`] and [`ClientOptions`]: endpoints, channels, deadlines, retries.
+//! - `produce`: the produce path of [`Client`]: routing, batching, pipelining, retries.
 //! - `subscribe`: [`Subscription`], a record stream that resumes after a broken connection.
 //! - `batch`: queues of concurrent produce calls per partition, sent together.
 //! - `pipe`: pipelined produce calls on one `ProduceStream` per endpoint.
@@ -36,6 +37,7 @@ mod client;
 mod convert;
 mod error;
 mod pipe;
+mod produce;
 mod routing;
 mod subscribe;
 mod types;

@@ -205,7 +205,11 @@ fn outcome_unknown(message: String) -> Status {
     Status::with_error_details(
         Code::Unknown,
         message,
-        ErrorDetails::with_error_info(REASON_OUTCOME_UNKNOWN, "ordo", HashMap::new()),
+        ErrorDetails::with_error_info(
+            REASON_OUTCOME_UNKNOWN,
+            ordo_proto::errors::DOMAIN,
+            HashMap::new(),
+        ),
     )
 }
 

@@ -1,60 +1,19 @@
 //! Domain types of the public client API: what callers build and receive.
 //!
 //! These are plain data, independent of the wire structs in `ordo-proto` (the conversions live
-//! in `convert.rs`, and nothing here may reference a proto type). All of them serialize with
+//! in `convert.rs`, and nothing here may reference a proto type), except the record types, which
+//! the client shares with the broker through `ordo_proto::record`. All of them serialize with
 //! serde for machine-readable output; byte fields serialize as a JSON string when they are valid
 //! UTF-8 and as `{"hex": "..."}` otherwise, so no byte is lost or silently replaced.
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
 use serde::Serialize;
 
-/// A record to produce.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Record {
-    /// Records with the same key go to the same partition, unless the produce names one.
-    #[serde(serialize_with = "serialize_optional_bytes")]
-    pub key: Option<Bytes>,
-    /// The payload.
-    #[serde(serialize_with = "serialize_bytes")]
-    pub value: Bytes,
-    /// Application headers, in order; names may repeat.
-    #[serde(serialize_with = "serialize_headers")]
-    pub headers: Vec<(String, Bytes)>,
-    /// Milliseconds since the Unix epoch; when `None` the leader stamps its own clock.
-    pub timestamp_ms: Option<i64>,
-}
-
-impl Record {
-    /// A record with `value` and no key, headers or timestamp.
-    pub fn new(value: impl Into<Bytes>) -> Self {
-        Record {
-            key: None,
-            value: value.into(),
-            headers: Vec::new(),
-            timestamp_ms: None,
-        }
-    }
-
-    /// Sets the key, which decides the partition when the produce names none.
-    pub fn with_key(mut self, key: impl Into<Bytes>) -> Self {
-        self.key = Some(key.into());
-        self
-    }
-
-    /// Appends a header.
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Bytes>) -> Self {
-        self.headers.push((name.into(), value.into()));
-        self
-    }
-
-    /// Sets the timestamp in milliseconds since the Unix epoch.
-    pub fn with_timestamp_ms(mut self, timestamp_ms: i64) -> Self {
-        self.timestamp_ms = Some(timestamp_ms);
-        self
-    }
-}
+/// A record to produce, and a committed record read back: shared with the broker, defined (with
+/// their serde form and their conversion to and from the wire) in `ordo_proto::record`.
+pub use ordo_proto::record::Record;
+pub use ordo_proto::record::StoredRecord;
 
 /// Where one produced record landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -63,24 +22,6 @@ pub struct RecordAck {
     pub partition: u32,
     /// Its offset in that partition.
     pub offset: u64,
-}
-
-/// A committed record read from a partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StoredRecord {
-    /// The record's offset in its partition.
-    pub offset: u64,
-    /// The key it was produced with.
-    #[serde(serialize_with = "serialize_optional_bytes")]
-    pub key: Option<Bytes>,
-    /// The payload.
-    #[serde(serialize_with = "serialize_bytes")]
-    pub value: Bytes,
-    /// Application headers, in order.
-    #[serde(serialize_with = "serialize_headers")]
-    pub headers: Vec<(String, Bytes)>,
-    /// Milliseconds since the Unix epoch, as produced or as stamped by the leader.
-    pub timestamp_ms: i64,
 }
 
 /// The answer to one fetch, or one message of a subscription.
@@ -199,60 +140,4 @@ pub struct NodeStatus {
     pub leader_count: u32,
     /// Partitions this node holds a replica of.
     pub replica_count: u32,
-}
-
-/// Serializes bytes as a string when they are UTF-8, else as `{"hex": "..."}`.
-fn serialize_bytes<S: serde::Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => serializer.serialize_str(text),
-        Err(_) => {
-            use serde::ser::SerializeMap;
-            let mut map = serializer.serialize_map(Some(1))?;
-            map.serialize_entry("hex", &hex(bytes))?;
-            map.end()
-        }
-    }
-}
-
-// serde's `serialize_with` passes `&Option<Bytes>`; the reference is not ours to change.
-#[allow(clippy::ref_option)]
-fn serialize_optional_bytes<S: serde::Serializer>(
-    bytes: &Option<Bytes>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match bytes {
-        Some(bytes) => serialize_bytes(bytes, serializer),
-        None => serializer.serialize_none(),
-    }
-}
-
-fn serialize_headers<S: serde::Serializer>(
-    headers: &[(String, Bytes)],
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeSeq;
-
-    /// One header as a `{"key": .., "value": ..}` object.
-    #[derive(Serialize)]
-    struct Header<'a> {
-        key: &'a str,
-        #[serde(serialize_with = "serialize_bytes")]
-        value: &'a [u8],
-    }
-
-    let mut seq = serializer.serialize_seq(Some(headers.len()))?;
-    for (key, value) in headers {
-        seq.serialize_element(&Header { key, value })?;
-    }
-    seq.end()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut text = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    text
 }

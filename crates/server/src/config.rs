@@ -297,7 +297,9 @@ impl NodeConfig {
                 self.node_id
             ));
         }
-        self.limits.validate().map_err(ServerError::Config)?;
+        self.limits
+            .validate()
+            .map_err(|error| ServerError::Config(error.to_string()))?;
         let raft = &self.raft;
         if raft.heartbeat_interval_ms == 0
             || raft.election_timeout_min_ms <= raft.heartbeat_interval_ms * 2

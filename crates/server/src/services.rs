@@ -14,9 +14,10 @@ use futures::stream::FuturesUnordered;
 use ordo_broker::Broker;
 use ordo_broker::BrokerError;
 use ordo_broker::PartitionView;
-use ordo_broker::Record;
-use ordo_broker::StoredRecord;
 use ordo_broker::TopicView;
+use ordo_broker::rpc;
+use ordo_broker::rpc::MetaForward;
+use ordo_proto::errors::reason;
 use ordo_proto::internal as internal_pb;
 use ordo_proto::v1 as pb;
 use tokio::sync::Semaphore;
@@ -44,6 +45,11 @@ const SUBSCRIBE_BUFFER: usize = 4;
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(1);
 /// Answers buffered per ProduceStream.
 const PRODUCE_STREAM_BUFFER: usize = 64;
+/// Deadline of an admin call (create or delete a topic, a forwarded metadata command) whose
+/// caller set none.
+const ADMIN_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Pause of a Subscribe stream after a read found no leader, before it polls again.
+const SUBSCRIBE_LEADER_WAIT: Duration = Duration::from_millis(100);
 
 /// Shared state of the services. Cheap to clone.
 #[derive(Clone)]
@@ -55,33 +61,6 @@ pub struct Services {
     pub(crate) produce_stream_in_flight_max: usize,
     /// Turns true at shutdown; ProduceStreams stop reading then.
     pub(crate) shutdown: watch::Receiver<bool>,
-}
-
-fn record_from_wire(record: pb::Record) -> Record {
-    Record {
-        key: record.key,
-        value: record.value,
-        headers: record
-            .headers
-            .into_iter()
-            .map(|header| (header.key, header.value))
-            .collect(),
-        timestamp_ms: record.timestamp_ms,
-    }
-}
-
-fn record_to_wire(record: StoredRecord) -> pb::StoredRecord {
-    pb::StoredRecord {
-        offset: record.offset,
-        key: record.key,
-        value: record.value,
-        headers: record
-            .headers
-            .into_iter()
-            .map(|(key, value)| pb::Header { key, value })
-            .collect(),
-        timestamp_ms: record.timestamp_ms,
-    }
 }
 
 fn partition_to_wire(partition: PartitionView) -> pb::PartitionDescription {
@@ -126,7 +105,7 @@ impl Services {
         let span =
             tracing::debug_span!("produce", node = self.broker.node_id(), topic = %request.topic);
         let count = request.records.len() as u64;
-        let records = request.records.into_iter().map(record_from_wire).collect();
+        let records = request.records.into_iter().map(Into::into).collect();
         let result = self
             .broker
             .produce(&request.topic, request.partition, records, timeout)
@@ -243,7 +222,7 @@ impl Services {
         let result = match message.request {
             Some(request) => self.produce_one(request, timeout).await,
             None => Err(invalid(
-                "MISSING_REQUEST",
+                reason::MISSING_REQUEST,
                 "a ProduceStreamRequest needs its request field",
             )),
         };
@@ -271,9 +250,7 @@ fn stream_answer(
 }
 
 fn is_forwarded<T>(request: &Request<T>) -> bool {
-    request
-        .metadata()
-        .contains_key(ordo_broker::FORWARDED_HEADER)
+    request.metadata().contains_key(rpc::FORWARDED_HEADER)
 }
 
 #[tonic::async_trait]
@@ -332,12 +309,10 @@ impl pb::log_server::Log for Services {
             result.as_ref().map(|_| ()).map_err(Status::code),
         );
         let outcome = result?;
-        Ok(Response::new(pb::FetchResponse {
-            partition: request.partition,
-            records: outcome.records.into_iter().map(record_to_wire).collect(),
-            high_watermark: outcome.high_watermark,
-            log_start_offset: outcome.log_start_offset,
-        }))
+        Ok(Response::new(rpc::fetch_into_wire(
+            request.partition,
+            outcome,
+        )))
     }
 
     type SubscribeStream =
@@ -392,19 +367,14 @@ impl pb::log_server::Log for Services {
                             continue;
                         };
                         offset = last + 1;
-                        let answer = pb::FetchResponse {
-                            partition,
-                            records: outcome.records.into_iter().map(record_to_wire).collect(),
-                            high_watermark: outcome.high_watermark,
-                            log_start_offset: outcome.log_start_offset,
-                        };
+                        let answer = rpc::fetch_into_wire(partition, outcome);
                         if sender.send(Ok(answer)).await.is_err() {
                             break;
                         }
                     }
                     Err(BrokerError::Unavailable { .. }) => {
                         // A leader change: keep following once a replica answers again.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(SUBSCRIBE_LEADER_WAIT).await;
                     }
                     Err(error) => {
                         let _ = sender.send(Err(to_status(error))).await;
@@ -426,7 +396,7 @@ impl pb::admin_server::Admin for Services {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
-        let timeout = request_timeout(request.metadata(), Duration::from_secs(10));
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
         let request = request.into_inner();
         let config = request
             .config
@@ -452,7 +422,7 @@ impl pb::admin_server::Admin for Services {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
-        let timeout = request_timeout(request.metadata(), Duration::from_secs(10));
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
         self.broker
             .delete_topic(&request.into_inner().name, timeout)
             .await
@@ -526,7 +496,7 @@ impl internal_pb::internal_server::Internal for Services {
         let request = request.into_inner();
         let kind = internal_pb::RaftKind::try_from(request.kind).map_err(|_| {
             invalid(
-                "BAD_RAFT_KIND",
+                reason::BAD_RAFT_KIND,
                 format!("unknown raft message kind {}", request.kind),
             )
         })?;
@@ -546,57 +516,25 @@ impl internal_pb::internal_server::Internal for Services {
     ) -> Result<Response<internal_pb::ForwardProduceResponse>, Status> {
         let timeout = request_timeout(request.metadata(), self.broker.limits().produce_timeout());
         let request = request.into_inner();
-        let result = self
+        let outcome = self
             .broker
             .handle_forward_produce(request.group, request.count, request.batch, timeout)
-            .await;
-        use ordo_broker::ForwardResult;
-        let response = match result {
-            Ok(ForwardResult::Appended(base_offset)) => internal_pb::ForwardProduceResponse {
-                base_offset: Some(base_offset),
-                ..Default::default()
-            },
-            Ok(ForwardResult::NotLeader(leader_hint)) => internal_pb::ForwardProduceResponse {
-                leader_hint,
-                not_leader: true,
-                ..Default::default()
-            },
-            Ok(ForwardResult::Discarded(leader_hint)) => internal_pb::ForwardProduceResponse {
-                leader_hint,
-                discarded: true,
-                ..Default::default()
-            },
-            // The forwarder reads ABORTED as "proposed, outcome unknown".
-            Err(BrokerError::OutcomeUnknown { message }) => {
-                return Err(status::forwarded_outcome_unknown(message));
-            }
-            Err(error) => return Err(to_status(error)),
-        };
-        Ok(Response::new(response))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(outcome.into_wire()))
     }
 
     async fn forward_meta(
         &self,
         request: Request<internal_pb::ForwardMetaRequest>,
     ) -> Result<Response<internal_pb::ForwardMetaResponse>, Status> {
-        let timeout = request_timeout(request.metadata(), Duration::from_secs(10));
-        let answer = self
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
+        let answer: MetaForward = self
             .broker
             .handle_forward_meta(request.into_inner().command, timeout)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(match answer {
-            Some(response) => internal_pb::ForwardMetaResponse {
-                response,
-                not_leader: false,
-                leader_hint: None,
-            },
-            None => internal_pb::ForwardMetaResponse {
-                response: Default::default(),
-                not_leader: true,
-                leader_hint: self.broker.raft().meta_leader(),
-            },
-        }))
+        Ok(Response::new(answer.into_wire()))
     }
 
     async fn meta_read_index(
@@ -604,10 +542,7 @@ impl internal_pb::internal_server::Internal for Services {
         _request: Request<internal_pb::MetaReadIndexRequest>,
     ) -> Result<Response<internal_pb::MetaReadIndexResponse>, Status> {
         let index = self.broker.handle_meta_read_index().await;
-        Ok(Response::new(internal_pb::MetaReadIndexResponse {
-            index: index.unwrap_or(0),
-            not_leader: index.is_none(),
-        }))
+        Ok(Response::new(rpc::read_index_into_wire(index)))
     }
 
     async fn ping(
@@ -628,15 +563,7 @@ impl internal_pb::internal_server::Internal for Services {
             node_id: self.broker.node_id(),
             groups: groups
                 .into_iter()
-                .map(|status| internal_pb::GroupState {
-                    group: status.group,
-                    leader: status.leader,
-                    term: status.term,
-                    high_watermark: status.high_watermark,
-                    log_start_offset: 0,
-                    matched: status.matched.into_iter().collect(),
-                    last_log_index: status.last_log_index,
-                })
+                .map(rpc::group_status_into_wire)
                 .collect(),
         }))
     }

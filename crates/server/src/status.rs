@@ -5,6 +5,7 @@
 //! | error | code | reason | metadata |
 //! |---|---|---|---|
 //! | bad request | INVALID_ARGUMENT | e.g. `INVALID_TOPIC_NAME`, `EMPTY_BATCH` | |
+//! | undecodable message | INVALID_ARGUMENT | `MALFORMED_MESSAGE` (made by `ordo_proto::codec`) | |
 //! | over a limit | INVALID_ARGUMENT | `LIMIT_EXCEEDED` | `limit`, `max`, `actual` |
 //! | unknown topic | NOT_FOUND | `TOPIC_NOT_FOUND` | `topic` |
 //! | unknown partition | NOT_FOUND | `PARTITION_NOT_FOUND` | `partitions` |
@@ -17,18 +18,25 @@
 //! | too much in flight | RESOURCE_EXHAUSTED | `RESOURCE_EXHAUSTED` | |
 //! | bug or storage failure | INTERNAL | `INTERNAL` | |
 //!
-//! OUT_OF_RANGE also sets the `end-offset` response header, which forwarding nodes read.
+//! OUT_OF_RANGE also sets the `end-offset` response header. The reasons and metadata keys are
+//! the constants of `ordo_proto::errors`, which the client and forwarding nodes read back.
+//!
+//! Two statuses are made elsewhere, because no domain error exists yet when they happen: bytes
+//! that do not decode as the method's message (`ordo_proto::codec`: INVALID_ARGUMENT,
+//! `MALFORMED_MESSAGE`), and the transport's own failures.
 
 use std::collections::HashMap;
 
 use ordo_broker::BrokerError;
+use ordo_proto::errors::END_OFFSET_HEADER;
+use ordo_proto::errors::metadata as key;
+use ordo_proto::errors::reason;
 use tonic::Code;
 use tonic::Status;
 use tonic_types::ErrorDetails;
 use tonic_types::StatusExt;
 
-/// The `ErrorInfo` domain of every Ordo error.
-pub const DOMAIN: &str = "ordo";
+pub use ordo_proto::errors::DOMAIN;
 
 fn status(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
     Status::with_error_details(
@@ -43,7 +51,7 @@ pub fn shutting_down(node: u64) -> Status {
     status(
         Code::Unavailable,
         format!("node {node} is shutting down; nothing was written; retry on another node"),
-        "SHUTTING_DOWN",
+        reason::SHUTTING_DOWN,
         HashMap::new(),
     )
 }
@@ -59,44 +67,46 @@ pub fn to_status(error: BrokerError) -> Status {
         BrokerError::LimitExceeded { name, max, actual } => status(
             Code::InvalidArgument,
             message,
-            "LIMIT_EXCEEDED",
+            reason::LIMIT_EXCEEDED,
             HashMap::from([
-                ("limit".into(), name.to_string()),
-                ("max".into(), max.to_string()),
-                ("actual".into(), actual.to_string()),
+                (key::LIMIT.into(), name.to_string()),
+                (key::MAX.into(), max.to_string()),
+                (key::ACTUAL.into(), actual.to_string()),
             ]),
         ),
         BrokerError::TopicNotFound(topic) => status(
             Code::NotFound,
             message,
-            "TOPIC_NOT_FOUND",
-            HashMap::from([("topic".into(), topic)]),
+            reason::TOPIC_NOT_FOUND,
+            HashMap::from([(key::TOPIC.into(), topic)]),
         ),
         BrokerError::PartitionNotFound { partitions, .. } => status(
             Code::NotFound,
             message,
-            "PARTITION_NOT_FOUND",
-            HashMap::from([("partitions".into(), partitions.to_string())]),
+            reason::PARTITION_NOT_FOUND,
+            HashMap::from([(key::PARTITIONS.into(), partitions.to_string())]),
         ),
-        BrokerError::TopicExists(_) => status(Code::AlreadyExists, message, "TOPIC_EXISTS", none()),
+        BrokerError::TopicExists(_) => {
+            status(Code::AlreadyExists, message, reason::TOPIC_EXISTS, none())
+        }
         BrokerError::FailedPrecondition(_) => status(
             Code::FailedPrecondition,
             message,
-            "FAILED_PRECONDITION",
+            reason::FAILED_PRECONDITION,
             none(),
         ),
         BrokerError::OffsetOutOfRange { start, end, .. } => {
             let mut status = status(
                 Code::OutOfRange,
                 message,
-                "OFFSET_OUT_OF_RANGE",
+                reason::OFFSET_OUT_OF_RANGE,
                 HashMap::from([
-                    ("start_offset".into(), start.to_string()),
-                    ("end_offset".into(), end.to_string()),
+                    (key::START_OFFSET.into(), start.to_string()),
+                    (key::END_OFFSET.into(), end.to_string()),
                 ]),
             );
             if let Ok(value) = end.to_string().parse() {
-                status.metadata_mut().insert("end-offset", value);
+                status.metadata_mut().insert(END_OFFSET_HEADER, value);
             }
             status
         }
@@ -107,35 +117,32 @@ pub fn to_status(error: BrokerError) -> Status {
         } => {
             let mut metadata = HashMap::new();
             if let Some(leader) = leader {
-                metadata.insert("leader_id".into(), leader.to_string());
+                metadata.insert(key::LEADER_ID.into(), leader.to_string());
             }
             if let Some(address) = leader_address {
-                metadata.insert("leader_address".into(), address);
+                metadata.insert(key::LEADER_ADDRESS.into(), address);
             }
             let reason = if leader.is_some() {
-                "NOT_LEADER"
+                reason::NOT_LEADER
             } else {
-                "UNAVAILABLE"
+                reason::UNAVAILABLE
             };
             status(Code::Unavailable, message, reason, metadata)
         }
-        BrokerError::OutcomeUnknown { .. } => {
-            status(Code::DeadlineExceeded, message, "OUTCOME_UNKNOWN", none())
-        }
+        BrokerError::OutcomeUnknown { .. } => status(
+            Code::DeadlineExceeded,
+            message,
+            reason::OUTCOME_UNKNOWN,
+            none(),
+        ),
         BrokerError::ResourceExhausted(_) => status(
             Code::ResourceExhausted,
             message,
-            "RESOURCE_EXHAUSTED",
+            reason::RESOURCE_EXHAUSTED,
             none(),
         ),
-        BrokerError::Internal(_) => status(Code::Internal, message, "INTERNAL", none()),
+        BrokerError::Internal(_) => status(Code::Internal, message, reason::INTERNAL, none()),
     }
-}
-
-/// The answer of a forwarded produce whose batch was proposed but whose outcome is unknown: the
-/// forwarding node reads ABORTED as "maybe written" and must not retry it as unwritten.
-pub fn forwarded_outcome_unknown(message: String) -> Status {
-    status(Code::Aborted, message, "OUTCOME_UNKNOWN", HashMap::new())
 }
 
 /// A request field that cannot be accepted.
@@ -159,7 +166,7 @@ mod tests {
             (
                 BrokerError::TopicNotFound("t".into()),
                 Code::NotFound,
-                "TOPIC_NOT_FOUND",
+                reason::TOPIC_NOT_FOUND,
             ),
             (
                 BrokerError::OutcomeUnknown {
@@ -184,7 +191,7 @@ mod tests {
                     end: 5,
                 },
                 Code::OutOfRange,
-                "OFFSET_OUT_OF_RANGE",
+                reason::OFFSET_OUT_OF_RANGE,
             ),
             (
                 BrokerError::LimitExceeded {
@@ -193,7 +200,7 @@ mod tests {
                     actual: 2,
                 },
                 Code::InvalidArgument,
-                "LIMIT_EXCEEDED",
+                reason::LIMIT_EXCEEDED,
             ),
         ];
         for (error, code, reason) in cases {

@@ -1,0 +1,133 @@
+//! Background loops of a node's broker, owned by the caller's `JoinSet` and stopped by the
+//! shutdown watch: reconcile this node's Raft groups with the metadata, hand leadership back to
+//! preferred leaders, and the Raft layer's watchdog (node-level failure detection).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ordo_raft::GroupId;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::Broker;
+use crate::NodeId;
+
+/// How often reconcile runs when the metadata does not change (a failed group start is retried
+/// then).
+const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+/// Leadership transfers one balance round may start, so a round never floods the cluster.
+const TRANSFERS_PER_ROUND_MAX: usize = 32;
+
+impl Broker {
+    /// Spawns the background loops on `tasks`.
+    pub(crate) fn spawn_background(
+        &self,
+        tasks: &mut JoinSet<()>,
+        shutdown: watch::Receiver<bool>,
+    ) {
+        tasks.spawn(self.clone().reconcile_loop(shutdown.clone()));
+        tasks.spawn(
+            self.state
+                .node
+                .clone()
+                .run_watchdog(self.state.options.nodes.clone(), shutdown.clone()),
+        );
+        tasks.spawn(self.clone().leader_balance_loop(shutdown));
+    }
+
+    /// Keeps this node's partition groups in line with the metadata: starts the groups of
+    /// partitions it replicates, removes those of deleted topics.
+    async fn reconcile_loop(self, mut shutdown: watch::Receiver<bool>) {
+        let mut meta = self.state.meta.clone();
+        let me = self.node_id();
+        for (node, address) in &self.state.options.nodes {
+            self.state.node.peers().set_address(*node, address);
+        }
+        loop {
+            let state = meta.borrow_and_update().clone();
+            let mut wanted = std::collections::HashSet::new();
+            for topic in state.topics.values() {
+                for (partition, replicas) in topic.partitions.iter().enumerate() {
+                    if !replicas.contains(&me) {
+                        continue;
+                    }
+                    let group = GroupId(topic.group(partition as u32));
+                    wanted.insert(group);
+                    let members: BTreeMap<NodeId, String> = replicas
+                        .iter()
+                        .filter_map(|node| self.address(*node).map(|address| (*node, address)))
+                        .collect();
+                    let span =
+                        tracing::info_span!("partition", node = me, topic = %topic.name, partition);
+                    let started = self
+                        .state
+                        .node
+                        .ensure_partition(group, &members, replicas[0] == me)
+                        .instrument(span)
+                        .await;
+                    if let Err(error) = started {
+                        tracing::error!(%group, %error, "cannot start partition group");
+                    }
+                }
+            }
+            // Leader hints of deleted topics would otherwise stay forever.
+            let existing: std::collections::HashSet<u64> = state
+                .topics
+                .values()
+                .flat_map(|topic| (0..topic.partitions.len() as u32).map(|p| topic.group(p)))
+                .collect();
+            self.retain_leader_hints(|group| existing.contains(&group.0));
+            for group in self.state.node.partition_groups() {
+                if !wanted.contains(&group) {
+                    tracing::info!(%group, "removing partition group of a deleted topic");
+                    if let Err(error) = self.state.node.remove_partition(group).await {
+                        tracing::error!(%group, %error, "cannot remove partition group");
+                    }
+                }
+            }
+            tokio::select! {
+                changed = meta.changed() => if changed.is_err() { return },
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// Hands leadership of each partition back to its preferred leader (its first replica) once
+    /// that replica is caught up, so leaders stay spread evenly after failures (Kafka's
+    /// preferred leader election).
+    async fn leader_balance_loop(self, mut shutdown: watch::Receiver<bool>) {
+        let me = self.node_id();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(self.state.options.leader_balance_interval) => {}
+            }
+            let state = self.metadata();
+            let mut transfers = 0;
+            for topic in state.topics.values() {
+                for (partition, replicas) in topic.partitions.iter().enumerate() {
+                    let preferred = replicas[0];
+                    if preferred == me || transfers >= TRANSFERS_PER_ROUND_MAX {
+                        continue;
+                    }
+                    let group = GroupId(topic.group(partition as u32));
+                    let Some(status) = self.state.node.status(group) else {
+                        continue;
+                    };
+                    if status.leader != Some(me)
+                        || status.matched.get(&preferred) != Some(&status.last_log_index)
+                    {
+                        continue;
+                    }
+                    tracing::info!(topic = %topic.name, partition, to = preferred, "handing leadership to the preferred leader");
+                    if let Err(error) = self.state.node.transfer_leader(group, preferred).await {
+                        tracing::warn!(%group, %error, "leader transfer failed");
+                    }
+                    transfers += 1;
+                }
+            }
+        }
+    }
+}

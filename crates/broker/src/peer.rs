@@ -1,0 +1,198 @@
+//! The only module that calls other nodes over gRPC: [`Peer`], one remote node as the broker
+//! uses it. Each call speaks the contract of `rpc` and returns domain values, never statuses.
+//!
+//! Every call has a deadline. A node whose address is unknown is "not reached" (nothing sent).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ordo_proto::errors;
+use ordo_proto::errors::reason;
+use ordo_proto::internal::ForwardMetaRequest;
+use ordo_proto::internal::ForwardProduceRequest;
+use ordo_proto::internal::GroupStatusRequest;
+use ordo_proto::internal::MetaReadIndexRequest;
+use ordo_proto::internal::internal_client::InternalClient;
+use ordo_raft::GroupId;
+use ordo_raft::GroupStatus;
+use ordo_raft::Peers;
+use tonic::Status;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use crate::Broker;
+use crate::BrokerError;
+use crate::NodeId;
+use crate::fetch::FORWARD_FETCH_GRACE;
+use crate::fetch::FetchOutcome;
+use crate::fetch::FetchRequest;
+use crate::fetch::ForwardFetchError;
+use crate::rpc;
+use crate::rpc::CallFailure;
+use crate::rpc::FORWARDED_HEADER;
+use crate::rpc::ForwardOutcome;
+use crate::rpc::MetaForward;
+
+/// How long a node waits for another's status report (describe, cluster status).
+const GROUP_STATUS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One remote node.
+pub(crate) struct Peer<'a> {
+    peers: &'a Peers,
+    node: NodeId,
+}
+
+impl Broker {
+    /// The remote node `node`, to call.
+    pub(crate) fn peer(&self, node: NodeId) -> Peer<'_> {
+        Peer {
+            peers: self.state.node.peers(),
+            node,
+        }
+    }
+}
+
+impl Peer<'_> {
+    fn client(&self) -> Result<InternalClient<Channel>, String> {
+        self.peers
+            .known_client(self.node)
+            .ok_or_else(|| format!("node {} has no known address", self.node))
+    }
+
+    fn describe(&self, status: &Status) -> String {
+        format!("node {}: {}", self.node, status.message())
+    }
+
+    /// Proposes a batch on the remote, which must lead `group`. A failure says what the call
+    /// may have done, with what happened.
+    pub(crate) async fn forward_produce(
+        &self,
+        group: GroupId,
+        count: u32,
+        batch: Bytes,
+        timeout: Duration,
+    ) -> Result<ForwardOutcome, (CallFailure, String)> {
+        let mut client = self
+            .client()
+            .map_err(|message| (CallFailure::NothingDone, message))?;
+        let mut request = tonic::Request::new(ForwardProduceRequest {
+            group: group.0,
+            batch,
+            count,
+        });
+        request.set_timeout(timeout);
+        match client.forward_produce(request).await {
+            Ok(response) => ForwardOutcome::from_wire(response.get_ref()).ok_or_else(|| {
+                (
+                    CallFailure::MaybeDone,
+                    format!("node {} sent a malformed forward answer", self.node),
+                )
+            }),
+            Err(status) => Err((rpc::classify_failure(&status), self.describe(&status))),
+        }
+    }
+
+    /// Runs a metadata command on the remote, which must lead the metadata group.
+    pub(crate) async fn forward_meta(
+        &self,
+        command: Bytes,
+        timeout: Duration,
+    ) -> Result<MetaForward, (CallFailure, String)> {
+        let mut client = self
+            .client()
+            .map_err(|message| (CallFailure::NothingDone, message))?;
+        let mut request = tonic::Request::new(ForwardMetaRequest { command });
+        request.set_timeout(timeout);
+        match client.forward_meta(request).await {
+            Ok(response) => Ok(MetaForward::from_wire(response.into_inner())),
+            Err(status) => Err((rpc::classify_failure(&status), self.describe(&status))),
+        }
+    }
+
+    /// The metadata read index from the remote; `None` when it is not the leader or did not
+    /// answer.
+    pub(crate) async fn meta_read_index(&self, timeout: Duration) -> Option<u64> {
+        let mut client = self.client().ok()?;
+        let mut request = tonic::Request::new(MetaReadIndexRequest {});
+        request.set_timeout(timeout);
+        let response = client.meta_read_index(request).await.ok()?;
+        rpc::read_index_from_wire(response.get_ref())
+    }
+
+    /// The remote's status of `groups`; `None` when it did not answer.
+    pub(crate) async fn group_status(&self, groups: Vec<u64>) -> Option<Vec<GroupStatus>> {
+        let mut client = self.client().ok()?;
+        let mut request = tonic::Request::new(GroupStatusRequest { groups });
+        request.set_timeout(GROUP_STATUS_TIMEOUT);
+        let response = client.group_status(request).await.ok()?;
+        Some(
+            response
+                .into_inner()
+                .groups
+                .into_iter()
+                .map(rpc::group_status_from_wire)
+                .collect(),
+        )
+    }
+
+    /// A fetch served by the remote (public `Log/Fetch`, marked as forwarded so it is not
+    /// forwarded again).
+    pub(crate) async fn fetch(
+        &self,
+        fetch: &FetchRequest<'_>,
+    ) -> Result<FetchOutcome, ForwardFetchError> {
+        let channel = self.peers.channel(self.node).ok_or_else(|| {
+            ForwardFetchError::NotServed(format!("node {} has no known address", self.node))
+        })?;
+        let mut client = ordo_proto::v1::log_client::LogClient::new(channel)
+            .max_decoding_message_size(usize::MAX);
+        let mut request = tonic::Request::new(ordo_proto::v1::FetchRequest {
+            topic: fetch.topic.to_string(),
+            partition: fetch.partition,
+            offset: fetch.offset,
+            max_bytes: fetch.max_bytes.min(u64::from(u32::MAX)) as u32,
+            max_wait_ms: fetch.max_wait.as_millis().min(u128::from(u32::MAX)) as u32,
+        });
+        request.metadata_mut().insert(
+            FORWARDED_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        request.set_timeout(fetch.max_wait + FORWARD_FETCH_GRACE);
+        match client.fetch(request).await {
+            Ok(response) => Ok(rpc::fetch_from_wire(response.into_inner())),
+            Err(status) => Err(fetch_failure(&status, fetch, self.node)),
+        }
+    }
+}
+
+/// The remote's verdict on a fetch, by reason: a request it judged (out of range, no such topic
+/// or partition) is the caller's answer; anything else (no leader, shutting down, unreachable)
+/// means it did not serve the read.
+fn fetch_failure(status: &Status, fetch: &FetchRequest<'_>, node: NodeId) -> ForwardFetchError {
+    let info = status.get_details_error_info();
+    let metadata = |key: &str| {
+        info.as_ref()
+            .and_then(|info| info.metadata.get(key))
+            .and_then(|value| value.parse::<u64>().ok())
+    };
+    match errors::reason_of(status).as_deref() {
+        Some(reason::OFFSET_OUT_OF_RANGE) => {
+            ForwardFetchError::Answered(BrokerError::OffsetOutOfRange {
+                offset: fetch.offset,
+                start: metadata(errors::metadata::START_OFFSET).unwrap_or(0),
+                end: metadata(errors::metadata::END_OFFSET).unwrap_or(0),
+            })
+        }
+        Some(reason::TOPIC_NOT_FOUND) => {
+            ForwardFetchError::Answered(BrokerError::TopicNotFound(fetch.topic.to_string()))
+        }
+        Some(reason::PARTITION_NOT_FOUND) => {
+            ForwardFetchError::Answered(BrokerError::PartitionNotFound {
+                topic: fetch.topic.to_string(),
+                partition: fetch.partition,
+                partitions: metadata(errors::metadata::PARTITIONS).unwrap_or(0) as u32,
+            })
+        }
+        _ => ForwardFetchError::NotServed(format!("node {node}: {}", status.message())),
+    }
+}

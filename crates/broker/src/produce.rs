@@ -1,0 +1,342 @@
+//! Produce: records are validated against [`Limits`], split by partition, encoded into one batch
+//! per partition and proposed to that partition's leader, on this node or forwarded to the
+//! leader's node (`peer`). The call returns only when every partition's Raft group committed its
+//! batch (quorum fsynced). A leader change inside the deadline is retried on the new leader
+//! (this may duplicate a batch whose first attempt committed unanswered, until idempotent
+//! producers exist); where the next attempt goes, and what a call that runs out of time says,
+//! is decided by `route::AppendRoute`: "outcome unknown" once any attempt may have been
+//! written, else "unavailable, nothing written" with the leader hint.
+//!
+//! Also the serving side of a forwarded append (`handle_forward_produce`).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use bytes::Bytes;
+use ordo_raft::Command;
+use ordo_raft::GroupId;
+use ordo_raft::Response;
+use ordo_raft::WriteError;
+
+use crate::Broker;
+use crate::BrokerError;
+use crate::Limits;
+use crate::Record;
+use crate::broker::now_ms;
+use crate::metadata::Topic;
+use crate::partitioner::partition_for_key;
+use crate::records::encode_batch;
+use crate::records::validate_batch;
+use crate::route::AppendFailure;
+use crate::route::AppendRoute;
+use crate::route::Verdict;
+use crate::rpc::CallFailure;
+use crate::rpc::ForwardOutcome;
+
+/// What a committed partition batch answers: the partition, the positions of its records in the
+/// request, and its base offset.
+type PartitionAck = (u32, Vec<usize>, u64);
+
+impl Broker {
+    /// Appends records; answers `(partition, offset)` per record in request order.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+        timeout: Duration,
+    ) -> Result<Vec<(u32, u64)>, BrokerError> {
+        let deadline = Instant::now() + timeout;
+        let limits = &self.state.options.limits;
+        if records.is_empty() {
+            return Err(BrokerError::invalid(
+                ordo_proto::errors::reason::EMPTY_BATCH,
+                "a produce request needs at least one record",
+            ));
+        }
+        Limits::check(
+            "batch_records_max",
+            records.len() as u64,
+            limits.batch_records_max,
+        )?;
+        let mut total = 0u64;
+        for record in &records {
+            let size = record.size_bytes();
+            Limits::check("record_bytes_max", size, limits.record_bytes_max)?;
+            total += size;
+        }
+        Limits::check("batch_bytes_max", total, limits.batch_bytes_max)?;
+        let topic = self.topic_fresh(topic, deadline).await?;
+        let partitions = topic.partitions.len() as u32;
+        if let Some(partition) = partition {
+            if partition >= partitions {
+                return Err(BrokerError::PartitionNotFound {
+                    topic: topic.name.clone(),
+                    partition,
+                    partitions,
+                });
+            }
+        }
+        let _permit = self.state.produce_permits.try_acquire().map_err(|_| {
+            BrokerError::ResourceExhausted(format!(
+                "{} produce requests in flight on this node (produce_in_flight_max); retry with backoff",
+                limits.produce_in_flight_max
+            ))
+        })?;
+
+        // Split by partition, remembering each record's position in the request.
+        let total_records = records.len();
+        let sticky = self.state.round_robin.fetch_add(1, Ordering::Relaxed) % partitions;
+        let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<Record>)> = BTreeMap::new();
+        for (position, record) in records.into_iter().enumerate() {
+            let target = match (partition, &record.key) {
+                (Some(partition), _) => partition,
+                (None, Some(key)) => partition_for_key(key, partitions),
+                (None, None) => sticky,
+            };
+            let entry = by_partition.entry(target).or_default();
+            entry.0.push(position);
+            entry.1.push(record);
+        }
+        let now = now_ms();
+        let mut appends = Vec::with_capacity(by_partition.len());
+        for (partition, (positions, records)) in by_partition {
+            let count = records.len() as u32;
+            let batch = encode_batch(&records, now)?;
+            let broker = self.clone();
+            let topic = topic.clone();
+            appends.push(async move {
+                let base = broker
+                    .append(&topic, partition, count, batch, deadline)
+                    .await?;
+                Ok::<_, BrokerError>((partition, positions, base))
+            });
+        }
+        let results = futures::future::join_all(appends).await;
+        combine_acks(results, total_records)
+    }
+
+    /// Proposes one batch to a partition's leader, wherever it is, until the deadline.
+    async fn append(
+        &self,
+        topic: &Topic,
+        partition: u32,
+        count: u32,
+        batch: Bytes,
+        deadline: Instant,
+    ) -> Result<u64, BrokerError> {
+        let group = GroupId(topic.group(partition));
+        let me = self.node_id();
+        let local_leader = self
+            .state
+            .node
+            .status(group)
+            .and_then(|status| status.leader);
+        let replicas = &topic.partitions[partition as usize];
+        let first = self
+            .leader_hint(group)
+            .or(local_leader)
+            .unwrap_or(replicas[0]);
+        let mut route = AppendRoute::new(replicas, first);
+        let mut last_error = String::from("no attempt made");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let target = route.target();
+            let failure = if target == me {
+                let command = Command::Append {
+                    count,
+                    batch: batch.clone(),
+                };
+                match self.state.node.write(group, command, remaining).await {
+                    Ok(Response::Appended { base_offset }) => {
+                        self.set_leader_hint(group, Some(me));
+                        return Ok(base_offset);
+                    }
+                    Ok(other) => {
+                        return Err(BrokerError::Internal(format!(
+                            "unexpected answer to an append: {other:?}"
+                        )));
+                    }
+                    Err(WriteError::OutcomeUnknown { reason, .. }) => {
+                        return Err(BrokerError::OutcomeUnknown { message: reason });
+                    }
+                    Err(error) => {
+                        last_error = error.to_string();
+                        match error {
+                            WriteError::NotLeader { leader, .. } => {
+                                AppendFailure::NotLeader(leader)
+                            }
+                            WriteError::Discarded { leader, .. } => {
+                                AppendFailure::LeaderChanged(leader)
+                            }
+                            _ => AppendFailure::GroupDown,
+                        }
+                    }
+                }
+            } else {
+                let peer = self.peer(target);
+                match peer
+                    .forward_produce(group, count, batch.clone(), remaining)
+                    .await
+                {
+                    Ok(ForwardOutcome::Appended(base_offset)) => {
+                        self.set_leader_hint(group, Some(target));
+                        return Ok(base_offset);
+                    }
+                    Ok(ForwardOutcome::NotLeader(leader)) => {
+                        last_error = format!("node {target} does not lead partition {partition}");
+                        AppendFailure::NotLeader(leader)
+                    }
+                    Ok(ForwardOutcome::LeaderChanged(leader)) => {
+                        last_error = format!(
+                            "leadership of partition {partition} moved while the batch was in flight"
+                        );
+                        AppendFailure::LeaderChanged(leader)
+                    }
+                    Err((failure, message)) => {
+                        last_error = message.clone();
+                        match failure {
+                            CallFailure::OutcomeUnknown => {
+                                return Err(BrokerError::OutcomeUnknown { message });
+                            }
+                            CallFailure::NothingDone => AppendFailure::Unreachable,
+                            CallFailure::MaybeDone => AppendFailure::MaybeDelivered,
+                        }
+                    }
+                }
+            };
+            let retry = route.failed(failure);
+            self.set_leader_hint(group, retry.leader_hint);
+            if !retry.pause.is_zero() {
+                tokio::time::sleep(
+                    retry
+                        .pause
+                        .min(deadline.saturating_duration_since(Instant::now())),
+                )
+                .await;
+            }
+        }
+        let leader = self.leader_hint(group);
+        match route.verdict() {
+            Verdict::MaybeWritten => Err(BrokerError::OutcomeUnknown {
+                message: format!(
+                    "partition {partition} of {:?}: deadline passed after a leader change; last error: {last_error}",
+                    topic.name
+                ),
+            }),
+            Verdict::NothingWritten => Err(BrokerError::Unavailable {
+                message: format!(
+                    "no leader of partition {partition} of {:?} accepted the batch before the deadline; nothing was written; last error: {last_error}",
+                    topic.name
+                ),
+                leader,
+                leader_address: leader.and_then(|leader| self.address(leader)),
+            }),
+        }
+    }
+
+    /// Serves a forwarded append: proposes it here if this node leads the group.
+    pub async fn handle_forward_produce(
+        &self,
+        group: u64,
+        count: u32,
+        batch: Bytes,
+        timeout: Duration,
+    ) -> Result<ForwardOutcome, BrokerError> {
+        let group = GroupId(group);
+        validate_batch(&batch, count, &self.state.options.limits)?;
+        let command = Command::Append { count, batch };
+        match self.state.node.write(group, command, timeout).await {
+            Ok(Response::Appended { base_offset }) => Ok(ForwardOutcome::Appended(base_offset)),
+            Ok(other) => Err(BrokerError::Internal(format!(
+                "unexpected answer to an append: {other:?}"
+            ))),
+            Err(WriteError::NotLeader { leader, .. }) => Ok(ForwardOutcome::NotLeader(leader)),
+            Err(WriteError::Discarded { leader, .. }) => Ok(ForwardOutcome::LeaderChanged(leader)),
+            Err(WriteError::OutcomeUnknown { reason, .. }) => {
+                Err(BrokerError::OutcomeUnknown { message: reason })
+            }
+            Err(WriteError::GroupNotFound(group)) => Ok(ForwardOutcome::NotLeader(
+                self.leader_hint(group)
+                    .filter(|leader| *leader != self.node_id()),
+            )),
+            Err(WriteError::Stopped { reason, .. }) => Err(BrokerError::unavailable(reason, None)),
+        }
+    }
+}
+
+/// Puts per-partition results back in request order. When some partitions committed and others
+/// failed, the call cannot honestly say "nothing was written" (UNAVAILABLE): it reports
+/// OUTCOME_UNKNOWN, naming what did commit.
+fn combine_acks(
+    results: Vec<Result<PartitionAck, BrokerError>>,
+    total: usize,
+) -> Result<Vec<(u32, u64)>, BrokerError> {
+    let committed: Vec<String> = results
+        .iter()
+        .filter_map(|result| result.as_ref().ok())
+        .map(|(partition, positions, base)| {
+            format!(
+                "partition {partition} at offsets {base}..{}",
+                base + positions.len() as u64
+            )
+        })
+        .collect();
+    let mut acks = vec![(0u32, 0u64); total];
+    let mut first_error = None;
+    for result in results {
+        match result {
+            Ok((partition, positions, base)) => {
+                for (i, position) in positions.into_iter().enumerate() {
+                    acks[position] = (partition, base + i as u64);
+                }
+            }
+            Err(error) => {
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    match first_error {
+        None => Ok(acks),
+        Some(error) if committed.is_empty() => Err(error),
+        Some(error) => Err(BrokerError::OutcomeUnknown {
+            message: format!(
+                "part of the request was committed ({}) and part failed: {error}",
+                committed.join(", ")
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unavailable() -> BrokerError {
+        BrokerError::unavailable("no leader", None)
+    }
+
+    /// Acks come back in request order; a failure with nothing committed keeps its own error
+    /// (UNAVAILABLE stays "nothing written"); a partial commit is never reported as UNAVAILABLE.
+    #[test]
+    fn partial_failures_are_outcome_unknown() {
+        let acks = combine_acks(vec![Ok((1, vec![0, 2], 10)), Ok((0, vec![1], 5))], 3).unwrap();
+        assert_eq!(acks, vec![(1, 10), (0, 5), (1, 11)]);
+        let all_failed = combine_acks(vec![Err(unavailable()), Err(unavailable())], 2);
+        assert!(matches!(all_failed, Err(BrokerError::Unavailable { .. })));
+        // The committed part holds the request's later records: their positions are beyond
+        // the count of committed records (this panicked once).
+        let partial = combine_acks(vec![Err(unavailable()), Ok((1, vec![2, 3], 10))], 4);
+        match partial {
+            Err(BrokerError::OutcomeUnknown { message }) => {
+                assert!(message.contains("partition 1 at offsets 10..12"))
+            }
+            other => panic!("expected OutcomeUnknown, got {other:?}"),
+        }
+    }
+}

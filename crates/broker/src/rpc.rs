@@ -1,0 +1,319 @@
+//! The contract of each internal call between nodes, written once and used by both ends: the
+//! calling side in `peer` and the serving side in `ordo-server`'s services.
+//!
+//! - Forwarded produce (`Internal/ForwardProduce`): the answer is a [`ForwardOutcome`]; a
+//!   failure is a status classified by [`classify_failure`] from its `ErrorInfo` reason (never
+//!   from the message text): `OUTCOME_UNKNOWN` means proposed and not confirmed, any other Ordo
+//!   reason is the remote's refusal before proposing, and a status without Ordo's `ErrorInfo`
+//!   comes from the transport: nothing was sent when it could not connect, else maybe.
+//! - Forwarded metadata command (`Internal/ForwardMeta`): [`MetaForward`].
+//! - Metadata read index (`Internal/MetaReadIndex`): the index, or "not the leader".
+//! - Group status (`Internal/GroupStatus`): [`GroupStatus`] both ways.
+//! - Forwarded fetch: the public `Log/Fetch`, marked with [`FORWARDED_HEADER`] so the receiver
+//!   never forwards again; its records travel as `ordo_proto::record` converts them, and an
+//!   OUT_OF_RANGE answer carries the end in its `ErrorInfo` and in the
+//!   `ordo_proto::errors::END_OFFSET_HEADER` header.
+
+use bytes::Bytes;
+use ordo_proto::errors;
+use ordo_proto::errors::reason;
+use ordo_proto::internal as wire;
+use ordo_proto::v1;
+use ordo_raft::GroupStatus;
+use tonic::Code;
+use tonic::Status;
+
+use crate::NodeId;
+use crate::fetch::FetchOutcome;
+
+/// Header marking a request already forwarded once, so forwarding never loops.
+pub use ordo_proto::FORWARDED_HEADER;
+
+/// The answer to a forwarded append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardOutcome {
+    /// Committed at this base offset.
+    Appended(u64),
+    /// Not proposed: the node does not lead the group; the leader it knows of.
+    NotLeader(Option<NodeId>),
+    /// Proposed, then dropped from the log by a leader change before it committed there; it
+    /// may still commit under the new leader it knows of. Outcome unknown.
+    LeaderChanged(Option<NodeId>),
+}
+
+impl ForwardOutcome {
+    /// The wire answer.
+    pub fn into_wire(self) -> wire::ForwardProduceResponse {
+        match self {
+            ForwardOutcome::Appended(base_offset) => wire::ForwardProduceResponse {
+                base_offset: Some(base_offset),
+                ..Default::default()
+            },
+            ForwardOutcome::NotLeader(leader_hint) => wire::ForwardProduceResponse {
+                leader_hint,
+                not_leader: true,
+                ..Default::default()
+            },
+            ForwardOutcome::LeaderChanged(leader_hint) => wire::ForwardProduceResponse {
+                leader_hint,
+                discarded: true,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Reads the wire answer; `None` when it is not exactly one of the three.
+    pub fn from_wire(response: &wire::ForwardProduceResponse) -> Option<Self> {
+        match (
+            response.base_offset,
+            response.not_leader,
+            response.discarded,
+        ) {
+            (Some(base_offset), false, false) => Some(ForwardOutcome::Appended(base_offset)),
+            (None, true, false) => Some(ForwardOutcome::NotLeader(response.leader_hint)),
+            (None, false, true) => Some(ForwardOutcome::LeaderChanged(response.leader_hint)),
+            _ => None,
+        }
+    }
+}
+
+/// What a failed call to another node may have done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFailure {
+    /// The remote proposed the write and could not confirm it: it may commit.
+    OutcomeUnknown,
+    /// Certainly nothing was proposed: the remote refused, or the call never left this node.
+    NothingDone,
+    /// The call may have reached the remote (e.g. the connection broke after sending).
+    MaybeDone,
+}
+
+/// Classifies a failed internal write call by its `ErrorInfo` reason.
+pub fn classify_failure(status: &Status) -> CallFailure {
+    match errors::reason_of(status).as_deref() {
+        Some(reason::OUTCOME_UNKNOWN) => CallFailure::OutcomeUnknown,
+        // An Ordo server's INTERNAL may come after proposing (e.g. an unexpected answer).
+        Some(reason::INTERNAL) => CallFailure::MaybeDone,
+        Some(_) => CallFailure::NothingDone,
+        // From here on a gRPC layer made the status, not an Ordo handler.
+        None if status.code() == Code::DeadlineExceeded => CallFailure::OutcomeUnknown,
+        None if errors::never_sent(status) => CallFailure::NothingDone,
+        None => CallFailure::MaybeDone,
+    }
+}
+
+/// The answer to a forwarded metadata command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaForward {
+    /// Committed and applied on the metadata leader: its encoded answer.
+    Applied(Bytes),
+    /// The receiver is not the metadata leader; the leader it knows of.
+    NotLeader(Option<NodeId>),
+}
+
+impl MetaForward {
+    /// The wire answer.
+    pub fn into_wire(self) -> wire::ForwardMetaResponse {
+        match self {
+            MetaForward::Applied(response) => wire::ForwardMetaResponse {
+                response,
+                not_leader: false,
+                leader_hint: None,
+            },
+            MetaForward::NotLeader(leader_hint) => wire::ForwardMetaResponse {
+                response: Bytes::new(),
+                not_leader: true,
+                leader_hint,
+            },
+        }
+    }
+
+    /// Reads the wire answer.
+    pub fn from_wire(response: wire::ForwardMetaResponse) -> Self {
+        if response.not_leader {
+            MetaForward::NotLeader(response.leader_hint)
+        } else {
+            MetaForward::Applied(response.response)
+        }
+    }
+}
+
+/// The wire answer to a read-index request: `None` when the receiver is not the leader.
+pub fn read_index_into_wire(index: Option<u64>) -> wire::MetaReadIndexResponse {
+    wire::MetaReadIndexResponse {
+        index: index.unwrap_or(0),
+        not_leader: index.is_none(),
+    }
+}
+
+/// Reads the wire answer to a read-index request.
+pub fn read_index_from_wire(response: &wire::MetaReadIndexResponse) -> Option<u64> {
+    (!response.not_leader).then_some(response.index)
+}
+
+/// One group's status on the wire.
+pub fn group_status_into_wire(status: GroupStatus) -> wire::GroupState {
+    wire::GroupState {
+        group: status.group,
+        leader: status.leader,
+        term: status.term,
+        high_watermark: status.high_watermark,
+        log_start_offset: 0,
+        matched: status.matched.into_iter().collect(),
+        last_log_index: status.last_log_index,
+    }
+}
+
+/// Reads one group's status from the wire (the voters are not sent).
+pub fn group_status_from_wire(state: wire::GroupState) -> GroupStatus {
+    GroupStatus {
+        group: state.group,
+        leader: state.leader,
+        term: state.term,
+        high_watermark: state.high_watermark,
+        last_log_index: state.last_log_index,
+        matched: state.matched.into_iter().collect(),
+        voters: Vec::new(),
+    }
+}
+
+/// A fetch answer on the wire (public `Log/Fetch`, also the forwarded fetch).
+pub fn fetch_into_wire(partition: u32, outcome: FetchOutcome) -> v1::FetchResponse {
+    v1::FetchResponse {
+        partition,
+        records: outcome.records.into_iter().map(Into::into).collect(),
+        high_watermark: outcome.high_watermark,
+        log_start_offset: outcome.log_start_offset,
+    }
+}
+
+/// Reads a fetch answer from the wire.
+pub fn fetch_from_wire(response: v1::FetchResponse) -> FetchOutcome {
+    FetchOutcome {
+        records: response.records.into_iter().map(Into::into).collect(),
+        high_watermark: response.high_watermark,
+        log_start_offset: response.log_start_offset,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use tonic_types::ErrorDetails;
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    fn ordo_status(code: Code, reason: &str) -> Status {
+        Status::with_error_details(
+            code,
+            "x",
+            ErrorDetails::with_error_info(reason, errors::DOMAIN, HashMap::new()),
+        )
+    }
+
+    /// Each forward answer survives the wire, and a malformed one is refused.
+    #[test]
+    fn forward_outcomes_round_trip() {
+        for outcome in [
+            ForwardOutcome::Appended(7),
+            ForwardOutcome::NotLeader(Some(2)),
+            ForwardOutcome::NotLeader(None),
+            ForwardOutcome::LeaderChanged(Some(3)),
+        ] {
+            let wire = outcome.clone().into_wire();
+            assert_eq!(ForwardOutcome::from_wire(&wire), Some(outcome));
+        }
+        let malformed = wire::ForwardProduceResponse {
+            base_offset: Some(1),
+            not_leader: true,
+            ..Default::default()
+        };
+        assert_eq!(ForwardOutcome::from_wire(&malformed), None);
+        for answer in [
+            MetaForward::Applied(Bytes::from_static(b"a")),
+            MetaForward::NotLeader(Some(1)),
+        ] {
+            assert_eq!(MetaForward::from_wire(answer.clone().into_wire()), answer);
+        }
+        assert_eq!(
+            read_index_from_wire(&read_index_into_wire(Some(5))),
+            Some(5)
+        );
+        assert_eq!(read_index_from_wire(&read_index_into_wire(None)), None);
+    }
+
+    /// Failures are classified by reason, whatever the code and message say: a message naming
+    /// "reset" or "closed" changes nothing, and a server refusal is never "maybe done".
+    #[test]
+    fn failures_are_classified_by_reason() {
+        let cases = [
+            (
+                ordo_status(Code::DeadlineExceeded, reason::OUTCOME_UNKNOWN),
+                CallFailure::OutcomeUnknown,
+            ),
+            (
+                ordo_status(Code::Aborted, reason::OUTCOME_UNKNOWN),
+                CallFailure::OutcomeUnknown,
+            ),
+            (
+                ordo_status(Code::Unavailable, reason::NOT_LEADER),
+                CallFailure::NothingDone,
+            ),
+            (
+                ordo_status(Code::Unavailable, reason::SHUTTING_DOWN),
+                CallFailure::NothingDone,
+            ),
+            (
+                ordo_status(Code::InvalidArgument, reason::LIMIT_EXCEEDED),
+                CallFailure::NothingDone,
+            ),
+            (
+                ordo_status(Code::Internal, reason::INTERNAL),
+                CallFailure::MaybeDone,
+            ),
+            (
+                Status::deadline_exceeded("timeout"),
+                CallFailure::OutcomeUnknown,
+            ),
+            (
+                Status::unavailable("connection reset"),
+                CallFailure::MaybeDone,
+            ),
+            (Status::unavailable("refused"), CallFailure::MaybeDone),
+            (
+                Status::internal("h2 protocol error"),
+                CallFailure::MaybeDone,
+            ),
+        ];
+        for (status, expected) in cases {
+            assert_eq!(classify_failure(&status), expected, "{status:?}");
+        }
+        // A status whose reason is in another domain is not Ordo's.
+        let foreign = Status::with_error_details(
+            Code::Unavailable,
+            "x",
+            ErrorDetails::with_error_info(reason::NOT_LEADER, "other", HashMap::new()),
+        );
+        assert_eq!(classify_failure(&foreign), CallFailure::MaybeDone);
+        assert!(foreign.get_details_error_info().is_some());
+    }
+
+    /// A connect failure made by tonic's own transport means the call never left.
+    #[tokio::test]
+    async fn a_connect_failure_is_nothing_done() {
+        // Port 1 on loopback: nothing listens there, the connection is refused at once.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let mut client = ordo_proto::internal::internal_client::InternalClient::new(channel);
+        let status = client
+            .ping(wire::PingRequest { from: 0 })
+            .await
+            .expect_err("nothing listens on port 1");
+        assert_eq!(
+            classify_failure(&status),
+            CallFailure::NothingDone,
+            "{status:?}"
+        );
+    }
+}
