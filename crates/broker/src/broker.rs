@@ -90,7 +90,7 @@ impl Broker {
         let (published, meta) = watch::channel(Arc::new(MetaState::default()));
         node.start_meta(&options.nodes, Box::new(MetaMachine::new(published)))
             .await
-            .map_err(BrokerError::Internal)?;
+            .map_err(|error| BrokerError::Internal(error.to_string()))?;
         let produce_permits = Semaphore::new(options.limits.produce_in_flight_max as usize);
         let broker = Broker {
             state: Arc::new(BrokerState {

@@ -221,8 +221,9 @@ impl ordo_raft::MetaApply for MetaMachine {
         postcard::to_stdvec(&self.state).unwrap_or_default()
     }
 
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String> {
-        self.state = postcard::from_bytes(snapshot).map_err(|error| error.to_string())?;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), ordo_raft::MetaRestoreError> {
+        self.state = postcard::from_bytes(snapshot)
+            .map_err(|error| ordo_raft::MetaRestoreError::Undecodable(error.into()))?;
         Ok(())
     }
 

@@ -11,21 +11,21 @@ use tokio::sync::watch;
 use crate::GroupId;
 use crate::log_store::LogStore;
 use crate::machine::Machine;
-use crate::machine::OffsetLogic;
+use crate::machine::PartitionLogic;
 use crate::types::C;
 
 struct Builder;
 
-impl StoreBuilder<C, LogStore, Machine<OffsetLogic>, tempfile::TempDir> for Builder {
+impl StoreBuilder<C, LogStore, Machine<PartitionLogic>, tempfile::TempDir> for Builder {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, LogStore, Machine<OffsetLogic>), StorageError<C>> {
+    ) -> Result<(tempfile::TempDir, LogStore, Machine<PartitionLogic>), StorageError<C>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(dir.path(), &StoreOptions::default()).expect("open store");
         let group = store.group(GroupId(42));
         let (high_watermark, _) = watch::channel(0);
-        let machine =
-            Machine::open(group.clone(), OffsetLogic::new(high_watermark)).expect("open machine");
+        let machine = Machine::open(group.clone(), PartitionLogic::new(high_watermark))
+            .expect("open machine");
         Ok((dir, LogStore::new(group, 4096), machine))
     }
 }

@@ -2,18 +2,27 @@
 //! per peer.
 //!
 //! # Layout
+//! - `error`: the public errors ([`WriteError`], [`ReadError`], [`GroupError`],
+//!   [`InvalidOptions`], [`MetaRestoreError`]).
 //! - `types`: the openraft type configuration and what a log entry carries ([`Command`]).
 //! - `codec`: postcard encoding of openraft messages and entries.
 //! - `log_store`: openraft's `RaftLogStorage` over [`ordo_storage::GroupStore`]; the partition's
 //!   Raft log is its data log.
-//! - `partition`: the partition state machine; assigns dense offsets in commit order and keeps
-//!   the offset index.
-//! - `meta`: the metadata state machine; applies opaque commands through [`MetaApply`].
-//! - `network`: the peer connection pool and the client side of the internal Raft RPC.
+//! - `entry_cache`: the recent tail of each group's log in memory, so replication and apply do
+//!   not read it back from RocksDB.
+//! - `machine`: the state machines: one driver (`Machine`) and its two logics,
+//!   `PartitionLogic` (assigns dense offsets in commit order and keeps the offset index) and
+//!   `MetadataLogic` (applies the broker's opaque commands through [`MetaApply`]).
+//! - `meta`: [`MetaApply`], the interface the broker implements to be replicated.
+//! - `coalesce`: per-partition coalescing of concurrent appends into one entry, with at most
+//!   [`RaftOptions::proposals_in_flight_max`] proposals in flight.
+//! - `network`: the peer connection pool ([`Peers`]) and the client side of the internal Raft
+//!   RPC.
 //! - `watchdog`: node-level failure detection that lets idle partition groups stay silent
 //!   (no per-group heartbeats) and starts elections when a leader's node stops answering.
 //! - `node`: [`RaftNode`], the registry of every group on this node and the entry point for
 //!   writes, reads, inbound RPCs and status.
+//! - `conformance` (tests only): openraft's storage test suite run on `LogStore` and `Machine`.
 //!
 //! # What this crate must never do
 //! It is the only crate that names openraft types; nothing openraft leaks through its public API.
@@ -23,6 +32,7 @@
 mod coalesce;
 mod codec;
 mod entry_cache;
+mod error;
 mod log_store;
 mod machine;
 mod meta;
@@ -31,6 +41,11 @@ mod node;
 mod types;
 mod watchdog;
 
+pub use error::GroupError;
+pub use error::InvalidOptions;
+pub use error::MetaRestoreError;
+pub use error::ReadError;
+pub use error::WriteError;
 pub use meta::MetaApply;
 pub use network::INTERNAL_MESSAGE_BYTES_MAX;
 pub use network::Peers;
@@ -38,7 +53,6 @@ pub use node::GroupStatus;
 pub use node::RaftNode;
 pub use node::RaftOptions;
 pub use node::ReadBatch;
-pub use node::WriteError;
 pub use types::AppendBatch;
 pub use types::Command;
 pub use types::Response;

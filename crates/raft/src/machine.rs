@@ -1,12 +1,13 @@
 //! The state machines: one driver ([`Machine`]) shared by partitions and the metadata group, and
 //! the [`Logic`] each plugs in.
 //!
-//! Partitions ([`OffsetLogic`]): each committed `Command::Append { count }` gets offsets
+//! Partitions ([`PartitionLogic`]): each committed `Command::Append { count }` gets offsets
 //! `next .. next + count`, in commit order, so offsets are dense, start at 0 and are never
-//! reused. Applying writes one index entry (`base offset -> log index, count`); the records stay
-//! in the Raft log entry, written once.
+//! reused; a `Command::Appends` entry (coalesced batches) gets one run for all its records, its
+//! batches consecutive in order. Applying writes one index entry per log entry
+//! (`base offset -> log index, count`); the records stay in the Raft log entry, written once.
 //!
-//! Metadata ([`MetaLogic`]): commands are opaque bytes applied by the broker's [`MetaApply`].
+//! Metadata ([`MetadataLogic`]): commands are opaque bytes applied by the broker's [`MetaApply`].
 //!
 //! The applied state is written without fsync: after a crash the machine restarts from the last
 //! applied state that reached disk and openraft re-applies the committed entries after it
@@ -223,14 +224,14 @@ impl RaftSnapshotBuilder<C> for TakenSnapshot {
     }
 }
 
-/// Offset assignment for a partition.
-pub(crate) struct OffsetLogic {
+/// A partition's logic: assigns offsets to committed batches and writes the offset index.
+pub(crate) struct PartitionLogic {
     next_offset: u64,
     /// The high watermark (next offset), published after each applied batch is readable.
     high_watermark: watch::Sender<u64>,
 }
 
-impl OffsetLogic {
+impl PartitionLogic {
     pub(crate) fn new(high_watermark: watch::Sender<u64>) -> Self {
         Self {
             next_offset: 0,
@@ -239,7 +240,7 @@ impl OffsetLogic {
     }
 }
 
-impl Logic for OffsetLogic {
+impl Logic for PartitionLogic {
     const ANSWER_BEFORE_PUBLISH: bool = true;
 
     fn apply(
@@ -292,17 +293,17 @@ impl Logic for OffsetLogic {
 }
 
 /// The metadata group's logic: the broker's commands, applied through [`MetaApply`].
-pub(crate) struct MetaLogic {
+pub(crate) struct MetadataLogic {
     apply: Box<dyn MetaApply>,
 }
 
-impl MetaLogic {
+impl MetadataLogic {
     pub(crate) fn new(apply: Box<dyn MetaApply>) -> Self {
         Self { apply }
     }
 }
 
-impl Logic for MetaLogic {
+impl Logic for MetadataLogic {
     const ANSWER_BEFORE_PUBLISH: bool = false;
 
     fn apply(

@@ -1,5 +1,7 @@
 //! The interface through which the broker's metadata state is replicated.
 
+use crate::MetaRestoreError;
+
 /// The metadata state machine's logic, implemented by the broker. Commands and answers are
 /// opaque bytes here: this crate replicates them and never reads them.
 pub trait MetaApply: Send + Sync + 'static {
@@ -9,7 +11,8 @@ pub trait MetaApply: Send + Sync + 'static {
     /// The whole state, encoded.
     fn snapshot(&self) -> Vec<u8>;
     /// Replaces the state with an encoded one.
-    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
-    /// Called after applied commands are durable-ordered and readable: publish the new state.
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), MetaRestoreError>;
+    /// Called once the applied commands' writes are readable on this node (not necessarily
+    /// fsynced: see `machine`): publish the new state.
     fn publish(&self);
 }

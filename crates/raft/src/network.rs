@@ -2,7 +2,8 @@
 //!
 //! Every group on a node shares ONE HTTP/2 connection per peer ([`Peers`]); each Raft message is
 //! a unary `ordo.internal.v1.Internal/Raft` call multiplexed on it, carrying the group id and the
-//! postcard-encoded openraft message. The receiving node dispatches by group (see `node`).
+//! postcard-encoded openraft message. The receiving node dispatches by group (see `node`) and
+//! answers with a postcard-encoded [`RaftAnswer`].
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -43,14 +44,33 @@ use crate::types::Snapshot;
 use crate::types::SnapshotData;
 use crate::types::Vote;
 
-/// Largest message a node accepts or sends on the internal service (a Raft append carries up to
-/// `max_payload_entries` entries of at most a batch each).
+/// Largest message a node accepts or sends on the internal service. A Raft append carries at
+/// most [`APPEND_ENTRIES_BYTES_MAX`] of entry payload, or a single larger entry (bounded by the
+/// broker's batch limit); a forwarded produce carries at most a batch.
 pub const INTERNAL_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
 /// Most entry payload bytes in one Raft append RPC: a lagging follower is sent a prefix of the
 /// entries openraft offers (at least one) and the rest in the next RPC, so no append can exceed
 /// [`INTERNAL_MESSAGE_BYTES_MAX`] (one entry is at most a batch, bounded by the broker's limits).
 pub(crate) const APPEND_ENTRIES_BYTES_MAX: usize = 16 << 20;
+
+/// HTTP/2 keepalive ping period on a peer connection: an idle connection to a vanished peer
+/// (power loss, network cut: no RST) is noticed within the period plus the timeout below.
+const PEER_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a keepalive ping may go unanswered before the peer connection is closed (and
+/// reconnected on the next call).
+const PEER_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 flow-control window of one stream to a peer (one RPC), bytes: large enough that an
+/// append of several MiB is not throttled by window updates on a high-latency link.
+const PEER_STREAM_WINDOW_BYTES: u32 = 4 << 20;
+/// HTTP/2 flow-control window of a whole peer connection, shared by every group's RPCs, bytes.
+const PEER_CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+
+/// The answer to an `Internal/Raft` call, as it travels: openraft's response, or the error of the
+/// remote node (its openraft error, or why it could not dispatch the call) as a message. Both
+/// ends name this type so the encoding cannot drift; the caller turns the message into a typed
+/// [`RpcFailure::Remote`] at once.
+pub(crate) type RaftAnswer<T> = Result<T, String>;
 
 /// How many of `entries`, from the first, fit in `bytes_max` of payload (always at least one).
 fn entries_within(entries: &[crate::types::Entry], bytes_max: usize) -> usize {
@@ -80,7 +100,8 @@ impl std::fmt::Debug for Peers {
 }
 
 impl Peers {
-    /// An empty pool.
+    /// An empty pool whose connection attempts give up after `connect_timeout` (the node's
+    /// [`crate::RaftOptions::connect_timeout`]).
     pub fn new(connect_timeout: Duration) -> Self {
         Self {
             inner: Arc::new(Mutex::new(HashMap::new())),
@@ -111,12 +132,12 @@ impl Peers {
         };
         let channel = Endpoint::from_shared(uri)?
             .connect_timeout(self.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(PEER_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(PEER_KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true)
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(16 << 20))
+            .initial_stream_window_size(Some(PEER_STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(PEER_CONNECTION_WINDOW_BYTES))
             .connect_lazy();
         peers.insert(node, (address.to_string(), channel.clone()));
         Ok(Self::wrap(channel))
@@ -170,7 +191,10 @@ impl RaftNetworkFactory<C> for NetworkFactory {
             client: self
                 .peers
                 .client(target, &node.addr)
-                .map_err(|error| error.to_string()),
+                .map_err(|source| RpcFailure::Address {
+                    address: node.addr.clone(),
+                    source,
+                }),
             group: self.group,
             target,
         }
@@ -179,15 +203,44 @@ impl RaftNetworkFactory<C> for NetworkFactory {
 
 /// One group's link to one target node.
 pub(crate) struct GroupNetwork {
-    client: Result<InternalClient<Channel>, String>,
+    /// The client, or why the target's address cannot be connected to (every RPC then fails
+    /// with it until openraft makes a new link).
+    client: Result<InternalClient<Channel>, RpcFailure>,
     group: GroupId,
     target: NodeId,
 }
 
-/// An error string from the remote node or the transport, as an openraft error source.
+/// Why a Raft RPC got no answer from its target's group. openraft sees each as `Unreachable`
+/// and retries (backing off per its own policy).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct RemoteFailure(String);
+enum RpcFailure {
+    /// The target's address is not a valid URI.
+    #[error("invalid address {address:?}: {source}")]
+    Address {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    /// The request could not be encoded.
+    #[error("encoding the request: {0}")]
+    Encode(std::io::Error),
+    /// The call failed in transport or on the remote server (timeout, refused, reset, ...).
+    #[error("raft rpc to node {target} for group {group}: {message}")]
+    Transport {
+        target: NodeId,
+        group: GroupId,
+        message: String,
+    },
+    /// The answer could not be decoded.
+    #[error("undecodable answer: {0}")]
+    Decode(std::io::Error),
+    /// The remote node answered with an error (see [`RaftAnswer`]).
+    #[error("node {target} for group {group}: {message}")]
+    Remote {
+        target: NodeId,
+        group: GroupId,
+        message: String,
+    },
+}
 
 impl GroupNetwork {
     async fn call<Req, Resp>(
@@ -200,29 +253,35 @@ impl GroupNetwork {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let unreachable = |message: String| Unreachable::new(&RemoteFailure(message));
+        let unreachable = |failure: RpcFailure| Unreachable::new(&failure);
         let client = self
             .client
             .as_mut()
-            .map_err(|error| unreachable(error.clone()))?;
-        let payload = encode(request).map_err(|error| unreachable(error.to_string()))?;
+            .map_err(|failure| Unreachable::new(&*failure))?;
+        let payload = encode(request).map_err(|error| unreachable(RpcFailure::Encode(error)))?;
         let mut request = tonic::Request::new(RaftRequest {
             group: self.group.0,
             kind: kind as i32,
             payload: payload.into(),
         });
         request.set_timeout(timeout);
+        let (target, group) = (self.target, self.group);
         let response = client.raft(request).await.map_err(|status| {
-            unreachable(format!(
-                "raft rpc to node {} for group {}: {}",
-                self.target,
-                self.group,
-                status.message()
-            ))
+            unreachable(RpcFailure::Transport {
+                target,
+                group,
+                message: status.message().to_string(),
+            })
         })?;
-        let result: Result<Resp, String> = decode(&response.into_inner().payload)
-            .map_err(|error| unreachable(error.to_string()))?;
-        result.map_err(unreachable)
+        let answer: RaftAnswer<Resp> = decode(&response.into_inner().payload)
+            .map_err(|error| unreachable(RpcFailure::Decode(error)))?;
+        answer.map_err(|message| {
+            unreachable(RpcFailure::Remote {
+                target,
+                group,
+                message,
+            })
+        })
     }
 }
 

@@ -30,21 +30,27 @@ use ordo_storage::GroupStore;
 use ordo_storage::Store;
 use tokio::sync::watch;
 
+use crate::GroupError;
 use crate::GroupId;
+use crate::InvalidOptions;
 use crate::META_GROUP;
 use crate::NodeId;
+use crate::ReadError;
+use crate::WriteError;
 use crate::coalesce::CoalesceLimits;
 use crate::coalesce::Coalescer;
+use crate::coalesce::Propose;
 use crate::codec::decode;
 use crate::codec::encode;
 use crate::log_store::LogStore;
 use crate::machine::Logic;
 use crate::machine::Machine;
-use crate::machine::MetaLogic;
-use crate::machine::OffsetLogic;
+use crate::machine::MetadataLogic;
+use crate::machine::PartitionLogic;
 use crate::meta::MetaApply;
 use crate::network::NetworkFactory;
 use crate::network::Peers;
+use crate::network::RaftAnswer;
 use crate::types::C;
 use crate::types::Command;
 use crate::types::Entry;
@@ -52,8 +58,15 @@ use crate::types::Response;
 use crate::types::Snapshot;
 use crate::types::SnapshotData;
 
-pub(crate) type PartitionRaft = Raft<C, Machine<OffsetLogic>>;
-type MetaRaft = Raft<C, Machine<MetaLogic>>;
+type PartitionRaft = Raft<C, Machine<PartitionLogic>>;
+type MetaRaft = Raft<C, Machine<MetadataLogic>>;
+
+/// The first pause before a write refused by a leader whose lease lapsed is retried (see
+/// `propose`); it doubles on each refusal.
+const LEASE_RETRY_PAUSE_MIN: Duration = Duration::from_millis(1);
+/// The longest pause between two such retries: a lease is regained in one heartbeat round
+/// (milliseconds), so waiting longer would only add latency.
+const LEASE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(50);
 
 /// Raft timing and batching, shared by every group on the node.
 #[derive(Debug, Clone)]
@@ -66,7 +79,8 @@ pub struct RaftOptions {
     pub election_timeout_max: Duration,
     /// Most entries in one append RPC.
     pub append_entries_max: u64,
-    /// Connect timeout to peers.
+    /// Timeout of one connection attempt to a peer: give it to [`Peers::new`] (the pool is
+    /// built before the node, and shared with request forwarding).
     pub connect_timeout: Duration,
     /// Bytes of the most recent log entries each group keeps in memory for replication and
     /// apply (see `entry_cache`); 0 disables the cache.
@@ -91,67 +105,6 @@ impl Default for RaftOptions {
             proposals_in_flight_max: 2,
         }
     }
-}
-
-/// Why a write did not return an answer.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum WriteError {
-    /// This node does not lead the group; nothing was proposed. Safe to retry elsewhere.
-    #[error("not the leader of group {group}; leader is {leader:?}")]
-    NotLeader {
-        /// The group.
-        group: GroupId,
-        /// The leader this node knows of.
-        leader: Option<NodeId>,
-    },
-    /// The leader changed while the entry was in flight; the entry may still commit through the
-    /// new leader. A retry may duplicate it.
-    #[error("leader of group {group} changed to {leader:?} while the entry was in flight")]
-    Discarded {
-        /// The group.
-        group: GroupId,
-        /// The new leader, if known.
-        leader: Option<NodeId>,
-    },
-    /// The entry was proposed but not committed before the deadline: it may still commit.
-    /// Retrying may duplicate it.
-    #[error("outcome unknown for group {group}: {reason}")]
-    OutcomeUnknown {
-        /// The group.
-        group: GroupId,
-        /// What happened.
-        reason: String,
-    },
-    /// This node hosts no such group.
-    #[error("group {0} is not hosted on this node")]
-    GroupNotFound(GroupId),
-    /// The group stopped (shutdown or storage failure); nothing more is accepted.
-    #[error("group {group} stopped: {reason}")]
-    Stopped {
-        /// The group.
-        group: GroupId,
-        /// Why.
-        reason: String,
-    },
-}
-
-/// Why a read failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum ReadError {
-    /// This node hosts no such group.
-    #[error("group {0} is not hosted on this node")]
-    GroupNotFound(GroupId),
-    /// The storage failed or returned a value that failed its checksum.
-    #[error("storage: {0}")]
-    Storage(#[from] ordo_storage::StorageError),
-    /// A stored entry could not be decoded.
-    #[error("undecodable entry in group {group}: {reason}")]
-    Decode {
-        /// The group.
-        group: GroupId,
-        /// The decoder's message.
-        reason: String,
-    },
 }
 
 /// Committed record batches read from a partition.
@@ -188,16 +141,18 @@ struct Partition {
     raft: PartitionRaft,
     store: GroupStore,
     high_watermark: watch::Receiver<u64>,
-    coalescer: Arc<Coalescer>,
+    coalescer: Arc<Coalescer<PartitionRaft>>,
 }
 
-struct Inner {
+/// What every clone of a [`RaftNode`] shares: the groups this node hosts, and what it needs to
+/// start more (its id, store, peer pool, options and openraft configs).
+struct GroupHost {
     id: NodeId,
     store: Store,
     peers: Peers,
     options: RaftOptions,
     /// The metadata group's config: ordinary heartbeats and elections.
-    config: Arc<Config>,
+    meta_config: Arc<Config>,
     /// Partition groups' config: quiescent, no heartbeats, elections driven by the watchdog.
     partition_config: Arc<Config>,
     meta: OnceLock<MetaRaft>,
@@ -207,13 +162,13 @@ struct Inner {
 /// Every Raft group on this node. Cheap to clone.
 #[derive(Clone)]
 pub struct RaftNode {
-    inner: Arc<Inner>,
+    host: Arc<GroupHost>,
 }
 
 impl std::fmt::Debug for RaftNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RaftNode")
-            .field("id", &self.inner.id)
+            .field("id", &self.host.id)
             .finish_non_exhaustive()
     }
 }
@@ -239,8 +194,8 @@ impl RaftNode {
         store: Store,
         peers: Peers,
         options: &RaftOptions,
-    ) -> Result<Self, String> {
-        let config = Config {
+    ) -> Result<Self, InvalidOptions> {
+        let meta_config = Config {
             cluster_name: "ordo".to_string(),
             heartbeat_interval: options.heartbeat_interval.as_millis() as u64,
             election_timeout_min: options.election_timeout_min.as_millis() as u64,
@@ -256,21 +211,20 @@ impl RaftNode {
             enable_tick: false,
             enable_heartbeat: false,
             enable_elect: false,
-            ..config.clone()
+            ..meta_config.clone()
         };
-        let config = Arc::new(config.validate().map_err(|error| error.to_string())?);
-        let partition_config = Arc::new(
-            partition_config
-                .validate()
-                .map_err(|error| error.to_string())?,
-        );
+        let invalid = |error: openraft::ConfigError| InvalidOptions {
+            reason: error.to_string(),
+        };
+        let meta_config = Arc::new(meta_config.validate().map_err(invalid)?);
+        let partition_config = Arc::new(partition_config.validate().map_err(invalid)?);
         Ok(Self {
-            inner: Arc::new(Inner {
+            host: Arc::new(GroupHost {
                 id,
                 store,
                 peers,
                 options: options.clone(),
-                config,
+                meta_config,
                 partition_config,
                 meta: OnceLock::new(),
                 partitions: RwLock::new(HashMap::new()),
@@ -280,18 +234,18 @@ impl RaftNode {
 
     /// This node's id.
     pub fn id(&self) -> NodeId {
-        self.inner.id
+        self.host.id
     }
 
-    /// Raft timing of this node.
+    /// The Raft options of this node.
     pub fn options(&self) -> &RaftOptions {
-        &self.inner.options
+        &self.host.options
     }
 
     /// Each partition group's leadership as this node sees it, for the watchdog.
     pub(crate) fn partition_views(&self) -> Vec<(GroupId, crate::watchdog::GroupView)> {
         let partitions = self
-            .inner
+            .host
             .partitions
             .read()
             .expect("partition map lock is never poisoned");
@@ -320,7 +274,7 @@ impl RaftNode {
 
     /// The peer pool, shared with request forwarding.
     pub fn peers(&self) -> &Peers {
-        &self.inner.peers
+        &self.host.peers
     }
 
     /// Starts the metadata group. The lowest-id voter initializes it on first start.
@@ -328,50 +282,54 @@ impl RaftNode {
         &self,
         voters: &BTreeMap<NodeId, String>,
         apply: Box<dyn MetaApply>,
-    ) -> Result<(), String> {
+    ) -> Result<(), GroupError> {
         for (id, address) in voters {
-            self.inner.peers.set_address(*id, address);
+            self.host.peers.set_address(*id, address);
         }
-        let store = self.inner.store.group(META_GROUP);
-        let machine = open_machine(store.clone(), MetaLogic::new(apply)).await?;
-        let mut log_store = LogStore::new(store.clone(), self.inner.options.entry_cache_bytes);
-        log_store
-            .give_up_restored_leadership(self.inner.id)
-            .await
-            .map_err(|error| error.to_string())?;
+        let store = self.host.store.group(META_GROUP);
+        let machine = open_machine(store.clone(), MetadataLogic::new(apply)).await?;
+        let log_store = self.open_log_store(store).await?;
         let network = NetworkFactory {
-            peers: self.inner.peers.clone(),
+            peers: self.host.peers.clone(),
             group: META_GROUP,
         };
+        let fatal = stopped(META_GROUP);
         let raft = Raft::new(
-            self.inner.id,
-            self.inner.config.clone(),
+            self.host.id,
+            self.host.meta_config.clone(),
             network,
             log_store,
             machine,
         )
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(fatal)?;
         let lowest = voters.keys().next().copied();
-        if lowest == Some(self.inner.id)
-            && !raft
-                .is_initialized()
-                .await
-                .map_err(|error| error.to_string())?
-        {
+        if lowest == Some(self.host.id) && !raft.is_initialized().await.map_err(fatal)? {
             tracing::info!(voters = ?voters.keys().collect::<Vec<_>>(), "initializing metadata group");
             if let Err(error) = raft.initialize(members(voters)).await {
                 tracing::warn!(%error, "metadata group initialize");
             }
         }
-        self.inner
+        self.host
             .meta
             .set(raft)
-            .map_err(|_| "metadata group started twice".to_string())
+            .map_err(|_| GroupError::MetaStartedTwice)
+    }
+
+    /// Opens a group's log store and gives up any leadership restored from it (see
+    /// `LogStore::give_up_restored_leadership`), before the group starts.
+    async fn open_log_store(&self, store: GroupStore) -> Result<LogStore, GroupError> {
+        let group = store.group();
+        let mut log_store = LogStore::new(store, self.host.options.entry_cache_bytes);
+        log_store
+            .give_up_restored_leadership(self.host.id)
+            .await
+            .map_err(|source| GroupError::Open { group, source })?;
+        Ok(log_store)
     }
 
     fn meta(&self) -> Result<&MetaRaft, WriteError> {
-        self.inner
+        self.host
             .meta
             .get()
             .ok_or(WriteError::GroupNotFound(META_GROUP))
@@ -379,7 +337,7 @@ impl RaftNode {
 
     fn partition(&self, group: GroupId) -> Option<Partition> {
         let partitions = self
-            .inner
+            .host
             .partitions
             .read()
             .expect("partition map lock is never poisoned");
@@ -389,7 +347,7 @@ impl RaftNode {
     /// Groups of partitions hosted here.
     pub fn partition_groups(&self) -> Vec<GroupId> {
         let partitions = self
-            .inner
+            .host
             .partitions
             .read()
             .expect("partition map lock is never poisoned");
@@ -403,37 +361,29 @@ impl RaftNode {
         group: GroupId,
         replicas: &BTreeMap<NodeId, String>,
         initialize: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), GroupError> {
         if self.partition(group).is_some() {
             return Ok(());
         }
-        let store = self.inner.store.group(group);
+        let store = self.host.store.group(group);
         let (high_watermark_tx, high_watermark) = watch::channel(0);
-        let machine = open_machine(store.clone(), OffsetLogic::new(high_watermark_tx)).await?;
-        let mut log_store = LogStore::new(store.clone(), self.inner.options.entry_cache_bytes);
-        log_store
-            .give_up_restored_leadership(self.inner.id)
-            .await
-            .map_err(|error| error.to_string())?;
+        let machine = open_machine(store.clone(), PartitionLogic::new(high_watermark_tx)).await?;
+        let log_store = self.open_log_store(store.clone()).await?;
         let network = NetworkFactory {
-            peers: self.inner.peers.clone(),
+            peers: self.host.peers.clone(),
             group,
         };
+        let fatal = stopped(group);
         let raft = Raft::new(
-            self.inner.id,
-            self.inner.partition_config.clone(),
+            self.host.id,
+            self.host.partition_config.clone(),
             network,
             log_store,
             machine,
         )
         .await
-        .map_err(|error| error.to_string())?;
-        if initialize
-            && !raft
-                .is_initialized()
-                .await
-                .map_err(|error| error.to_string())?
-        {
+        .map_err(fatal)?;
+        if initialize && !raft.is_initialized().await.map_err(fatal)? {
             match raft.initialize(members(replicas)).await {
                 // Partition groups do not elect on their own (see `watchdog`): the initializer,
                 // the preferred leader, stands at once.
@@ -449,8 +399,8 @@ impl RaftNode {
             raft.clone(),
             group,
             CoalesceLimits {
-                bytes_max: self.inner.options.coalesce_bytes_max,
-                proposals_max: self.inner.options.proposals_in_flight_max.max(1),
+                bytes_max: self.host.options.coalesce_bytes_max,
+                proposals_max: self.host.options.proposals_in_flight_max.max(1),
             },
         ));
         let partition = Partition {
@@ -460,7 +410,7 @@ impl RaftNode {
             coalescer,
         };
         let mut partitions = self
-            .inner
+            .host
             .partitions
             .write()
             .expect("partition map lock is never poisoned");
@@ -469,10 +419,10 @@ impl RaftNode {
     }
 
     /// Stops a partition's group and deletes its data from this node.
-    pub async fn remove_partition(&self, group: GroupId) -> Result<(), String> {
+    pub async fn remove_partition(&self, group: GroupId) -> Result<(), GroupError> {
         let removed = {
             let mut partitions = self
-                .inner
+                .host
                 .partitions
                 .write()
                 .expect("partition map lock is never poisoned");
@@ -486,7 +436,7 @@ impl RaftNode {
                 .store
                 .destroy()
                 .await
-                .map_err(|error| error.to_string())?;
+                .map_err(|source| GroupError::Storage { group, source })?;
         }
         Ok(())
     }
@@ -505,7 +455,7 @@ impl RaftNode {
             Command::Append { count, batch } => {
                 // A follower answers at once, so the caller can forward cleanly.
                 let leader = partition.raft.metrics().borrow_watched().current_leader;
-                if leader != Some(self.inner.id) {
+                if leader != Some(self.host.id) {
                     return Err(WriteError::NotLeader { group, leader });
                 }
                 let base_offset = partition.coalescer.append(count, batch, timeout).await?;
@@ -559,7 +509,7 @@ impl RaftNode {
 
     /// The leader of the metadata group as this node knows it.
     pub fn meta_leader(&self) -> Option<NodeId> {
-        self.inner
+        self.host
             .meta
             .get()
             .and_then(|raft| raft.metrics().borrow_watched().current_leader)
@@ -629,7 +579,7 @@ impl RaftNode {
     /// This node's view of a group.
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
         if group == META_GROUP {
-            let raft = self.inner.meta.get()?;
+            let raft = self.host.meta.get()?;
             return Some(status_of(raft, group, 0));
         }
         let partition = self.partition(group)?;
@@ -638,40 +588,33 @@ impl RaftNode {
     }
 
     /// Asks this node, if it leads `group`, to hand leadership to `to`.
-    pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<(), String> {
-        let partition = self
-            .partition(group)
-            .ok_or_else(|| format!("group {group} not hosted here"))?;
+    pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<(), GroupError> {
+        let partition = self.partition(group).ok_or(GroupError::NotFound(group))?;
         partition
             .raft
             .trigger()
             .transfer_leader(to)
             .await
-            .map_err(|error| error.to_string())
+            .map_err(stopped(group))
     }
 
-    /// Handles one inbound Raft RPC; the answer is `Result<response, String>`, encoded.
+    /// Handles one inbound Raft RPC; the answer is a [`RaftAnswer`], encoded.
     pub async fn handle_raft(&self, group: GroupId, kind: RaftKind, payload: &[u8]) -> Vec<u8> {
+        let node = self.host.id;
         let result = if group == META_GROUP {
-            match self.inner.meta.get() {
+            match self.host.meta.get() {
                 Some(raft) => dispatch(raft, kind, payload).await,
-                None => Err(format!(
-                    "metadata group not started on node {}",
-                    self.inner.id
-                )),
+                None => Err(InboundError::MetaNotStarted { node }),
             }
         } else {
             match self.partition(group) {
                 Some(partition) => dispatch(&partition.raft, kind, payload).await,
-                None => Err(format!(
-                    "group {group} not hosted on node {}",
-                    self.inner.id
-                )),
+                None => Err(InboundError::GroupNotFound { group, node }),
             }
         };
         match result {
             Ok(encoded) => encoded,
-            Err(message) => encode(&Err::<(), String>(message)).unwrap_or_default(),
+            Err(error) => encode(&RaftAnswer::<()>::Err(error.to_string())).unwrap_or_default(),
         }
     }
 
@@ -679,7 +622,7 @@ impl RaftNode {
     pub async fn shutdown(&self) {
         let partitions: Vec<Partition> = {
             let partitions = self
-                .inner
+                .host
                 .partitions
                 .read()
                 .expect("partition map lock is never poisoned");
@@ -688,13 +631,25 @@ impl RaftNode {
         for partition in partitions {
             let _ = partition.raft.shutdown().await;
         }
-        if let Some(meta) = self.inner.meta.get() {
+        if let Some(meta) = self.host.meta.get() {
             let _ = meta.shutdown().await;
         }
     }
 }
 
-pub(crate) async fn propose<SM>(
+impl Propose for PartitionRaft {
+    async fn propose(
+        &self,
+        group: GroupId,
+        command: Command,
+        timeout: Duration,
+    ) -> Result<Response, WriteError> {
+        propose(self, group, command, timeout).await
+    }
+}
+
+/// Proposes one entry and waits until it is committed and applied, or the timeout passes.
+async fn propose<SM>(
     raft: &Raft<C, SM>,
     group: GroupId,
     command: Command,
@@ -709,7 +664,7 @@ where
         return Err(WriteError::NotLeader { group, leader });
     }
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
+    let mut pause = LEASE_RETRY_PAUSE_MIN;
     loop {
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         let result = match tokio::time::timeout(remaining, raft.client_write(command.clone())).await
@@ -738,7 +693,7 @@ where
                         });
                     }
                     tokio::time::sleep(pause.min(remaining)).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
+                    pause = (pause * 2).min(LEASE_RETRY_PAUSE_MAX);
                     continue;
                 }
                 Err(WriteError::NotLeader {
@@ -766,32 +721,75 @@ where
     }
 }
 
+/// The error of a `Fatal` openraft answer: the group stopped.
+fn stopped<E: std::fmt::Display>(group: GroupId) -> impl Fn(E) -> GroupError + Copy {
+    move |fatal| GroupError::Stopped {
+        group,
+        reason: fatal.to_string(),
+    }
+}
+
 /// Opens a state machine on a blocking thread: it reads RocksDB.
 async fn open_machine<L: Logic + Send + 'static>(
     store: GroupStore,
     logic: L,
-) -> Result<Machine<L>, String> {
+) -> Result<Machine<L>, GroupError> {
+    let group = store.group();
     tokio::task::spawn_blocking(move || Machine::open(store, logic))
         .await
-        .map_err(|error| format!("opening a state machine: {error}"))?
-        .map_err(|error| error.to_string())
+        // The blocking task panicked or the runtime is shutting down.
+        .map_err(std::io::Error::other)
+        .and_then(|opened| opened)
+        .map_err(|source| GroupError::Open { group, source })
 }
 
-async fn dispatch<SM>(raft: &Raft<C, SM>, kind: RaftKind, payload: &[u8]) -> Result<Vec<u8>, String>
+/// Why this node could not hand an inbound Raft RPC to its group. Sent back to the caller as a
+/// message (see [`RaftAnswer`]), where it makes the target unreachable for that RPC.
+#[derive(Debug, thiserror::Error)]
+enum InboundError {
+    #[error("metadata group not started on node {node}")]
+    MetaNotStarted { node: NodeId },
+    #[error("group {group} not hosted on node {node}")]
+    GroupNotFound { group: GroupId, node: NodeId },
+    #[error("undecodable {kind:?} request: {source}")]
+    Undecodable {
+        kind: RaftKind,
+        source: std::io::Error,
+    },
+    #[error("raft request without a kind")]
+    NoKind,
+    #[error("encoding the answer to a {kind:?} request: {source}")]
+    Encode {
+        kind: RaftKind,
+        source: std::io::Error,
+    },
+}
+
+/// Hands one inbound Raft RPC to `raft`; returns its encoded [`RaftAnswer`] (openraft's own
+/// errors are answers too, as messages).
+async fn dispatch<SM>(
+    raft: &Raft<C, SM>,
+    kind: RaftKind,
+    payload: &[u8],
+) -> Result<Vec<u8>, InboundError>
 where
     SM: RaftStateMachine<C, SnapshotData = SnapshotData>,
 {
     fn answer<T: serde::Serialize, E: std::fmt::Display>(
+        kind: RaftKind,
         result: Result<T, E>,
-    ) -> Result<Vec<u8>, String> {
-        let result = result.map_err(|error| error.to_string());
-        encode(&result).map_err(|error| error.to_string())
+    ) -> Result<Vec<u8>, InboundError> {
+        let answer: RaftAnswer<T> = result.map_err(|error| error.to_string());
+        encode(&answer).map_err(|source| InboundError::Encode { kind, source })
     }
-    let bad = |error: std::io::Error| format!("undecodable {kind:?} request: {error}");
+    let bad = |source: std::io::Error| InboundError::Undecodable { kind, source };
     match kind {
-        RaftKind::Append => answer(raft.append_entries(decode(payload).map_err(bad)?).await),
-        RaftKind::Vote => answer(raft.vote(decode(payload).map_err(bad)?).await),
-        RaftKind::PreVote => answer(raft.pre_vote(decode(payload).map_err(bad)?).await),
+        RaftKind::Append => answer(
+            kind,
+            raft.append_entries(decode(payload).map_err(bad)?).await,
+        ),
+        RaftKind::Vote => answer(kind, raft.vote(decode(payload).map_err(bad)?).await),
+        RaftKind::PreVote => answer(kind, raft.pre_vote(decode(payload).map_err(bad)?).await),
         RaftKind::Snapshot => {
             let (vote, meta, data): (crate::types::Vote, crate::types::SnapshotMeta, Vec<u8>) =
                 decode(payload).map_err(bad)?;
@@ -799,13 +797,14 @@ where
                 meta,
                 snapshot: Cursor::new(data),
             };
-            answer(raft.install_full_snapshot(vote, snapshot).await)
+            answer(kind, raft.install_full_snapshot(vote, snapshot).await)
         }
         RaftKind::TransferLeader => answer(
+            kind,
             raft.handle_transfer_leader(decode(payload).map_err(bad)?)
                 .await,
         ),
-        RaftKind::Unspecified => Err("raft request without a kind".to_string()),
+        RaftKind::Unspecified => Err(InboundError::NoKind),
     }
 }
 

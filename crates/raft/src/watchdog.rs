@@ -35,6 +35,11 @@ use crate::GroupId;
 use crate::NodeId;
 use crate::RaftNode;
 
+/// How many heartbeat intervals a ping may take before its peer counts as silent this round.
+/// More than one, so a busy peer's slow answer still counts; a round waits for all its pings,
+/// so this also bounds how late the next round starts.
+const PING_TIMEOUT_INTERVALS: u32 = 2;
+
 /// What the watchdog sees of one group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct GroupView {
@@ -107,7 +112,7 @@ impl RaftNode {
                             return (*id, Ping::Silent);
                         };
                         let mut request = tonic::Request::new(PingRequest { from: me });
-                        request.set_timeout(interval * 2);
+                        request.set_timeout(interval * PING_TIMEOUT_INTERVALS);
                         match client.ping(request).await {
                             Ok(_) => (*id, Ping::Alive),
                             // Nothing listens on its port: the process is gone (crashed or

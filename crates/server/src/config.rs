@@ -56,7 +56,7 @@ pub struct ServeArgs {
     pub worker_threads: Option<u16>,
 }
 
-/// Raft timing.
+/// Raft timing and batching. The defaults are `ordo_raft::RaftOptions::default()`'s.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
@@ -68,6 +68,8 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     /// Most entries per append RPC. Default 256.
     pub append_entries_max: u64,
+    /// Timeout of one connection attempt to a peer, milliseconds. Default 2000.
+    pub connect_timeout_ms: u64,
     /// How often leaders hand partitions back to their preferred leader, milliseconds. Default 10000.
     pub leader_balance_interval_ms: u64,
     /// Bytes of recent log entries each Raft group keeps in memory, so replication and apply
@@ -83,15 +85,20 @@ pub struct RaftConfig {
 
 impl Default for RaftConfig {
     fn default() -> Self {
+        let options = ordo_raft::RaftOptions::default();
+        let millis = |duration: Duration| {
+            u64::try_from(duration.as_millis()).expect("default durations are below u64 ms")
+        };
         Self {
-            heartbeat_interval_ms: 200,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
-            append_entries_max: 256,
+            heartbeat_interval_ms: millis(options.heartbeat_interval),
+            election_timeout_min_ms: millis(options.election_timeout_min),
+            election_timeout_max_ms: millis(options.election_timeout_max),
+            append_entries_max: options.append_entries_max,
+            connect_timeout_ms: millis(options.connect_timeout),
             leader_balance_interval_ms: 10_000,
-            entry_cache_bytes: 1 << 20,
-            coalesce_bytes_max: 1 << 20,
-            proposals_in_flight_max: 2,
+            entry_cache_bytes: options.entry_cache_bytes as u64,
+            coalesce_bytes_max: options.coalesce_bytes_max as u64,
+            proposals_in_flight_max: options.proposals_in_flight_max as u64,
         }
     }
 }
@@ -322,6 +329,9 @@ impl NodeConfig {
                 "raft: append_entries_max and leader_balance_interval_ms must be > 0".into(),
             );
         }
+        if raft.connect_timeout_ms == 0 {
+            return fail("raft.connect_timeout_ms must be > 0".into());
+        }
         if self.grpc.message_bytes_max < self.limits.batch_bytes_max + (1 << 20) {
             return fail("grpc.message_bytes_max must exceed limits.batch_bytes_max by at least 1 MiB of framing".into());
         }
@@ -344,7 +354,7 @@ impl NodeConfig {
             election_timeout_min: Duration::from_millis(self.raft.election_timeout_min_ms),
             election_timeout_max: Duration::from_millis(self.raft.election_timeout_max_ms),
             append_entries_max: self.raft.append_entries_max,
-            connect_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_millis(self.raft.connect_timeout_ms),
             entry_cache_bytes: usize::try_from(self.raft.entry_cache_bytes).unwrap_or(usize::MAX),
             coalesce_bytes_max: usize::try_from(self.raft.coalesce_bytes_max).unwrap_or(usize::MAX),
             proposals_in_flight_max: usize::try_from(self.raft.proposals_in_flight_max)
@@ -406,6 +416,17 @@ mod tests {
         };
         config.raft.election_timeout_min_ms = 100;
         assert!(config.validate().is_err());
+    }
+
+    /// The raft defaults are the raft crate's: converted back to options, they are
+    /// `RaftOptions::default()` field for field.
+    #[test]
+    fn raft_defaults_come_from_the_raft_crate() {
+        let options = NodeConfig::default().raft_options();
+        assert_eq!(
+            format!("{options:?}"),
+            format!("{:?}", ordo_raft::RaftOptions::default())
+        );
     }
 
     /// A TOML file is read, and unknown keys are refused.

@@ -133,9 +133,10 @@ async fn serve_node(
     })?;
     let store = Store::open(&config.data_dir.join("db"), &config.store_options())?;
     exit_on_storage_fault(&store);
-    let peers = Peers::new(Duration::from_secs(2));
-    let raft = RaftNode::new(node_id, store.clone(), peers, &config.raft_options())
-        .map_err(ServerError::Startup)?;
+    let raft_options = config.raft_options();
+    let peers = Peers::new(raft_options.connect_timeout);
+    let raft = RaftNode::new(node_id, store.clone(), peers, &raft_options)
+        .map_err(|error| ServerError::Startup(error.to_string()))?;
     let mut tasks = JoinSet::new();
     let cluster = config.cluster()?;
     let broker = Broker::start(
