@@ -20,6 +20,9 @@
 //!   RPC.
 //! - `watchdog`: node-level failure detection that lets idle partition groups stay silent
 //!   (no per-group heartbeats) and starts elections when a leader's node stops answering.
+//! - `options`: [`RaftOptions`], timing and batching with their defaults.
+//! - `group`: what the node does to one openraft group (propose and wait, dispatch an inbound
+//!   RPC, status, reads of committed batches), shared by the metadata and partition groups.
 //! - `node`: [`RaftNode`], the registry of every group on this node and the entry point for
 //!   writes, reads, inbound RPCs and status.
 //! - `conformance` (tests only): openraft's storage test suite run on `LogStore` and `Machine`.
@@ -33,11 +36,13 @@ mod coalesce;
 mod codec;
 mod entry_cache;
 mod error;
+mod group;
 mod log_store;
 mod machine;
 mod meta;
 mod network;
 mod node;
+mod options;
 mod types;
 mod watchdog;
 
@@ -49,10 +54,10 @@ pub use error::WriteError;
 pub use meta::MetaApply;
 pub use network::INTERNAL_MESSAGE_BYTES_MAX;
 pub use network::Peers;
-pub use node::GroupStatus;
+pub use group::GroupStatus;
+pub use group::ReadBatch;
 pub use node::RaftNode;
-pub use node::RaftOptions;
-pub use node::ReadBatch;
+pub use options::RaftOptions;
 pub use types::AppendBatch;
 pub use types::Command;
 pub use types::Response;

@@ -1,0 +1,43 @@
+//! [`RaftOptions`]: Raft timing and batching, one set for every group on a node, with the
+//! defaults every other layer takes its own from (`ordo-server`'s `RaftConfig` included).
+
+use std::time::Duration;
+
+/// Raft timing and batching, shared by every group on the node.
+#[derive(Debug, Clone)]
+pub struct RaftOptions {
+    /// Leader heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Election timeout, lower bound (randomized up to the upper bound).
+    pub election_timeout_min: Duration,
+    /// Election timeout, upper bound.
+    pub election_timeout_max: Duration,
+    /// Most entries in one append RPC.
+    pub append_entries_max: u64,
+    /// Timeout of one connection attempt to a peer: give it to [`Peers::new`](crate::Peers::new) (the pool is
+    /// built before the node, and shared with request forwarding).
+    pub connect_timeout: Duration,
+    /// Bytes of the most recent log entries each group keeps in memory for replication and
+    /// apply (see `entry_cache`); 0 disables the cache.
+    pub entry_cache_bytes: usize,
+    /// Most batch bytes in one entry made of concurrent appends to a partition (see `coalesce`).
+    pub coalesce_bytes_max: usize,
+    /// Most proposals of one partition in flight at once; appends arriving meanwhile are
+    /// coalesced into the next entry.
+    pub proposals_in_flight_max: usize,
+}
+
+impl Default for RaftOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_millis(200),
+            election_timeout_min: Duration::from_millis(1000),
+            election_timeout_max: Duration::from_millis(2000),
+            append_entries_max: 256,
+            connect_timeout: Duration::from_secs(2),
+            entry_cache_bytes: 1 << 20,
+            coalesce_bytes_max: 1 << 20,
+            proposals_in_flight_max: 2,
+        }
+    }
+}
