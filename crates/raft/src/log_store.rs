@@ -132,7 +132,7 @@ impl RaftLogReader<C> for LogStore {
     }
 
     async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
-        self.blocking(|store| Self::get_meta(store, MetaKey::Vote))
+        self.blocking(|store| Self::get_meta(store, MetaKey::Election))
             .await
     }
 }
@@ -194,7 +194,7 @@ impl RaftLogStorage<C> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         let mut batch = self.store.batch();
         self.store
-            .put_meta(&mut batch, MetaKey::Vote, &encode(vote)?);
+            .put_meta(&mut batch, MetaKey::Election, &encode(vote)?);
         Ok(self.store.write_durable(batch).await?)
     }
 
@@ -224,7 +224,7 @@ impl RaftLogStorage<C> for LogStore {
                 .put_log(&mut batch, entry.log_id.index, &encode(&entry)?);
             appended.push(entry);
         }
-        let durable: ordo_storage::Durable =
+        let durable: ordo_storage::DurableCallback =
             Box::new(move |result| callback.io_completed(result.map_err(io::Error::from)));
         // Awaited until written, and cached only then: an entry must never be readable (and so
         // replicated) before this node's own log holds it. A leader that sent entries it then

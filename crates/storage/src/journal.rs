@@ -38,11 +38,11 @@ use std::sync::RwLock;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 
-use crate::StorageError;
+use crate::error::StorageError;
 use crate::keys::frame;
 use crate::keys::unframe;
-use crate::store::Cf;
-use crate::writer::Op;
+use crate::ops::Cf;
+use crate::ops::Op;
 
 /// Marks the start of a record ("ORDJ").
 const MAGIC: u32 = 0x4a44_524f;
@@ -326,7 +326,8 @@ pub(crate) struct JournalWriter {
     file: Arc<File>,
     id: u64,
     len: u64,
-    segment_bytes: u64,
+    /// Size at which the next record goes to a new file (`StoreOptions::journal_file_bytes`).
+    file_bytes: u64,
 }
 
 impl JournalWriter {
@@ -335,7 +336,7 @@ impl JournalWriter {
     pub(crate) fn new(
         journal: Arc<Journal>,
         last: Option<(u64, u64)>,
-        segment_bytes: u64,
+        file_bytes: u64,
     ) -> Result<JournalWriter, StorageError> {
         let (id, len, file) = match last.and_then(|(id, len)| Some((id, len, journal.file(id)?))) {
             Some(last) => last,
@@ -346,7 +347,7 @@ impl JournalWriter {
             file,
             id,
             len,
-            segment_bytes,
+            file_bytes,
         })
     }
 
@@ -367,13 +368,13 @@ impl JournalWriter {
         Ok(())
     }
 
-    /// Appends one record with `body` (which starts with `HEADER_LEN` reserved bytes) and
-    /// returns the position of its body. On a failed write the file is cut back, so a later
+    /// Appends `record` (its first `HEADER_LEN` bytes reserved by [`start_record`], filled in
+    /// here) and returns the position of its body. On a failed write the file is cut back, so a later
     /// record never follows a torn one; if that fails too the journal fails for good.
     pub(crate) fn append(&mut self, record: &mut [u8]) -> Result<Position, StorageError> {
         self.journal.check()?;
         let record_len = record.len() as u64;
-        if self.len > 0 && self.len + record_len > self.segment_bytes {
+        if self.len > 0 && self.len + record_len > self.file_bytes {
             self.rotate()?;
         }
         let body_len = u32::try_from(record_len - HEADER_LEN).map_err(|_| {
@@ -403,8 +404,8 @@ impl JournalWriter {
         })
     }
 
-    /// Removes the last record, which starts at `start` (its body at `start + HEADER_LEN`) and
-    /// could not be applied to RocksDB, so that a write reported failed never comes back at the
+    /// Removes the last record, whose body starts at `body_at` (as [`JournalWriter::append`]
+    /// returned it) and which could not be applied to RocksDB, so that a write reported failed never comes back at the
     /// next open. If the file cannot be cut the journal fails for good.
     pub(crate) fn cut_back(&mut self, body_at: Position) -> Result<(), StorageError> {
         let start = body_at.offset - HEADER_LEN;

@@ -4,10 +4,13 @@
 //! range in each column family (deleting a group is a range delete) and keys sort by group, then
 //! by index or offset. Values are framed as `crc32c (4 bytes LE) ++ payload`; the frame is
 //! verified on every read.
+//!
+//! Never: change a key's or a frame's byte layout: both are on disk.
 
-use crate::StorageError;
+use crate::error::StorageError;
 
-/// Identifies one Raft group on a node. Group 0 is the cluster metadata group.
+/// Identifies one group on a node: one log, its metadata and its offset index. The caller
+/// chooses the ids; storage gives none of them a meaning (Ordo's cluster metadata uses 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupId(pub u64);
 

@@ -3,18 +3,22 @@
 //! On disk: `rocksdb/` (RocksDB, run without its WAL) and `journal/` (see `journal`).
 //!
 //! Column families:
-//! - `log`: `group ++ index` -> framed journal location of the Raft log entry (the entry's bytes
-//!   live once, in the journal). The partition's Raft log IS its data log.
-//! - `meta`: `group ++ tag` -> framed small values (vote, committed, purged, applied state), and
-//!   the journal position applied to RocksDB.
+//! - `log`: `group ++ index` -> framed journal location of the group's log entry at `index` (the
+//!   entry's bytes live once, in the journal). A log is an ordered per-group sequence of opaque
+//!   entries: appended at the end, cut at the tail (`delete_log_from`) or at the head
+//!   (`delete_log_upto`), read in index order.
+//! - `meta`: `group ++ tag` -> framed small values under the well-known [`MetaKey`]s, and the
+//!   journal position applied to RocksDB.
 //! - `index`: `group ++ base offset` -> framed (log index, record count): where each offset lives.
 //!
 //! Writes go through the writer thread (see `writer`); reads go straight to RocksDB and are
 //! blocking calls: async callers run them in `spawn_blocking`.
+//!
+//! Never: write to RocksDB or the journal other than through the writer thread; return a value
+//! whose frame was not verified.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use rocksdb::ColumnFamilyDescriptor;
 use rocksdb::DB;
@@ -25,62 +29,23 @@ use rocksdb::ReadOptions;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
-use crate::GroupId;
-use crate::StorageError;
+use crate::error::StorageError;
 use crate::journal::Journal;
 use crate::journal::JournalWriter;
 use crate::journal::Location;
+use crate::keys::GroupId;
+use crate::keys::frame;
 use crate::keys::key;
 use crate::keys::split_key;
-use crate::keys::{frame, unframe};
+use crate::keys::unframe;
+use crate::ops::Cf;
+use crate::ops::CfHandles;
+use crate::ops::Op;
+use crate::writer::DurableCallback;
 use crate::writer::FlushPolicy;
-use crate::writer::Op;
+use crate::writer::StoreStats;
 use crate::writer::WriteRequest;
 use crate::writer::WriterParts;
-
-/// Column families, by role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Cf {
-    Log,
-    Meta,
-    Index,
-}
-
-impl Cf {
-    pub(crate) const ALL: [Cf; 3] = [Cf::Log, Cf::Meta, Cf::Index];
-
-    /// The column family's tag in journal records.
-    pub(crate) fn tag(self) -> u8 {
-        match self {
-            Cf::Log => 1,
-            Cf::Meta => 2,
-            Cf::Index => 3,
-        }
-    }
-
-    pub(crate) fn from_tag(tag: u8) -> Option<Cf> {
-        Cf::ALL.into_iter().find(|cf| cf.tag() == tag)
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Cf::Log => "log",
-            Cf::Meta => "meta",
-            Cf::Index => "index",
-        }
-    }
-}
-
-/// Resolves column family handles; the set is fixed at open, so a missing one is a bug.
-#[derive(Clone, Copy)]
-pub(crate) struct CfHandles;
-
-impl CfHandles {
-    pub(crate) fn get(self, db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
-        db.cf_handle(cf.name())
-            .expect("every column family is created when the store opens")
-    }
-}
 
 /// Tunables of the store. Defaults suit a node with a few GiB of memory.
 #[derive(Debug, Clone)]
@@ -128,22 +93,9 @@ impl StoreOptions {
     }
 }
 
-/// Counters of the write path, read by the server's metrics.
-#[derive(Debug, Default)]
-pub struct StoreStats {
-    /// Write batches applied by the writer thread.
-    pub write_batches: AtomicU64,
-    /// Bytes in those batches.
-    pub write_bytes: AtomicU64,
-    /// WAL fsyncs.
-    pub fsyncs: AtomicU64,
-    /// Total time spent in WAL fsync, microseconds.
-    pub fsync_micros: AtomicU64,
-    /// Durability callbacks completed by those fsyncs (callbacks / fsyncs = group commit size).
-    pub fsync_callbacks: AtomicU64,
-}
-
-struct Inner {
+/// What every handle of one store shares: RocksDB, the journal, the writer threads and their
+/// queue. Dropped with the last handle.
+struct StoreShared {
     db: Arc<DB>,
     journal: Arc<Journal>,
     writer: mpsc::Sender<WriteRequest>,
@@ -152,7 +104,7 @@ struct Inner {
     fault: Arc<tokio::sync::watch::Sender<Option<StorageError>>>,
 }
 
-impl Drop for Inner {
+impl Drop for StoreShared {
     /// Closes the write queue and waits for the writer threads to finish what was queued, so the
     /// DB is closed (and its lock released) when the last handle is dropped.
     fn drop(&mut self) {
@@ -169,7 +121,7 @@ impl Drop for Inner {
 /// The node's store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    inner: Arc<Inner>,
+    shared: Arc<StoreShared>,
 }
 
 impl std::fmt::Debug for Store {
@@ -252,7 +204,7 @@ impl Store {
         let (writer, threads) = crate::writer::start(parts, options.write_queue_max)
             .map_err(|error| StorageError::Io(format!("cannot start writer threads: {error}")))?;
         Ok(Store {
-            inner: Arc::new(Inner {
+            shared: Arc::new(StoreShared {
                 db,
                 journal,
                 writer,
@@ -266,21 +218,22 @@ impl Store {
     /// The handle for one group's data.
     pub fn group(&self, group: GroupId) -> GroupStore {
         GroupStore {
-            inner: self.inner.clone(),
+            shared: self.shared.clone(),
             group,
         }
     }
 
-    /// The first write or sync that failed, once one has. A failed write stops the Raft groups
-    /// that made it (openraft treats storage errors as fatal), so the node should stop too and
-    /// restart from what is durable: watch this.
+    /// The first write or sync that failed, once one has. No write after a failed sync is
+    /// reported durable, and a caller whose write failed cannot know what reached the disk, so
+    /// the node should stop and restart from what is durable (the journal replay at open):
+    /// watch this.
     pub fn fault(&self) -> tokio::sync::watch::Receiver<Option<StorageError>> {
-        self.inner.fault.subscribe()
+        self.shared.fault.subscribe()
     }
 
     /// Write-path counters.
     pub fn stats(&self) -> &StoreStats {
-        &self.inner.stats
+        &self.shared.stats
     }
 
     /// RocksDB's estimate of live data bytes, for metrics.
@@ -288,10 +241,10 @@ impl Store {
         Cf::ALL
             .iter()
             .filter_map(|cf| {
-                self.inner
+                self.shared
                     .db
                     .property_int_value_cf(
-                        CfHandles.get(&self.inner.db, *cf),
+                        CfHandles.get(&self.shared.db, *cf),
                         "rocksdb.estimate-live-data-size",
                     )
                     .ok()
@@ -305,25 +258,30 @@ impl Store {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
 pub enum MetaKey {
-    /// The Raft vote. Written durable.
-    Vote = 1,
-    /// The last committed log id known to this replica.
+    /// The group's election record: a small value, opaque here, that its caller writes durable
+    /// ([`GroupStore::write_durable`]) before it acts on it, because other nodes rely on it
+    /// surviving a crash.
+    Election = 1,
+    /// The caller's mark of how far the log is committed (final), opaque here.
     Committed = 2,
-    /// The last purged log id.
+    /// The caller's mark of the last entry removed from the head of the log, opaque here. Put it
+    /// in the batch that removes the entries ([`GroupStore::delete_log_upto`]): a reader that
+    /// sees them gone then also sees the mark.
     LastPurged = 3,
-    /// The state machine's applied state (applied log id, membership, next offset).
+    /// What the caller has applied from the log (how far, and what it needs to resume), opaque
+    /// here.
     Applied = 4,
-    /// The state machine's serialized state, for groups that keep it whole (metadata).
+    /// A caller's whole serialized state, for groups that keep it in one value.
     State = 5,
 }
 
-/// Where a run of offsets lives: entry `log_index` holds offsets
+/// Where a run of offsets lives: log entry `log_index` holds offsets
 /// `base_offset .. base_offset + count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
     /// First offset in the entry.
     pub base_offset: u64,
-    /// Raft log index of the entry.
+    /// Index of the log entry holding the run.
     pub log_index: u64,
     /// Records in the entry.
     pub count: u32,
@@ -346,7 +304,7 @@ impl std::fmt::Debug for GroupBatch {
 /// One group's view of the store. Cheap to clone.
 #[derive(Clone)]
 pub struct GroupStore {
-    inner: Arc<Inner>,
+    shared: Arc<StoreShared>,
     group: GroupId,
 }
 
@@ -423,11 +381,11 @@ impl GroupStore {
     }
 
     /// Applies `batch`; returns once it is readable. When `durable` is given it is called after
-    /// the WAL fsync that covers the batch.
+    /// the journal fsync that covers the batch (or with the error that failed the write).
     pub async fn write(
         &self,
         batch: GroupBatch,
-        durable: Option<crate::Durable>,
+        durable: Option<DurableCallback>,
     ) -> Result<(), StorageError> {
         let (written, written_rx) = oneshot::channel();
         let request = WriteRequest {
@@ -435,7 +393,7 @@ impl GroupStore {
             written: Some(written),
             durable,
         };
-        if let Err(unsent) = self.inner.writer.send(request).await {
+        if let Err(unsent) = self.shared.writer.send(request).await {
             if let Some(durable) = unsent.0.durable {
                 durable(Err(StorageError::Closed));
             }
@@ -447,7 +405,7 @@ impl GroupStore {
     /// Applies `batch` and returns only once it is durable (fsynced).
     pub async fn write_durable(&self, batch: GroupBatch) -> Result<(), StorageError> {
         let (tx, rx) = oneshot::channel();
-        let durable: crate::Durable = Box::new(move |result| {
+        let durable: DurableCallback = Box::new(move |result| {
             let _ = tx.send(result);
         });
         self.write(batch, Some(durable)).await?;
@@ -473,7 +431,7 @@ impl GroupStore {
         end: u64,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
-        let db = &self.inner.db;
+        let db = &self.shared.db;
         let mut options = ReadOptions::default();
         options.set_iterate_upper_bound(key(self.group, end).to_vec());
         let from = key(self.group, start);
@@ -506,7 +464,7 @@ impl GroupStore {
 
     /// The first and last log entries' indexes, if the log holds any.
     pub fn log_bounds(&self) -> Result<Option<(u64, u64)>, StorageError> {
-        let db = &self.inner.db;
+        let db = &self.shared.db;
         let cf = CfHandles.get(db, Cf::Log);
         let mut options = ReadOptions::default();
         options.set_iterate_lower_bound(key(self.group, 0).to_vec());
@@ -529,7 +487,7 @@ impl GroupStore {
 
     /// One log entry.
     pub fn get_log(&self, index: u64) -> Result<Option<Vec<u8>>, StorageError> {
-        let db = &self.inner.db;
+        let db = &self.shared.db;
         let value = db.get_pinned_cf(CfHandles.get(db, Cf::Log), key(self.group, index))?;
         value.map(|value| self.log_value(index, &value)).transpose()
     }
@@ -542,12 +500,12 @@ impl GroupStore {
                 what: what(),
                 reason: "journal location is not 20 bytes",
             })?;
-        self.inner.journal.read(location, what)
+        self.shared.journal.read(location, what)
     }
 
     /// A metadata value.
     pub fn get_meta(&self, meta: MetaKey) -> Result<Option<Vec<u8>>, StorageError> {
-        let db = &self.inner.db;
+        let db = &self.shared.db;
         let value = db.get_pinned_cf(CfHandles.get(db, Cf::Meta), key(self.group, meta as u64))?;
         value
             .map(|value| {
@@ -559,7 +517,7 @@ impl GroupStore {
 
     /// The index entry holding `offset`: the entry with the greatest base offset `<= offset`.
     pub fn index_floor(&self, offset: u64) -> Result<Option<IndexEntry>, StorageError> {
-        let db = &self.inner.db;
+        let db = &self.shared.db;
         let mut options = ReadOptions::default();
         options.set_iterate_lower_bound(key(self.group, 0).to_vec());
         let mut iterator = db.raw_iterator_cf_opt(CfHandles.get(db, Cf::Index), options);
@@ -672,7 +630,7 @@ mod tests {
             let group = store.group(GroupId(1));
             append(&group, 0..100).await;
             let mut batch = group.batch();
-            group.put_meta(&mut batch, MetaKey::Vote, b"vote-3");
+            group.put_meta(&mut batch, MetaKey::Election, b"election-3");
             group.put_index(
                 &mut batch,
                 IndexEntry {
@@ -686,7 +644,10 @@ mod tests {
         let store = open(dir.path());
         let group = store.group(GroupId(1));
         assert_eq!(group.log_bounds().unwrap(), Some((0, 99)));
-        assert_eq!(group.get_meta(MetaKey::Vote).unwrap().unwrap(), b"vote-3");
+        assert_eq!(
+            group.get_meta(MetaKey::Election).unwrap().unwrap(),
+            b"election-3"
+        );
         let entry = group.index_floor(43).unwrap().unwrap();
         assert_eq!(
             entry,
@@ -753,10 +714,10 @@ mod tests {
         let group = store.group(GroupId(3));
         check_sized(&group, 0..3000, 2000);
         let applied = store
-            .inner
+            .shared
             .db
             .get_cf(
-                CfHandles.get(&store.inner.db, Cf::Meta),
+                CfHandles.get(&store.shared.db, Cf::Meta),
                 crate::journal::APPLIED_KEY,
             )
             .unwrap()
@@ -888,7 +849,7 @@ mod tests {
             written: None,
             durable: None,
         };
-        store.inner.writer.send(request).await.unwrap();
+        store.shared.writer.send(request).await.unwrap();
         group.write_durable(group.batch()).await.unwrap();
         assert!(matches!(
             group.get_log(0),

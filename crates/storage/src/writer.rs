@@ -1,4 +1,5 @@
-//! The write path: one writer thread and one fsync thread per node.
+//! The write path: one writer thread and one fsync thread per node, and [`StoreStats`], their
+//! counters.
 //!
 //! Every write of every group is a [`WriteRequest`] sent over a bounded channel to the writer
 //! thread, which drains whatever is queued, appends it to the journal as ONE record (see
@@ -12,19 +13,21 @@
 //! virtual machine) on every durable write.
 //!
 //! Ordering: writes are applied in channel order, and the journal is ordered, so a sync that
-//! covers a write also covers every write applied before it (a truncation before an append, a
-//! vote before the entries of its term).
+//! covers a write also covers every write applied before it (a truncation before the appends
+//! that replace it, a metadata value before the entries written after it).
 //!
 //! Memtables: the writer thread flushes RocksDB itself, after syncing the journal, once the
-//! memtables hold `flush_memtable_bytes` or the journal grew by `flush_journal_bytes` since the
-//! last flush (which bounds the replay at start-up). RocksDB's own flush trigger (a full
-//! memtable) is set well above the first bound, so RocksDB never persists a memtable that refers
-//! to journal bytes not yet synced.
+//! memtables hold a quarter of `StoreOptions::write_buffer_bytes` or the journal grew by
+//! `StoreOptions::journal_replay_bytes_max` since the last flush (which bounds the replay at
+//! start-up); see `FlushPolicy`. RocksDB's own flush trigger (a full memtable, at
+//! `write_buffer_bytes`) is well above the first bound, so RocksDB never persists a memtable
+//! that refers to journal bytes not yet synced.
 //!
 //! Never: call a durability callback before the journal sync that covers it returned Ok; block an
 //! async task (async callers only `send().await` on the bounded channel and await a oneshot).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 
@@ -35,32 +38,34 @@ use rocksdb::WriteOptions;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 
-use crate::StorageError;
+use crate::error::StorageError;
 use crate::journal;
 use crate::journal::BodyOp;
 use crate::journal::Journal;
 use crate::journal::JournalWriter;
 use crate::journal::Location;
 use crate::journal::Position;
-use crate::store::Cf;
-use crate::store::CfHandles;
-use crate::store::StoreStats;
+use crate::ops::Cf;
+use crate::ops::CfHandles;
+use crate::ops::Op;
 
-/// Called once the write it belongs to is on disk (or failed).
-pub type Durable = Box<dyn FnOnce(Result<(), StorageError>) + Send + 'static>;
+/// The callback of a durable write: called once, with `Ok` after the journal sync that covers
+/// the write returned, or with the error that failed the write or the sync.
+pub type DurableCallback = Box<dyn FnOnce(Result<(), StorageError>) + Send + 'static>;
 
-/// One mutation inside a write request.
-pub(crate) enum Op {
-    Put {
-        cf: Cf,
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    DeleteRange {
-        cf: Cf,
-        from: Vec<u8>,
-        to: Vec<u8>,
-    },
+/// Counters of the write path, read by the server's metrics.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Write batches applied by the writer thread (one per journal record).
+    pub write_batches: AtomicU64,
+    /// Journal bytes of those batches (their records, headers included).
+    pub write_bytes: AtomicU64,
+    /// Journal fsyncs that completed durability callbacks.
+    pub fsyncs: AtomicU64,
+    /// Total time spent in those fsyncs, microseconds.
+    pub fsync_micros: AtomicU64,
+    /// Durability callbacks completed by those fsyncs (callbacks / fsyncs = group commit size).
+    pub fsync_callbacks: AtomicU64,
 }
 
 /// A batch of mutations that must be applied atomically and in order with the others.
@@ -69,14 +74,14 @@ pub(crate) struct WriteRequest {
     /// Answered once the ops are applied (readable), before they are durable.
     pub(crate) written: Option<oneshot::Sender<Result<(), StorageError>>>,
     /// Run once the ops are durable.
-    pub(crate) durable: Option<Durable>,
+    pub(crate) durable: Option<DurableCallback>,
 }
 
 /// Most requests merged into one `WriteBatch`, so one huge backlog cannot delay the first
 /// `written` answers without bound.
 const REQUESTS_PER_BATCH_MAX: usize = 1024;
 /// No more requests are merged into a journal record once it holds this many bytes (one
-/// request alone may be larger: a Raft append of many entries).
+/// request alone may be larger: an append of many log entries).
 const RECORD_BYTES_TARGET: usize = 16 << 20;
 
 impl WriteRequest {
@@ -137,7 +142,7 @@ pub(crate) fn start(
     queue_max: usize,
 ) -> std::io::Result<(mpsc::Sender<WriteRequest>, Vec<std::thread::JoinHandle<()>>)> {
     let (tx, rx) = mpsc::channel::<WriteRequest>(queue_max);
-    let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Vec<Durable>>(queue_max);
+    let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Vec<DurableCallback>>(queue_max);
     // Jobs handed to the fsync thread whose callbacks have not all run yet.
     let fsync_pending = Arc::new(AtomicUsize::new(0));
     let fsync = {
@@ -163,7 +168,7 @@ pub(crate) fn start(
 
 /// The writer's side of the fsync thread.
 struct FsyncHandle {
-    jobs: std::sync::mpsc::SyncSender<Vec<Durable>>,
+    jobs: std::sync::mpsc::SyncSender<Vec<DurableCallback>>,
     pending: Arc<AtomicUsize>,
 }
 
@@ -344,7 +349,7 @@ fn writer_loop(mut parts: WriterParts, mut rx: mpsc::Receiver<WriteRequest>, fsy
 /// One journal sync covering every write applied so far, then the callbacks.
 fn sync_and_complete(
     journal: &Journal,
-    callbacks: Vec<Durable>,
+    callbacks: Vec<DurableCallback>,
     stats: &StoreStats,
     fault: &tokio::sync::watch::Sender<Option<StorageError>>,
 ) {
@@ -448,12 +453,12 @@ pub(crate) fn recover(
 
 fn fsync_loop(
     journal: &Journal,
-    rx: std::sync::mpsc::Receiver<Vec<Durable>>,
+    rx: std::sync::mpsc::Receiver<Vec<DurableCallback>>,
     stats: &StoreStats,
     fault: &tokio::sync::watch::Sender<Option<StorageError>>,
     pending: &AtomicUsize,
 ) {
-    let mut callbacks: Vec<Durable> = Vec::new();
+    let mut callbacks: Vec<DurableCallback> = Vec::new();
     while let Ok(first) = rx.recv() {
         callbacks.extend(first);
         let mut jobs = 1;
