@@ -3,6 +3,7 @@
 //! functions over `Raft<C, SM>`, so the metadata group and the partition groups share them;
 //! [`RaftNode`](crate::RaftNode) holds the groups and calls these.
 
+use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::time::Duration;
 
@@ -183,7 +184,7 @@ pub(crate) async fn open_machine<L: Logic + Send + 'static>(
 /// Why this node could not hand an inbound Raft RPC to its group. Sent back to the caller as a
 /// message (see [`RaftAnswer`]), where it makes the target unreachable for that RPC.
 #[derive(Debug, thiserror::Error)]
-enum InboundError {
+pub(crate) enum InboundError {
     #[error("metadata group not started on node {node}")]
     MetaNotStarted { node: NodeId },
     #[error("group {group} not hosted on node {node}")]
