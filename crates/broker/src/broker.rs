@@ -171,6 +171,14 @@ impl Broker {
         self.state.options.nodes.get(&node).cloned()
     }
 
+    /// The leader of a group this node replicates, as its own replica sees it.
+    pub(crate) fn local_view_of_leader(&self, group: GroupId) -> Option<NodeId> {
+        self.state
+            .node
+            .status(group)
+            .and_then(|status| status.leader)
+    }
+
     /// The leader a group was last seen with.
     pub(crate) fn leader_hint(&self, group: GroupId) -> Option<NodeId> {
         self.hints().get(&group).copied()

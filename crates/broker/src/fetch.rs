@@ -79,10 +79,7 @@ impl Broker {
         let group = GroupId(topic.group(partition));
         let me = self.node_id();
         let leader = self
-            .state
-            .node
-            .status(group)
-            .and_then(|status| status.leader)
+            .local_view_of_leader(group)
             .or_else(|| self.leader_hint(group));
         let request = FetchRequest {
             topic: &topic.name,

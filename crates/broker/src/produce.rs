@@ -129,15 +129,10 @@ impl Broker {
     ) -> Result<u64, BrokerError> {
         let group = GroupId(topic.group(partition));
         let me = self.node_id();
-        let local_leader = self
-            .state
-            .node
-            .status(group)
-            .and_then(|status| status.leader);
         let replicas = &topic.partitions[partition as usize];
         let first = self
             .leader_hint(group)
-            .or(local_leader)
+            .or_else(|| self.local_view_of_leader(group))
             .unwrap_or(replicas[0]);
         let mut route = AppendRoute::new(replicas, first);
         let mut last_error = String::from("no attempt made");
