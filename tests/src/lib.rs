@@ -353,7 +353,8 @@ impl TestCluster {
     }
 
     /// Creates a topic through the first running node, retrying while no node can take it
-    /// (UNAVAILABLE means nothing was written, so a retry is safe).
+    /// (UNAVAILABLE means nothing was written, so a retry is safe). After an unknown outcome
+    /// (DEADLINE_EXCEEDED) it retries too, and then takes ALREADY_EXISTS as its own creation.
     pub async fn create_topic(
         &self,
         name: &str,
@@ -361,6 +362,7 @@ impl TestCluster {
         replication_factor: u32,
     ) -> Result<TopicDescription> {
         let deadline = Instant::now() + LEADER_TIMEOUT;
+        let mut maybe_created = false;
         loop {
             let node = self.any_running_node()?;
             let request = CreateTopicRequest {
@@ -376,7 +378,14 @@ impl TestCluster {
                         .topic
                         .ok_or_else(|| anyhow!("CreateTopic({name}) answered without a topic"));
                 }
-                Err(status) if status.code() == Code::Unavailable && Instant::now() < deadline => {
+                Err(status) if status.code() == Code::AlreadyExists && maybe_created => {
+                    return self.describe_topic(name).await;
+                }
+                Err(status)
+                    if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+                        && Instant::now() < deadline =>
+                {
+                    maybe_created |= status.code() == Code::DeadlineExceeded;
                     sleep(POLL_INTERVAL).await;
                 }
                 Err(status) => bail!("CreateTopic({name}) through node {node}: {status}"),

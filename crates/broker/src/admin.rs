@@ -200,7 +200,7 @@ impl Broker {
                     Err((CallFailure::OutcomeUnknown, message)) => {
                         return Err(BrokerError::OutcomeUnknown { message });
                     }
-                    Err((CallFailure::NothingDone, message)) => {
+                    Err((CallFailure::NothingDone | CallFailure::Refused(_), message)) => {
                         last_error = message;
                         MetaFailure::NothingDone
                     }

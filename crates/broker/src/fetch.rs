@@ -181,7 +181,14 @@ impl Broker {
             }
             match tokio::time::timeout(remaining, self.peer(*candidate).fetch(request)).await {
                 Ok(Ok(outcome)) => return Ok(outcome),
-                Ok(Err(ForwardFetchError::Answered(error))) => return Err(error),
+                // Only the end of the log is final here: a replica whose metadata lags may say
+                // NOT_FOUND of a topic another knows.
+                Ok(Err(ForwardFetchError::Answered(
+                    error @ BrokerError::OffsetOutOfRange { .. },
+                ))) => {
+                    return Err(error);
+                }
+                Ok(Err(ForwardFetchError::Answered(error))) => last_error = error.to_string(),
                 Ok(Err(ForwardFetchError::NotServed(error))) => last_error = error,
                 Err(_) => last_error = format!("node {candidate} did not answer in time"),
             }

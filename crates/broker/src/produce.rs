@@ -15,6 +15,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
+use ordo_proto::errors::reason;
 use ordo_raft::Command;
 use ordo_raft::GroupId;
 use ordo_raft::Response;
@@ -34,6 +35,7 @@ use crate::route::AppendRoute;
 use crate::route::Verdict;
 use crate::rpc::CallFailure;
 use crate::rpc::ForwardOutcome;
+use crate::rpc::Refusal;
 
 /// What a committed partition batch answers: the partition, the positions of its records in the
 /// request, and its base offset.
@@ -52,7 +54,7 @@ impl Broker {
         let limits = &self.state.options.limits;
         if records.is_empty() {
             return Err(BrokerError::invalid(
-                ordo_proto::errors::reason::EMPTY_BATCH,
+                reason::EMPTY_BATCH,
                 "a produce request needs at least one record",
             ));
         }
@@ -199,6 +201,9 @@ impl Broker {
                             CallFailure::OutcomeUnknown => {
                                 return Err(BrokerError::OutcomeUnknown { message });
                             }
+                            CallFailure::Refused(refusal) => {
+                                return Err(refused(refusal, message));
+                            }
                             CallFailure::NothingDone => AppendFailure::Unreachable,
                             CallFailure::MaybeDone => AppendFailure::MaybeDelivered,
                         }
@@ -262,6 +267,15 @@ impl Broker {
             )),
             Err(WriteError::Stopped { reason, .. }) => Err(BrokerError::unavailable(reason, None)),
         }
+    }
+}
+
+/// The leader's refusal of a forwarded batch, for the caller: retrying it elsewhere would be
+/// refused the same way (the leader's limits may be stricter than this node's).
+fn refused(refusal: Refusal, message: String) -> BrokerError {
+    match refusal {
+        Refusal::InvalidArgument => BrokerError::invalid(reason::BAD_FORWARDED_BATCH, message),
+        Refusal::ResourceExhausted => BrokerError::ResourceExhausted(message),
     }
 }
 

@@ -3,9 +3,10 @@
 //!
 //! - Forwarded produce (`Internal/ForwardProduce`): the answer is a [`ForwardOutcome`]; a
 //!   failure is a status classified by [`classify_failure`] from its `ErrorInfo` reason (never
-//!   from the message text): `OUTCOME_UNKNOWN` means proposed and not confirmed, any other Ordo
-//!   reason is the remote's refusal before proposing, and a status without Ordo's `ErrorInfo`
-//!   comes from the transport: nothing was sent when it could not connect, else maybe.
+//!   from the message text): `OUTCOME_UNKNOWN` means proposed and not confirmed, `INTERNAL`
+//!   maybe written, any other Ordo reason is the remote's refusal before proposing (final when
+//!   it judged the request itself: INVALID_ARGUMENT, RESOURCE_EXHAUSTED). A status this node's
+//!   own gRPC stack made (it has a source) says nothing was sent only for a connect failure.
 //! - Forwarded metadata command (`Internal/ForwardMeta`): [`MetaForward`].
 //! - Metadata read index (`Internal/MetaReadIndex`): the index, or "not the leader".
 //! - Group status (`Internal/GroupStatus`): [`GroupStatus`] both ways.
@@ -82,22 +83,54 @@ impl ForwardOutcome {
 pub enum CallFailure {
     /// The remote proposed the write and could not confirm it: it may commit.
     OutcomeUnknown,
-    /// Certainly nothing was proposed: the remote refused, or the call never left this node.
+    /// Certainly nothing was proposed: the remote refused for a reason another node or a later
+    /// attempt may not have (not the leader, shutting down), or the call never left this node.
     NothingDone,
+    /// The remote judged the request itself and refused it (INVALID_ARGUMENT,
+    /// RESOURCE_EXHAUSTED): nothing was proposed, and retrying the same request elsewhere will
+    /// not help. The caller gets the verdict.
+    Refused(Refusal),
     /// The call may have reached the remote (e.g. the connection broke after sending).
     MaybeDone,
 }
 
-/// Classifies a failed internal write call by its `ErrorInfo` reason.
+/// Why a remote refused a request on its merits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request is malformed or over a limit.
+    InvalidArgument,
+    /// The remote has too much in flight.
+    ResourceExhausted,
+}
+
+/// Classifies a failed internal write call.
+///
+/// A status with a source was made by this node's own gRPC stack (transport, deadline timer,
+/// decoder), not received: only a connect failure proves nothing was sent. A received status is
+/// classified by its `ErrorInfo` reason, never by its message.
 pub fn classify_failure(status: &Status) -> CallFailure {
+    if std::error::Error::source(status).is_some() {
+        return if errors::never_sent(status) {
+            CallFailure::NothingDone
+        } else if status.code() == Code::DeadlineExceeded {
+            CallFailure::OutcomeUnknown
+        } else {
+            CallFailure::MaybeDone
+        };
+    }
     match errors::reason_of(status).as_deref() {
         Some(reason::OUTCOME_UNKNOWN) => CallFailure::OutcomeUnknown,
         // An Ordo server's INTERNAL may come after proposing (e.g. an unexpected answer).
         Some(reason::INTERNAL) => CallFailure::MaybeDone,
+        Some(_) if status.code() == Code::InvalidArgument => {
+            CallFailure::Refused(Refusal::InvalidArgument)
+        }
+        Some(_) if status.code() == Code::ResourceExhausted => {
+            CallFailure::Refused(Refusal::ResourceExhausted)
+        }
         Some(_) => CallFailure::NothingDone,
-        // From here on a gRPC layer made the status, not an Ordo handler.
+        // A gRPC layer made the status, not an Ordo handler.
         None if status.code() == Code::DeadlineExceeded => CallFailure::OutcomeUnknown,
-        None if errors::never_sent(status) => CallFailure::NothingDone,
         None => CallFailure::MaybeDone,
     }
 }
@@ -267,7 +300,11 @@ mod tests {
             ),
             (
                 ordo_status(Code::InvalidArgument, reason::LIMIT_EXCEEDED),
-                CallFailure::NothingDone,
+                CallFailure::Refused(Refusal::InvalidArgument),
+            ),
+            (
+                ordo_status(Code::ResourceExhausted, reason::RESOURCE_EXHAUSTED),
+                CallFailure::Refused(Refusal::ResourceExhausted),
             ),
             (
                 ordo_status(Code::Internal, reason::INTERNAL),
@@ -298,6 +335,13 @@ mod tests {
         );
         assert_eq!(classify_failure(&foreign), CallFailure::MaybeDone);
         assert!(foreign.get_details_error_info().is_some());
+        // An Ordo reason on a status this node made itself (here: a decode failure of the
+        // answer, which carries the decode error as its source) is not the remote's verdict.
+        let mut local = ordo_status(Code::InvalidArgument, reason::MALFORMED_MESSAGE);
+        local.set_source(std::sync::Arc::new(std::io::Error::other(
+            "bad answer bytes",
+        )));
+        assert_eq!(classify_failure(&local), CallFailure::MaybeDone);
     }
 
     /// A connect failure made by tonic's own transport means the call never left.

@@ -64,7 +64,7 @@ impl<U: prost::Message + Default> Decoder for OrdoDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(buf).map(Some).map_err(|error| malformed(&error))
+        U::decode(buf).map(Some).map_err(malformed)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
@@ -72,9 +72,12 @@ impl<U: prost::Message + Default> Decoder for OrdoDecoder<U> {
     }
 }
 
-/// The status of a message that is not valid protobuf for its method.
-fn malformed(error: &prost::DecodeError) -> Status {
-    Status::with_error_details(
+/// The status of a message that is not valid protobuf for its method. The decode error is its
+/// source: a status with a source was made by this process's own gRPC stack, so a client that
+/// fails to decode an *answer* treats it as a local failure after sending (outcome unknown for
+/// a write), never as the server's refusal. A server sends it without the source.
+fn malformed(error: prost::DecodeError) -> Status {
+    let mut status = Status::with_error_details(
         tonic::Code::InvalidArgument,
         format!(
             "the message does not decode as the protobuf message this method takes ({error}); build the client from Ordo's proto/"
@@ -84,7 +87,9 @@ fn malformed(error: &prost::DecodeError) -> Status {
             DOMAIN,
             std::collections::HashMap::new(),
         ),
-    )
+    );
+    status.set_source(std::sync::Arc::new(error));
+    status
 }
 
 #[cfg(test)]
@@ -94,12 +99,14 @@ mod tests {
     use super::*;
 
     /// Bytes that are not the method's message are INVALID_ARGUMENT with reason
-    /// MALFORMED_MESSAGE, not INTERNAL.
+    /// MALFORMED_MESSAGE, not INTERNAL, and carry the decode error as their source (so the
+    /// process that made the status knows it is its own).
     #[test]
     fn undecodable_bytes_are_invalid_argument() {
         let error = crate::v1::ProduceRequest::decode(&[0xff_u8, 0xff, 0xff][..])
             .expect_err("not a message");
-        let status = malformed(&error);
+        let status = malformed(error);
+        assert!(std::error::Error::source(&status).is_some());
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert_eq!(
             crate::errors::reason_of(&status).as_deref(),

@@ -14,7 +14,7 @@
 //! reported outcome unknown, exactly as a proposal of its own would be.
 //!
 //! The coalescer sees Raft only through [`Propose`] (implemented for the partition's Raft in
-//! `node`), so it is unit-tested with a fake proposer.
+//! `group`), so it is unit-tested with a fake proposer.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -212,7 +212,9 @@ impl<P: Propose> Coalescer<P> {
             let result = self.raft.propose(self.group, command, timeout).await;
             let mut base = match result {
                 Ok(Response::Appended { base_offset }) => Ok(base_offset),
-                Ok(other) => Err(WriteError::Stopped {
+                // Committed, but not answered with offsets: the callers cannot be told where
+                // their records are, and must not be told they are not there.
+                Ok(other) => Err(WriteError::OutcomeUnknown {
                     group: self.group,
                     reason: format!("unexpected answer to an append: {other:?}"),
                 }),
@@ -475,7 +477,7 @@ mod tests {
 
     /// A proposal's error reaches every caller of its entry: `Discarded` and `OutcomeUnknown`
     /// stay what they are (the entry may commit), and an answer that is not an offset is
-    /// `Stopped`.
+    /// `OutcomeUnknown` (the entry committed; never "not written").
     #[tokio::test(start_paused = true)]
     async fn a_failed_proposal_fails_every_caller_of_its_entry() {
         let mut fixture = fixture(1, 1 << 20);
@@ -517,7 +519,7 @@ mod tests {
         for caller in [d, e] {
             assert!(matches!(
                 answer(caller).await,
-                Err(WriteError::Stopped { .. })
+                Err(WriteError::OutcomeUnknown { .. })
             ));
         }
     }
