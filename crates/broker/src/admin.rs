@@ -179,6 +179,12 @@ impl Broker {
                         Err(WriteError::OutcomeUnknown { reason, .. }) => {
                             return Err(BrokerError::OutcomeUnknown { message: reason });
                         }
+                        // Proposed, then dropped here by a leader change: it may still commit
+                        // under the new leader.
+                        Err(error @ WriteError::Discarded { .. }) => {
+                            last_error = error.to_string();
+                            MetaFailure::MaybeDone
+                        }
                         Err(error) => {
                             last_error = error.to_string();
                             MetaFailure::NoLeader
@@ -196,6 +202,12 @@ impl Broker {
                     Ok(MetaForward::NotLeader(_)) => {
                         last_error = format!("node {leader} is no longer the metadata leader");
                         MetaFailure::NoLeader
+                    }
+                    Ok(MetaForward::LeaderChanged(_)) => {
+                        last_error = format!(
+                            "node {leader} proposed the command, then lost the metadata leadership"
+                        );
+                        MetaFailure::MaybeDone
                     }
                     Err((CallFailure::OutcomeUnknown, message)) => {
                         return Err(BrokerError::OutcomeUnknown { message });
@@ -247,6 +259,7 @@ impl Broker {
             Err(WriteError::NotLeader { .. } | WriteError::GroupNotFound(_)) => {
                 Ok(MetaForward::NotLeader(self.state.node.meta_leader()))
             }
+            Err(WriteError::Discarded { leader, .. }) => Ok(MetaForward::LeaderChanged(leader)),
             Err(WriteError::OutcomeUnknown { reason, .. }) => {
                 Err(BrokerError::OutcomeUnknown { message: reason })
             }

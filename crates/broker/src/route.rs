@@ -158,7 +158,8 @@ pub(crate) enum MetaFailure {
     NoLeader,
     /// Refused or unreachable before anything was proposed.
     NothingDone,
-    /// The call may have reached the leader before it failed.
+    /// The call may have reached the leader before it failed, or the leader proposed the
+    /// command and a leader change dropped it there (it may still commit).
     MaybeDone,
 }
 

@@ -140,8 +140,11 @@ pub fn classify_failure(status: &Status) -> CallFailure {
 pub enum MetaForward {
     /// Committed and applied on the metadata leader: its encoded answer.
     Applied(Bytes),
-    /// The receiver is not the metadata leader; the leader it knows of.
+    /// The receiver is not the metadata leader; the leader it knows of. Nothing was proposed.
     NotLeader(Option<NodeId>),
+    /// The receiver proposed the command, then a leader change dropped it there: it may still
+    /// commit under the new leader it knows of. Outcome unknown.
+    LeaderChanged(Option<NodeId>),
 }
 
 impl MetaForward {
@@ -150,20 +153,26 @@ impl MetaForward {
         match self {
             MetaForward::Applied(response) => wire::ForwardMetaResponse {
                 response,
-                not_leader: false,
-                leader_hint: None,
+                ..Default::default()
             },
             MetaForward::NotLeader(leader_hint) => wire::ForwardMetaResponse {
-                response: Bytes::new(),
                 not_leader: true,
                 leader_hint,
+                ..Default::default()
+            },
+            MetaForward::LeaderChanged(leader_hint) => wire::ForwardMetaResponse {
+                discarded: true,
+                leader_hint,
+                ..Default::default()
             },
         }
     }
 
     /// Reads the wire answer.
     pub fn from_wire(response: wire::ForwardMetaResponse) -> Self {
-        if response.not_leader {
+        if response.discarded {
+            MetaForward::LeaderChanged(response.leader_hint)
+        } else if response.not_leader {
             MetaForward::NotLeader(response.leader_hint)
         } else {
             MetaForward::Applied(response.response)
@@ -267,6 +276,8 @@ mod tests {
         for answer in [
             MetaForward::Applied(Bytes::from_static(b"a")),
             MetaForward::NotLeader(Some(1)),
+            MetaForward::LeaderChanged(Some(2)),
+            MetaForward::LeaderChanged(None),
         ] {
             assert_eq!(MetaForward::from_wire(answer.clone().into_wire()), answer);
         }
