@@ -186,7 +186,19 @@ impl<P: Propose> Coalescer<P> {
 
     /// A proposer: proposes what is queued until the queue is empty.
     async fn propose_queued(self: Arc<Self>) {
-        while let Some(taken) = self.take() {
+        // `take` gives the proposer slot back when it finds the queue empty (under the queue's
+        // lock, so no append is left without a proposer). A proposer that dies first (a panic,
+        // the runtime shutting down) gives it back here, or the partition would run out of
+        // proposers for good.
+        let mut slot = ProposerSlot {
+            coalescer: &*self,
+            held: true,
+        };
+        loop {
+            let Some(taken) = self.take() else {
+                slot.held = false;
+                return;
+            };
             let deadline = taken
                 .iter()
                 .map(|pending| pending.deadline)
@@ -227,6 +239,21 @@ impl<P: Propose> Coalescer<P> {
                     *offset += u64::from(pending.count);
                 }
             }
+        }
+    }
+}
+
+/// A proposer's claim on one of the partition's `proposals_max` slots; gives it back when
+/// dropped while still held (the proposer died before `take` released it).
+struct ProposerSlot<'a, P: Propose> {
+    coalescer: &'a Coalescer<P>,
+    held: bool,
+}
+
+impl<P: Propose> Drop for ProposerSlot<'_, P> {
+    fn drop(&mut self) {
+        if self.held {
+            self.coalescer.lock().proposers -= 1;
         }
     }
 }
@@ -605,6 +632,20 @@ mod tests {
         assert_eq!(answer(d).await.expect("committed"), 3);
         settle().await;
         fixture.assert_no_proposal();
+    }
+
+    /// A proposer that dies gives its slot back: with one proposer allowed, the next append is
+    /// still proposed (before, the slot leaked and the partition never proposed again).
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_proposer_gives_its_slot_back() {
+        let mut fixture = fixture(1, 1 << 20);
+        let a = fixture.append(1, 1, 1, PATIENT).await;
+        drop(fixture.next());
+        assert!(answer(a).await.is_err());
+        settle().await;
+        let b = fixture.append(2, 1, 1, PATIENT).await;
+        fixture.next().commit(5);
+        assert_eq!(answer(b).await.expect("b commits"), 5);
     }
 
     /// A proposer that dies before answering (runtime shutdown) leaves its callers "outcome
