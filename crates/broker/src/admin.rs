@@ -21,6 +21,7 @@ use crate::metadata::MetaAnswer;
 use crate::metadata::MetaCommand;
 use crate::metadata::Topic;
 use crate::names::validate_topic_name;
+use crate::peer::CallError;
 use crate::route::MetaFailure;
 use crate::route::MetaRoute;
 use crate::route::Verdict;
@@ -209,14 +210,23 @@ impl Broker {
                         );
                         MetaFailure::MaybeDone
                     }
-                    Err((CallFailure::OutcomeUnknown, message)) => {
+                    Err(CallError {
+                        failure: CallFailure::OutcomeUnknown,
+                        message,
+                    }) => {
                         return Err(BrokerError::OutcomeUnknown { message });
                     }
-                    Err((CallFailure::NothingDone | CallFailure::Refused(_), message)) => {
+                    Err(CallError {
+                        failure: CallFailure::NothingDone | CallFailure::Refused(_),
+                        message,
+                    }) => {
                         last_error = message;
                         MetaFailure::NothingDone
                     }
-                    Err((CallFailure::MaybeDone, message)) => {
+                    Err(CallError {
+                        failure: CallFailure::MaybeDone,
+                        message,
+                    }) => {
                         last_error = message;
                         MetaFailure::MaybeDone
                     }

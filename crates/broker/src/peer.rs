@@ -36,6 +36,16 @@ use crate::rpc::MetaForward;
 /// How long a node waits for another's status report (describe, cluster status).
 const GROUP_STATUS_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// A failed call to another node: what it may have done, and what happened.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub(crate) struct CallError {
+    /// What the call may have done.
+    pub(crate) failure: CallFailure,
+    /// What happened, naming the node.
+    pub(crate) message: String,
+}
+
 /// One remote node.
 pub(crate) struct Peer<'a> {
     peers: &'a Peers,
@@ -53,14 +63,20 @@ impl Broker {
 }
 
 impl Peer<'_> {
-    fn client(&self) -> Result<InternalClient<Channel>, String> {
-        self.peers
-            .known_client(self.node)
-            .ok_or_else(|| format!("node {} has no known address", self.node))
+    /// The client for this node; a node without a known address is never sent anything.
+    fn client(&self) -> Result<InternalClient<Channel>, CallError> {
+        self.peers.known_client(self.node).ok_or_else(|| CallError {
+            failure: CallFailure::NothingDone,
+            message: format!("node {} has no known address", self.node),
+        })
     }
 
-    fn describe(&self, status: &Status) -> String {
-        format!("node {}: {}", self.node, status.message())
+    /// The error of a call that failed with `status`.
+    fn failed(&self, status: &Status) -> CallError {
+        CallError {
+            failure: rpc::classify_failure(status),
+            message: format!("node {}: {}", self.node, status.message()),
+        }
     }
 
     /// Proposes a batch on the remote, which must lead `group`. A failure says what the call
@@ -71,10 +87,8 @@ impl Peer<'_> {
         count: u32,
         batch: Bytes,
         timeout: Duration,
-    ) -> Result<ForwardOutcome, (CallFailure, String)> {
-        let mut client = self
-            .client()
-            .map_err(|message| (CallFailure::NothingDone, message))?;
+    ) -> Result<ForwardOutcome, CallError> {
+        let mut client = self.client()?;
         let mut request = tonic::Request::new(ForwardProduceRequest {
             group: group.0,
             batch,
@@ -82,13 +96,13 @@ impl Peer<'_> {
         });
         request.set_timeout(timeout);
         match client.forward_produce(request).await {
-            Ok(response) => ForwardOutcome::from_wire(response.get_ref()).ok_or_else(|| {
-                (
-                    CallFailure::MaybeDone,
-                    format!("node {} sent a malformed forward answer", self.node),
-                )
-            }),
-            Err(status) => Err((rpc::classify_failure(&status), self.describe(&status))),
+            Ok(response) => {
+                ForwardOutcome::from_wire(response.get_ref()).ok_or_else(|| CallError {
+                    failure: CallFailure::MaybeDone,
+                    message: format!("node {} sent a malformed forward answer", self.node),
+                })
+            }
+            Err(status) => Err(self.failed(&status)),
         }
     }
 
@@ -97,15 +111,13 @@ impl Peer<'_> {
         &self,
         command: Bytes,
         timeout: Duration,
-    ) -> Result<MetaForward, (CallFailure, String)> {
-        let mut client = self
-            .client()
-            .map_err(|message| (CallFailure::NothingDone, message))?;
+    ) -> Result<MetaForward, CallError> {
+        let mut client = self.client()?;
         let mut request = tonic::Request::new(ForwardMetaRequest { command });
         request.set_timeout(timeout);
         match client.forward_meta(request).await {
             Ok(response) => Ok(MetaForward::from_wire(response.into_inner())),
-            Err(status) => Err((rpc::classify_failure(&status), self.describe(&status))),
+            Err(status) => Err(self.failed(&status)),
         }
     }
 

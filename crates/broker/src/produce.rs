@@ -28,6 +28,7 @@ use crate::Record;
 use crate::broker::now_ms;
 use crate::metadata::Topic;
 use crate::partitioner::partition_for_key;
+use crate::peer::CallError;
 use crate::records::encode_batch;
 use crate::records::validate_batch;
 use crate::route::AppendFailure;
@@ -195,7 +196,7 @@ impl Broker {
                         );
                         AppendFailure::LeaderChanged(leader)
                     }
-                    Err((failure, message)) => {
+                    Err(CallError { failure, message }) => {
                         last_error = message.clone();
                         match failure {
                             CallFailure::OutcomeUnknown => {
