@@ -895,6 +895,7 @@ pub async fn produce_once(
         topic: topic.to_owned(),
         partition,
         records: records.clone(),
+        producer: None,
     };
     let outcome = client
         .produce(with_timeout(request, deadline))
@@ -1092,6 +1093,7 @@ impl Ledger {
         acks: &[ordo_client::RecordAck],
     ) -> Result<()> {
         let response = ProduceResponse {
+            duplicate: false,
             acks: acks
                 .iter()
                 .map(|ack| ordo_proto::v1::RecordAck {

@@ -264,11 +264,13 @@ async fn produce_stream_answers_every_request_by_id() {
             let records = unique_records(&format!("req{id}"), 0, 1 + (id % 3) as usize, true);
             let request = match id % 100 {
                 7 => Some(ProduceRequest {
+                    producer: None,
                     topic: "no-such-topic".to_owned(),
                     partition: None,
                     records,
                 }),
                 13 => Some(ProduceRequest {
+                    producer: None,
                     topic: topic.to_owned(),
                     partition: None,
                     records: Vec::new(),
@@ -277,6 +279,7 @@ async fn produce_stream_answers_every_request_by_id() {
                 _ => {
                     sent_records.insert(id, records.clone());
                     Some(ProduceRequest {
+                        producer: None,
                         topic: topic.to_owned(),
                         partition: None,
                         records,
@@ -411,6 +414,7 @@ async fn an_oversized_message_fails_alone() {
                     unique_records(&format!("small{id}"), 0, 1, false)
                 };
                 let request = ProduceRequest {
+                    producer: None,
                     topic: topic.to_owned(),
                     partition: Some(0),
                     records,
@@ -903,6 +907,7 @@ async fn bad_inputs_get_their_status_codes() {
             config: None,
         };
         let produce = |topic: &str, partition: Option<u32>, value: Bytes| ProduceRequest {
+            producer: None,
             topic: topic.to_owned(),
             partition,
             records: vec![Record {
@@ -1060,6 +1065,7 @@ async fn bad_inputs_get_their_status_codes() {
             expect_code(
                 internal
                     .forward_produce(ordo_proto::internal::ForwardProduceRequest {
+                        producer: None,
                         group,
                         batch,
                         count,

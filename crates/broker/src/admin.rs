@@ -144,7 +144,7 @@ impl Broker {
 
     /// Runs a metadata command on the metadata leader, forwarding if needed, until the deadline;
     /// then waits (within it) until this node applied it too, so reads that follow see it.
-    async fn meta_command(
+    pub(crate) async fn meta_command(
         &self,
         command: MetaCommand,
         deadline: Instant,

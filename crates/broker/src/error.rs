@@ -3,6 +3,29 @@
 
 use crate::NodeId;
 
+/// Why an idempotent produce was refused (the partition's producer state decided, or the
+/// cluster's producer registry did).
+pub use ordo_raft::Refusal as ProducerRefusal;
+
+/// What the caller of a refused idempotent produce should do.
+fn producer_refusal_message(refusal: &ProducerRefusal) -> String {
+    match refusal {
+        ProducerRefusal::Fenced { current_epoch } => format!(
+            "producer fenced: epoch {current_epoch} of this producer id has taken over; this instance must stop producing"
+        ),
+        ProducerRefusal::OutOfOrder { expected } => format!(
+            "out of order sequence: the partition expects sequence {expected} next from this producer; records before this request are missing: resend from sequence {expected}"
+        ),
+        ProducerRefusal::UnknownProducer => "unknown producer: the producer id or epoch was never allocated, or the partition forgot the producer after it idled; call InitProducer again and restart sequences at 0".to_owned(),
+        ProducerRefusal::SequenceTooOld { expected } => format!(
+            "duplicate sequence: these records were written before, in a batch the partition no longer remembers (it expects sequence {expected} next); nothing was written now"
+        ),
+        ProducerRefusal::TooManyProducers { max } => format!(
+            "the partition remembers {max} producers (raft.producers_per_partition_max), none idle long enough to be forgotten; reuse producer sessions or raise the limit"
+        ),
+    }
+}
+
 /// Every failure of a broker operation.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
@@ -76,6 +99,9 @@ pub enum BrokerError {
     /// Too much in flight.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// An idempotent produce (or InitProducer) refused by a producer state: nothing was written.
+    #[error("{}", producer_refusal_message(.0))]
+    ProducerRefused(ProducerRefusal),
     /// A bug or a storage failure on the server.
     #[error("{0}")]
     Internal(String),

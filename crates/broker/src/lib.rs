@@ -10,7 +10,7 @@
 //! - `limits`: [`Limits`], every bound on requests, with documented defaults.
 //! - `names`: topic name rules.
 //! - `records`: the batch encoding stored in the log (record types from `ordo_proto::record`).
-//! - `partitioner`: which partition a record goes to.
+//! - `producer`: idempotent producers: InitProducer and the registry check of every stamped produce.
 //! - `metadata`: the replicated metadata state (topics, replica assignment) and its commands,
 //!   applied through the metadata Raft group.
 //! - `route`: the decisions of the retry loops (where a batch goes next; whether a call that ran
@@ -44,9 +44,9 @@ mod fetch;
 mod limits;
 mod metadata;
 mod names;
-mod partitioner;
 mod peer;
 mod produce;
+mod producer;
 mod records;
 mod route;
 pub mod rpc;
@@ -58,11 +58,15 @@ pub use cluster::NodeView;
 pub use cluster::PartitionView;
 pub use cluster::TopicView;
 pub use error::BrokerError;
+pub use error::ProducerRefusal;
 pub use fetch::FetchOutcome;
 pub use limits::InvalidLimits;
 pub use limits::Limits;
 pub use metadata::MetaState;
 pub use metadata::Topic;
+/// An idempotent produce's producer id, epoch and sequence.
+pub use ordo_raft::ProducerStamp;
+pub use produce::Produced;
 pub use records::Record;
 pub use records::StoredRecord;
 

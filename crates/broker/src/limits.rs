@@ -30,6 +30,10 @@ pub struct Limits {
     pub produce_timeout_ms: u64,
     /// Most produce requests in flight on one node before new ones get RESOURCE_EXHAUSTED.
     pub produce_in_flight_max: u64,
+    /// Most producer names the cluster remembers (InitProducer with a producer_name). Past it,
+    /// the name initialized longest ago (over a day ago) is forgotten; else RESOURCE_EXHAUSTED,
+    /// TOO_MANY_PRODUCER_NAMES. Default 100,000.
+    pub producer_names_max: u32,
 }
 
 impl Default for Limits {
@@ -44,6 +48,7 @@ impl Default for Limits {
             fetch_wait_ms_max: 30_000,
             produce_timeout_ms: 10_000,
             produce_in_flight_max: 4096,
+            producer_names_max: 100_000,
         }
     }
 }
@@ -71,9 +76,10 @@ impl Limits {
         if self.produce_timeout_ms == 0
             || self.produce_in_flight_max == 0
             || self.fetch_bytes_max == 0
+            || self.producer_names_max == 0
         {
             return Err(InvalidLimits(
-                "produce_timeout_ms, produce_in_flight_max and fetch_bytes_max must be > 0",
+                "produce_timeout_ms, produce_in_flight_max, fetch_bytes_max and producer_names_max must be > 0",
             ));
         }
         Ok(())

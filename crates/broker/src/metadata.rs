@@ -1,6 +1,7 @@
-//! The cluster metadata: topics and where their partitions live. Replicated by the metadata
-//! Raft group; every node applies the same commands in the same order, so `apply` must be
-//! deterministic (no clocks, no randomness, no I/O).
+//! The cluster metadata: topics and where their partitions live, and the producer registry
+//! (idempotent producer ids, names and epochs). Replicated by the metadata Raft group; every
+//! node applies the same commands in the same order, so `apply` must be deterministic (no
+//! clocks, no randomness, no I/O: a command carries the proposer's time and limits).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -50,6 +51,89 @@ pub struct MetaState {
     pub next_topic_id: u64,
     /// Index of the last applied command.
     pub applied_index: u64,
+    /// Idempotent producers.
+    pub producers: ProducerRegistry,
+}
+
+/// The metadata state as written before the producer registry existed; still read.
+#[derive(Deserialize)]
+struct MetaStateBeforeProducers {
+    topics: BTreeMap<String, Topic>,
+    next_topic_id: u64,
+    applied_index: u64,
+}
+
+impl MetaState {
+    /// Decodes a persisted state, of this layout or the one before the producer registry.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        match postcard::from_bytes::<MetaState>(bytes) {
+            Ok(state) => Ok(state),
+            Err(error) => match postcard::from_bytes::<MetaStateBeforeProducers>(bytes) {
+                Ok(old) => Ok(MetaState {
+                    topics: old.topics,
+                    next_topic_id: old.next_topic_id,
+                    applied_index: old.applied_index,
+                    producers: ProducerRegistry::default(),
+                }),
+                Err(_) => Err(error),
+            },
+        }
+    }
+}
+
+/// Every producer id handed out, and the named producers' epochs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProducerRegistry {
+    /// The next producer id to hand out; ids below it were allocated (ids start at 1).
+    pub next_id: u64,
+    /// Named producers by name.
+    pub named: BTreeMap<String, NamedProducer>,
+    /// Named producers' ids to their current epoch.
+    pub epochs: BTreeMap<u64, u32>,
+}
+
+/// A producer that keeps its id across restarts through its name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedProducer {
+    /// Its id.
+    pub id: u64,
+    /// Its current epoch.
+    pub epoch: u32,
+    /// When it was last initialized (the proposer's clock, ms since the Unix epoch).
+    pub initialized_ms: u64,
+}
+
+/// What the registry says of a producer id and epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProducerCheck {
+    /// Allocated, and the epoch is current.
+    Current,
+    /// A newer epoch of the id exists.
+    Fenced {
+        /// The current epoch.
+        current_epoch: u32,
+    },
+    /// The id, or the epoch, was never allocated (as far as this state knows).
+    Unknown,
+}
+
+impl ProducerRegistry {
+    /// Judges a producer's id and epoch.
+    pub fn check(&self, id: u64, epoch: u32) -> ProducerCheck {
+        if id == 0 || id >= self.next_id {
+            return ProducerCheck::Unknown;
+        }
+        let current = self.epochs.get(&id).copied().unwrap_or(0);
+        if epoch < current {
+            ProducerCheck::Fenced {
+                current_epoch: current,
+            }
+        } else if epoch > current {
+            ProducerCheck::Unknown
+        } else {
+            ProducerCheck::Current
+        }
+    }
 }
 
 /// Commands of the metadata log.
@@ -73,6 +157,15 @@ pub enum MetaCommand {
         /// Name.
         name: String,
     },
+    /// Allocate a producer id, or (named, already known) the next epoch of its id.
+    InitProducer {
+        /// The producer's name, if it has one (validated by the proposer).
+        name: Option<String>,
+        /// The proposer's clock, milliseconds since the Unix epoch.
+        at_ms: u64,
+        /// Most names the registry keeps (the proposer's limit).
+        names_max: u32,
+    },
 }
 
 /// Answers of metadata commands.
@@ -88,6 +181,20 @@ pub enum MetaAnswer {
     NotFound,
     /// The command cannot be applied.
     Rejected(String),
+    /// A producer session.
+    Producer {
+        /// Its id.
+        id: u64,
+        /// Its epoch.
+        epoch: u32,
+        /// The metadata log index it was allocated at.
+        index: u64,
+    },
+    /// The registry holds `names_max` names.
+    TooManyProducerNames {
+        /// The limit.
+        max: u32,
+    },
 }
 
 impl MetaState {
@@ -134,6 +241,11 @@ impl MetaState {
                 Some(_) => MetaAnswer::Deleted,
                 None => MetaAnswer::NotFound,
             },
+            MetaCommand::InitProducer {
+                name,
+                at_ms,
+                names_max,
+            } => self.producers.init(index, name, at_ms, names_max),
         }
     }
 
@@ -193,6 +305,72 @@ impl MetaState {
     }
 }
 
+impl ProducerRegistry {
+    /// Applies `InitProducer`. A known name keeps its id and gets the next epoch; a new name past
+    /// `names_max` evicts the name initialized longest ago, and is refused when every name was
+    /// initialized in the last day (a name evicted and initialized again gets a new id, so its
+    /// old instances are no longer fenced: the limit should be far above the live names).
+    fn init(&mut self, index: u64, name: Option<String>, at_ms: u64, names_max: u32) -> MetaAnswer {
+        const EVICTABLE_AFTER_MS: u64 = 24 * 3600 * 1000;
+        self.next_id = self.next_id.max(1);
+        let Some(name) = name else {
+            let id = self.next_id;
+            self.next_id += 1;
+            return MetaAnswer::Producer {
+                id,
+                epoch: 0,
+                index,
+            };
+        };
+        if let Some(named) = self.named.get_mut(&name) {
+            let Some(epoch) = named.epoch.checked_add(1) else {
+                return MetaAnswer::Rejected(format!(
+                    "producer {name:?} used every epoch; use another name"
+                ));
+            };
+            named.epoch = epoch;
+            named.initialized_ms = named.initialized_ms.max(at_ms);
+            self.epochs.insert(named.id, epoch);
+            return MetaAnswer::Producer {
+                id: named.id,
+                epoch,
+                index,
+            };
+        }
+        if self.named.len() >= names_max as usize {
+            let oldest = self
+                .named
+                .iter()
+                .min_by_key(|(name, named)| (named.initialized_ms, (*name).clone()))
+                .map(|(name, named)| (name.clone(), named.id, named.initialized_ms));
+            match oldest {
+                Some((old, id, initialized_ms))
+                    if initialized_ms.saturating_add(EVICTABLE_AFTER_MS) < at_ms =>
+                {
+                    self.named.remove(&old);
+                    self.epochs.remove(&id);
+                }
+                _ => return MetaAnswer::TooManyProducerNames { max: names_max },
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.named.insert(
+            name,
+            NamedProducer {
+                id,
+                epoch: 0,
+                initialized_ms: at_ms,
+            },
+        );
+        MetaAnswer::Producer {
+            id,
+            epoch: 0,
+            index,
+        }
+    }
+}
+
 /// The metadata state machine the Raft layer drives; publishes each new state on a watch.
 pub(crate) struct MetaMachine {
     state: MetaState,
@@ -222,7 +400,7 @@ impl ordo_raft::MetaApply for MetaMachine {
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), ordo_raft::MetaRestoreError> {
-        self.state = postcard::from_bytes(snapshot)
+        self.state = MetaState::decode(snapshot)
             .map_err(|error| ordo_raft::MetaRestoreError::Undecodable(error.into()))?;
         Ok(())
     }
@@ -304,6 +482,74 @@ mod tests {
         };
         assert_ne!(again.id, first_id);
         assert_ne!(again.group(0), group_of(first_id, 0));
+    }
+
+    fn init(name: Option<&str>, at_ms: u64) -> MetaCommand {
+        MetaCommand::InitProducer {
+            name: name.map(str::to_owned),
+            at_ms,
+            names_max: 2,
+        }
+    }
+
+    /// Unnamed producers get new ids, never reused; a name keeps its id and bumps its epoch,
+    /// which fences the older epochs; ids and epochs never allocated are unknown; past the
+    /// names limit the oldest name is evicted only when it is more than a day old, and its epoch
+    /// is then unknown.
+    #[test]
+    fn producer_ids_and_epochs() {
+        let mut state = MetaState::default();
+        let producer = |id, epoch, index| MetaAnswer::Producer { id, epoch, index };
+        assert_eq!(state.apply(1, init(None, 0)), producer(1, 0, 1));
+        assert_eq!(state.apply(2, init(Some("a"), 0)), producer(2, 0, 2));
+        assert_eq!(state.apply(3, init(Some("a"), 5)), producer(2, 1, 3));
+        let registry = &state.producers;
+        assert_eq!(registry.check(1, 0), ProducerCheck::Current);
+        assert_eq!(registry.check(2, 1), ProducerCheck::Current);
+        assert_eq!(
+            registry.check(2, 0),
+            ProducerCheck::Fenced { current_epoch: 1 }
+        );
+        assert_eq!(registry.check(2, 2), ProducerCheck::Unknown);
+        assert_eq!(registry.check(3, 0), ProducerCheck::Unknown);
+        assert_eq!(registry.check(0, 0), ProducerCheck::Unknown);
+        assert_eq!(state.apply(4, init(Some("b"), 10)), producer(3, 0, 4));
+        assert_eq!(
+            state.apply(5, init(Some("c"), 20)),
+            MetaAnswer::TooManyProducerNames { max: 2 }
+        );
+        let day = 24 * 3600 * 1000;
+        assert_eq!(
+            state.apply(6, init(Some("c"), day + 6)),
+            producer(4, 0, 6),
+            "\"a\" (initialized at 5) is evicted"
+        );
+        assert!(!state.producers.named.contains_key("a"));
+        // The evicted name's epoch is forgotten: its instance is refused as unknown and must
+        // initialize again (under a new id).
+        assert_eq!(state.producers.check(2, 1), ProducerCheck::Unknown);
+    }
+
+    /// A state persisted before the producer registry existed still restores.
+    #[test]
+    fn a_state_from_before_producers_restores() {
+        #[derive(Serialize)]
+        struct Old {
+            topics: BTreeMap<String, Topic>,
+            next_topic_id: u64,
+            applied_index: u64,
+        }
+        let mut state = MetaState::default();
+        state.apply(1, create("a", 2, 1));
+        let old = postcard::to_stdvec(&Old {
+            topics: state.topics.clone(),
+            next_topic_id: state.next_topic_id,
+            applied_index: state.applied_index,
+        })
+        .unwrap();
+        assert_eq!(MetaState::decode(&old).unwrap(), state);
+        let new = postcard::to_stdvec(&state).unwrap();
+        assert_eq!(MetaState::decode(&new).unwrap(), state);
     }
 
     /// Applying the same commands gives the same state (determinism).

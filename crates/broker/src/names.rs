@@ -6,6 +6,30 @@ use crate::BrokerError;
 /// Longest topic name.
 pub const TOPIC_NAME_LEN_MAX: usize = 249;
 
+/// Longest producer name, bytes.
+pub const PRODUCER_NAME_LEN_MAX: usize = 255;
+
+/// Checks a producer name: 1 to 255 bytes, no control characters.
+pub fn validate_producer_name(name: &str) -> Result<(), BrokerError> {
+    let reason = ordo_proto::errors::reason::INVALID_PRODUCER_NAME;
+    if name.len() > PRODUCER_NAME_LEN_MAX {
+        return Err(BrokerError::invalid(
+            reason,
+            format!(
+                "producer name is {} bytes; the limit is {PRODUCER_NAME_LEN_MAX}",
+                name.len()
+            ),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(BrokerError::invalid(
+            reason,
+            format!("producer name {name:?} contains a control character"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a topic name.
 pub fn validate_topic_name(name: &str) -> Result<(), BrokerError> {
     let reason = ordo_proto::errors::reason::INVALID_TOPIC_NAME;

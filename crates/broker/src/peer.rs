@@ -11,11 +11,13 @@ use ordo_proto::errors::reason;
 use ordo_proto::internal::ForwardMetaRequest;
 use ordo_proto::internal::ForwardProduceRequest;
 use ordo_proto::internal::GroupStatusRequest;
+use ordo_proto::internal::MetaAppliedRequest;
 use ordo_proto::internal::MetaReadIndexRequest;
 use ordo_proto::internal::internal_client::InternalClient;
 use ordo_raft::GroupId;
 use ordo_raft::GroupStatus;
 use ordo_raft::Peers;
+use ordo_raft::StampedBatch;
 use tonic::Status;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
@@ -84,15 +86,15 @@ impl Peer<'_> {
     pub(crate) async fn forward_produce(
         &self,
         group: GroupId,
-        count: u32,
-        batch: Bytes,
+        batch: &StampedBatch,
         timeout: Duration,
     ) -> Result<ForwardOutcome, CallError> {
         let mut client = self.client()?;
         let mut request = tonic::Request::new(ForwardProduceRequest {
             group: group.0,
-            batch,
-            count,
+            batch: batch.batch.clone(),
+            count: batch.count,
+            producer: batch.producer.map(rpc::stamp_into_wire),
         });
         request.set_timeout(timeout);
         match client.forward_produce(request).await {
@@ -129,6 +131,19 @@ impl Peer<'_> {
         request.set_timeout(timeout);
         let response = client.meta_read_index(request).await.ok()?;
         rpc::read_index_from_wire(response.get_ref())
+    }
+
+    /// Whether the remote applied the metadata log up to `index` within `timeout`.
+    pub(crate) async fn meta_applied(&self, index: u64, timeout: Duration) -> bool {
+        let Ok(mut client) = self.client() else {
+            return false;
+        };
+        let mut request = tonic::Request::new(MetaAppliedRequest { index });
+        request.set_timeout(timeout);
+        client
+            .meta_applied(request)
+            .await
+            .is_ok_and(|response| response.get_ref().applied)
     }
 
     /// The remote's status of `groups`; `None` when it did not answer.

@@ -1,11 +1,13 @@
 //! Produce: records are validated against [`Limits`], split by partition, encoded into one batch
 //! per partition and proposed to that partition's leader, on this node or forwarded to the
 //! leader's node (`peer`). The call returns only when every partition's Raft group committed its
-//! batch (quorum fsynced). A leader change inside the deadline is retried on the new leader
-//! (this may duplicate a batch whose first attempt committed unanswered, until idempotent
-//! producers exist); where the next attempt goes, and what a call that runs out of time says,
-//! is decided by `route::AppendRoute`: "outcome unknown" once any attempt may have been
-//! written, else "unavailable, nothing written" with the leader hint.
+//! batch (quorum fsynced). A leader change inside the deadline is retried on the new leader;
+//! for a plain produce this may duplicate a batch whose first attempt committed unanswered,
+//! while an idempotent one (a `ProducerStamp`, checked first against the producer registry,
+//! `producer`) carries its stamp on every attempt, so the partition writes it once. Where the
+//! next attempt goes, and what a call that runs out of time says, is decided by
+//! `route::AppendRoute`: "outcome unknown" once any attempt may have been written, else
+//! "unavailable, nothing written" with the leader hint.
 //!
 //! Also the serving side of a forwarded append (`handle_forward_produce`).
 
@@ -16,9 +18,11 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use ordo_proto::errors::reason;
-use ordo_raft::Command;
+use ordo_proto::partition::partition_for_key;
+use ordo_raft::Appended;
 use ordo_raft::GroupId;
-use ordo_raft::Response;
+use ordo_raft::ProducerStamp;
+use ordo_raft::StampedBatch;
 use ordo_raft::WriteError;
 
 use crate::Broker;
@@ -27,7 +31,6 @@ use crate::Limits;
 use crate::Record;
 use crate::broker::now_ms;
 use crate::metadata::Topic;
-use crate::partitioner::partition_for_key;
 use crate::peer::CallError;
 use crate::records::encode_batch;
 use crate::records::validate_batch;
@@ -39,18 +42,31 @@ use crate::rpc::ForwardOutcome;
 use crate::rpc::Refusal;
 
 /// What a committed partition batch answers: the partition, the positions of its records in the
-/// request, and its base offset.
-type PartitionAck = (u32, Vec<usize>, u64);
+/// request, and where the batch is.
+type PartitionAck = (u32, Vec<usize>, Appended);
+
+/// The answer to a produce: `(partition, offset)` per record in request order, and whether it
+/// was an idempotent retry of a request written before (nothing written now).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Produced {
+    /// Where each record is, in request order.
+    pub acks: Vec<(u32, u64)>,
+    /// Written before, by an earlier attempt with the same producer sequence.
+    pub duplicate: bool,
+}
 
 impl Broker {
-    /// Appends records; answers `(partition, offset)` per record in request order.
+    /// Appends records; answers `(partition, offset)` per record in request order. With a
+    /// producer stamp the request is idempotent: it must name its partition, and a retry with
+    /// the same stamp is written at most once.
     pub async fn produce(
         &self,
         topic: &str,
         partition: Option<u32>,
         records: Vec<Record>,
+        producer: Option<ProducerStamp>,
         timeout: Duration,
-    ) -> Result<Vec<(u32, u64)>, BrokerError> {
+    ) -> Result<Produced, BrokerError> {
         let deadline = Instant::now() + timeout;
         let limits = &self.state.options.limits;
         if records.is_empty() {
@@ -71,6 +87,12 @@ impl Broker {
             total += size;
         }
         Limits::check("batch_bytes_max", total, limits.batch_bytes_max)?;
+        if producer.is_some() && partition.is_none() {
+            return Err(BrokerError::invalid(
+                reason::PARTITION_REQUIRED,
+                "an idempotent produce (one with a producer sequence) must name its partition: sequences count records per partition",
+            ));
+        }
         let topic = self.topic_fresh(topic, deadline).await?;
         let partitions = topic.partitions.len() as u32;
         if let Some(partition) = partition {
@@ -81,6 +103,9 @@ impl Broker {
                     partitions,
                 });
             }
+        }
+        if let Some(stamp) = producer {
+            self.check_producer(stamp, deadline).await?;
         }
         let _permit = self.state.produce_permits.try_acquire().map_err(|_| {
             BrokerError::ResourceExhausted(format!(
@@ -106,15 +131,16 @@ impl Broker {
         let now = now_ms();
         let mut appends = Vec::with_capacity(by_partition.len());
         for (partition, (positions, records)) in by_partition {
-            let count = records.len() as u32;
-            let batch = encode_batch(&records, now)?;
+            let batch = StampedBatch {
+                count: records.len() as u32,
+                batch: encode_batch(&records, now)?,
+                producer,
+            };
             let broker = self.clone();
             let topic = topic.clone();
             appends.push(async move {
-                let base = broker
-                    .append(&topic, partition, count, batch, deadline)
-                    .await?;
-                Ok::<_, BrokerError>((partition, positions, base))
+                let appended = broker.append(&topic, partition, batch, deadline).await?;
+                Ok::<_, BrokerError>((partition, positions, appended))
             });
         }
         let results = futures::future::join_all(appends).await;
@@ -126,10 +152,9 @@ impl Broker {
         &self,
         topic: &Topic,
         partition: u32,
-        count: u32,
-        batch: Bytes,
+        batch: StampedBatch,
         deadline: Instant,
-    ) -> Result<u64, BrokerError> {
+    ) -> Result<Appended, BrokerError> {
         let group = GroupId(topic.group(partition));
         let me = self.node_id();
         let replicas = &topic.partitions[partition as usize];
@@ -146,22 +171,21 @@ impl Broker {
             }
             let target = route.target();
             let failure = if target == me {
-                let command = Command::Append {
-                    count,
-                    batch: batch.clone(),
-                };
-                match self.state.node.write(group, command, remaining).await {
-                    Ok(Response::Appended { base_offset }) => {
+                match self
+                    .state
+                    .node
+                    .append(group, batch.clone(), remaining)
+                    .await
+                {
+                    Ok(appended) => {
                         self.set_leader_hint(group, Some(me));
-                        return Ok(base_offset);
-                    }
-                    Ok(other) => {
-                        return Err(BrokerError::Internal(format!(
-                            "unexpected answer to an append: {other:?}"
-                        )));
+                        return Ok(appended);
                     }
                     Err(WriteError::OutcomeUnknown { reason, .. }) => {
                         return Err(BrokerError::OutcomeUnknown { message: reason });
+                    }
+                    Err(WriteError::Refused { refusal, .. }) => {
+                        return Err(BrokerError::ProducerRefused(refusal));
                     }
                     Err(error) => {
                         last_error = error.to_string();
@@ -178,13 +202,16 @@ impl Broker {
                 }
             } else {
                 let peer = self.peer(target);
-                match peer
-                    .forward_produce(group, count, batch.clone(), remaining)
-                    .await
-                {
-                    Ok(ForwardOutcome::Appended(base_offset)) => {
+                match peer.forward_produce(group, &batch, remaining).await {
+                    Ok(ForwardOutcome::Appended {
+                        base_offset,
+                        duplicate,
+                    }) => {
                         self.set_leader_hint(group, Some(target));
-                        return Ok(base_offset);
+                        return Ok(Appended {
+                            base_offset,
+                            duplicate,
+                        });
                     }
                     Ok(ForwardOutcome::NotLeader(leader)) => {
                         last_error = format!("node {target} does not lead partition {partition}");
@@ -247,16 +274,25 @@ impl Broker {
         group: u64,
         count: u32,
         batch: Bytes,
+        producer: Option<ProducerStamp>,
         timeout: Duration,
     ) -> Result<ForwardOutcome, BrokerError> {
         let group = GroupId(group);
         validate_batch(&batch, count, &self.state.options.limits)?;
-        let command = Command::Append { count, batch };
-        match self.state.node.write(group, command, timeout).await {
-            Ok(Response::Appended { base_offset }) => Ok(ForwardOutcome::Appended(base_offset)),
-            Ok(other) => Err(BrokerError::Internal(format!(
-                "unexpected answer to an append: {other:?}"
-            ))),
+        let batch = StampedBatch {
+            count,
+            batch,
+            producer,
+        };
+        match self.state.node.append(group, batch, timeout).await {
+            Ok(Appended {
+                base_offset,
+                duplicate,
+            }) => Ok(ForwardOutcome::Appended {
+                base_offset,
+                duplicate,
+            }),
+            Err(WriteError::Refused { refusal, .. }) => Err(BrokerError::ProducerRefused(refusal)),
             Err(WriteError::NotLeader { leader, .. }) => Ok(ForwardOutcome::NotLeader(leader)),
             Err(WriteError::Discarded { leader, .. }) => Ok(ForwardOutcome::LeaderChanged(leader)),
             Err(WriteError::OutcomeUnknown { reason, .. }) => {
@@ -277,6 +313,7 @@ fn refused(refusal: Refusal, message: String) -> BrokerError {
     match refusal {
         Refusal::InvalidArgument => BrokerError::invalid(reason::BAD_FORWARDED_BATCH, message),
         Refusal::ResourceExhausted => BrokerError::ResourceExhausted(message),
+        Refusal::Producer(refusal) => BrokerError::ProducerRefused(refusal),
     }
 }
 
@@ -286,24 +323,28 @@ fn refused(refusal: Refusal, message: String) -> BrokerError {
 fn combine_acks(
     results: Vec<Result<PartitionAck, BrokerError>>,
     total: usize,
-) -> Result<Vec<(u32, u64)>, BrokerError> {
+) -> Result<Produced, BrokerError> {
     let committed: Vec<String> = results
         .iter()
         .filter_map(|result| result.as_ref().ok())
-        .map(|(partition, positions, base)| {
+        .map(|(partition, positions, appended)| {
             format!(
-                "partition {partition} at offsets {base}..{}",
-                base + positions.len() as u64
+                "partition {partition} at offsets {}..{}",
+                appended.base_offset,
+                appended.base_offset + positions.len() as u64
             )
         })
         .collect();
     let mut acks = vec![(0u32, 0u64); total];
     let mut first_error = None;
+    // A request is a duplicate when every batch of it was (an idempotent request has one).
+    let mut duplicate = true;
     for result in results {
         match result {
-            Ok((partition, positions, base)) => {
+            Ok((partition, positions, appended)) => {
+                duplicate &= appended.duplicate;
                 for (i, position) in positions.into_iter().enumerate() {
-                    acks[position] = (partition, base + i as u64);
+                    acks[position] = (partition, appended.base_offset + i as u64);
                 }
             }
             Err(error) => {
@@ -312,7 +353,7 @@ fn combine_acks(
         }
     }
     match first_error {
-        None => Ok(acks),
+        None => Ok(Produced { acks, duplicate }),
         Some(error) if committed.is_empty() => Err(error),
         Some(error) => Err(BrokerError::OutcomeUnknown {
             message: format!(
@@ -331,17 +372,29 @@ mod tests {
         BrokerError::unavailable("no leader", None)
     }
 
+    fn at(base_offset: u64) -> Appended {
+        Appended {
+            base_offset,
+            duplicate: false,
+        }
+    }
+
     /// Acks come back in request order; a failure with nothing committed keeps its own error
     /// (UNAVAILABLE stays "nothing written"); a partial commit is never reported as UNAVAILABLE.
     #[test]
     fn partial_failures_are_outcome_unknown() {
-        let acks = combine_acks(vec![Ok((1, vec![0, 2], 10)), Ok((0, vec![1], 5))], 3).unwrap();
-        assert_eq!(acks, vec![(1, 10), (0, 5), (1, 11)]);
+        let produced = combine_acks(
+            vec![Ok((1, vec![0, 2], at(10))), Ok((0, vec![1], at(5)))],
+            3,
+        )
+        .unwrap();
+        assert_eq!(produced.acks, vec![(1, 10), (0, 5), (1, 11)]);
+        assert!(!produced.duplicate);
         let all_failed = combine_acks(vec![Err(unavailable()), Err(unavailable())], 2);
         assert!(matches!(all_failed, Err(BrokerError::Unavailable { .. })));
         // The committed part holds the request's later records: their positions are beyond
         // the count of committed records (this panicked once).
-        let partial = combine_acks(vec![Err(unavailable()), Ok((1, vec![2, 3], 10))], 4);
+        let partial = combine_acks(vec![Err(unavailable()), Ok((1, vec![2, 3], at(10)))], 4);
         match partial {
             Err(BrokerError::OutcomeUnknown { message }) => {
                 assert!(message.contains("partition 1 at offsets 10..12"))

@@ -25,6 +25,7 @@ use tonic::Code;
 use tonic::Status;
 
 use crate::NodeId;
+use crate::ProducerRefusal;
 use crate::fetch::FetchOutcome;
 
 /// Header marking a request already forwarded once, so forwarding never loops.
@@ -33,8 +34,14 @@ pub use ordo_proto::FORWARDED_HEADER;
 /// The answer to a forwarded append.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardOutcome {
-    /// Committed at this base offset.
-    Appended(u64),
+    /// Committed at this base offset (`duplicate`: an idempotent retry found it written
+    /// before, and nothing was written now).
+    Appended {
+        /// Offset of the batch's first record.
+        base_offset: u64,
+        /// Written before, by an earlier attempt.
+        duplicate: bool,
+    },
     /// Not proposed: the node does not lead the group; the leader it knows of.
     NotLeader(Option<NodeId>),
     /// Proposed, then dropped from the log by a leader change before it committed there; it
@@ -46,8 +53,12 @@ impl ForwardOutcome {
     /// The wire answer.
     pub fn into_wire(self) -> wire::ForwardProduceResponse {
         match self {
-            ForwardOutcome::Appended(base_offset) => wire::ForwardProduceResponse {
+            ForwardOutcome::Appended {
+                base_offset,
+                duplicate,
+            } => wire::ForwardProduceResponse {
                 base_offset: Some(base_offset),
+                duplicate,
                 ..Default::default()
             },
             ForwardOutcome::NotLeader(leader_hint) => wire::ForwardProduceResponse {
@@ -70,11 +81,32 @@ impl ForwardOutcome {
             response.not_leader,
             response.discarded,
         ) {
-            (Some(base_offset), false, false) => Some(ForwardOutcome::Appended(base_offset)),
+            (Some(base_offset), false, false) => Some(ForwardOutcome::Appended {
+                base_offset,
+                duplicate: response.duplicate,
+            }),
             (None, true, false) => Some(ForwardOutcome::NotLeader(response.leader_hint)),
             (None, false, true) => Some(ForwardOutcome::LeaderChanged(response.leader_hint)),
             _ => None,
         }
+    }
+}
+
+/// A producer stamp on the wire of a forwarded produce.
+pub fn stamp_into_wire(stamp: ordo_raft::ProducerStamp) -> wire::ProducerStamp {
+    wire::ProducerStamp {
+        id: stamp.id,
+        epoch: stamp.epoch,
+        sequence: stamp.sequence,
+    }
+}
+
+/// Reads a producer stamp from the wire.
+pub fn stamp_from_wire(stamp: &wire::ProducerStamp) -> ordo_raft::ProducerStamp {
+    ordo_raft::ProducerStamp {
+        id: stamp.id,
+        epoch: stamp.epoch,
+        sequence: stamp.sequence,
     }
 }
 
@@ -101,6 +133,8 @@ pub enum Refusal {
     InvalidArgument,
     /// The remote has too much in flight.
     ResourceExhausted,
+    /// The partition's producer state refused an idempotent batch: final for the request.
+    Producer(ProducerRefusal),
 }
 
 /// Classifies a failed internal write call.
@@ -118,6 +152,9 @@ pub fn classify_failure(status: &Status) -> CallFailure {
             CallFailure::MaybeDone
         };
     }
+    if let Some(refusal) = producer_refusal_of(status) {
+        return CallFailure::Refused(Refusal::Producer(refusal));
+    }
     match errors::reason_of(status).as_deref() {
         Some(reason::OUTCOME_UNKNOWN) => CallFailure::OutcomeUnknown,
         // An Ordo server's INTERNAL may come after proposing (e.g. an unexpected answer).
@@ -133,6 +170,32 @@ pub fn classify_failure(status: &Status) -> CallFailure {
         None if status.code() == Code::DeadlineExceeded => CallFailure::OutcomeUnknown,
         None => CallFailure::MaybeDone,
     }
+}
+
+/// The producer refusal a status carries (its `ErrorInfo` reason and metadata), as the serving
+/// node's `ordo-server` status module wrote it.
+pub fn producer_refusal_of(status: &Status) -> Option<ProducerRefusal> {
+    use tonic_types::StatusExt;
+    let info = status
+        .get_details_error_info()
+        .filter(|info| info.domain == errors::DOMAIN)?;
+    let number = |key: &str| info.metadata.get(key)?.parse::<u64>().ok();
+    Some(match info.reason.as_str() {
+        reason::PRODUCER_FENCED => ProducerRefusal::Fenced {
+            current_epoch: u32::try_from(number(errors::metadata::CURRENT_EPOCH)?).ok()?,
+        },
+        reason::OUT_OF_ORDER_SEQUENCE => ProducerRefusal::OutOfOrder {
+            expected: number(errors::metadata::EXPECTED_SEQUENCE)?,
+        },
+        reason::UNKNOWN_PRODUCER => ProducerRefusal::UnknownProducer,
+        reason::DUPLICATE_SEQUENCE => ProducerRefusal::SequenceTooOld {
+            expected: number(errors::metadata::EXPECTED_SEQUENCE)?,
+        },
+        reason::TOO_MANY_PRODUCERS => ProducerRefusal::TooManyProducers {
+            max: u32::try_from(number(errors::metadata::MAX)?).ok()?,
+        },
+        _ => return None,
+    })
 }
 
 /// The answer to a forwarded metadata command.
@@ -259,7 +322,14 @@ mod tests {
     #[test]
     fn forward_outcomes_round_trip() {
         for outcome in [
-            ForwardOutcome::Appended(7),
+            ForwardOutcome::Appended {
+                base_offset: 7,
+                duplicate: false,
+            },
+            ForwardOutcome::Appended {
+                base_offset: 7,
+                duplicate: true,
+            },
             ForwardOutcome::NotLeader(Some(2)),
             ForwardOutcome::NotLeader(None),
             ForwardOutcome::LeaderChanged(Some(3)),

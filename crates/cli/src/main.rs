@@ -83,6 +83,11 @@ pub async fn client_for(endpoints: Vec<String>, timeout: Duration) -> anyhow::Re
         request_timeout: timeout,
         ..ClientOptions::default()
     };
+    client_with(endpoints, options).await
+}
+
+/// A client for `endpoints` with `options`.
+pub async fn client_with(endpoints: Vec<String>, options: ClientOptions) -> anyhow::Result<Client> {
     Client::connect_with_options(endpoints, options)
         .await
         .context("invalid --endpoints")

@@ -37,11 +37,25 @@ pub struct ProduceArgs {
     /// Records per produce request.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub batch: u32,
+    /// Send plain produce requests: a request retried after an unknown outcome may then be
+    /// written twice. By default every request carries its producer sequence (idempotent).
+    #[arg(long)]
+    pub no_idempotence: bool,
+    /// Producer name for InitProducer: a later `ordo produce` with the same name fences this
+    /// one (its requests then fail with PRODUCER_FENCED).
+    #[arg(long)]
+    pub producer_name: Option<String>,
 }
 
 /// Runs `ordo produce`.
 pub async fn run(args: ProduceArgs, global: &GlobalArgs) -> anyhow::Result<()> {
-    let client = global.client().await?;
+    let options = ordo_client::ClientOptions {
+        request_timeout: global.timeout,
+        idempotence: !args.no_idempotence,
+        producer_name: args.producer_name.clone(),
+        ..ordo_client::ClientOptions::default()
+    };
+    let client = crate::client_with(global.endpoints.clone(), options).await?;
     let batch = usize::try_from(args.batch).context("--batch does not fit in memory")?;
     let key = args.key.clone().map(Bytes::from);
     if args.values.is_empty() {

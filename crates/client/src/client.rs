@@ -28,6 +28,7 @@ use tonic::{Request, Status};
 use crate::batch::Batcher;
 use crate::convert;
 use crate::error::{ClientError, Effect};
+use crate::idempotence::Idempotence;
 use crate::pipe::Pipe;
 use crate::routing::Routes;
 use crate::subscribe::Subscription;
@@ -78,6 +79,16 @@ pub struct ClientOptions {
     /// Largest merged produce request, in bytes of records. A call larger than this is still
     /// sent, alone. Default 1 MiB.
     pub produce_batch_bytes_max: usize,
+    /// Idempotent produce (default true): the client gets a producer session from the cluster
+    /// (`InitProducer`) and stamps every request with its per-partition sequence, so a retry,
+    /// the client's or after an unknown outcome, is never written twice. Requests of one
+    /// partition then leave one at a time (`produce_requests_per_partition_max` is taken as 1).
+    /// False sends plain produce requests, as clients did before idempotence.
+    pub idempotence: bool,
+    /// The producer name given to `InitProducer` (default none: a new producer id per client).
+    /// A client restarted with the same name keeps the producer id with a new epoch, and the
+    /// cluster refuses the older instance's produce requests (PRODUCER_FENCED).
+    pub producer_name: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -96,6 +107,8 @@ impl Default for ClientOptions {
             produce_stream: true,
             produce_requests_per_partition_max: 1,
             produce_batch_bytes_max: 1 << 20,
+            idempotence: true,
+            producer_name: None,
         }
     }
 }
@@ -119,6 +132,8 @@ pub(crate) struct ClientState {
     pub(crate) node_indexes: Mutex<HashMap<u64, Option<usize>>>,
     /// Queues of produce calls per partition (see `batch`); `None` when batching is off.
     pub(crate) batcher: Option<Arc<Batcher>>,
+    /// The producer session and sequences (see `idempotence`); `None` when idempotence is off.
+    pub(crate) idempotence: Option<Idempotence>,
 }
 
 /// One endpoint and its channel.
@@ -169,15 +184,26 @@ impl Client {
                 message: "no endpoint given".to_owned(),
             });
         }
-        let batcher = (options.produce_requests_per_partition_max > 0).then(|| {
+        // Sequences must reach a partition in order: with idempotence, one request of a
+        // partition at a time.
+        let requests_per_partition = if options.idempotence {
+            1
+        } else {
+            options.produce_requests_per_partition_max
+        };
+        let batcher = (requests_per_partition > 0).then(|| {
             Arc::new(Batcher::new(
-                options.produce_requests_per_partition_max,
+                requests_per_partition,
                 options.produce_batch_bytes_max,
             ))
         });
+        let idempotence = options
+            .idempotence
+            .then(|| Idempotence::new(options.producer_name.clone()));
         Ok(Client {
             inner: Arc::new(ClientState {
                 batcher,
+                idempotence,
                 nodes,
                 current: AtomicUsize::new(0),
                 options,
@@ -302,6 +328,36 @@ impl Client {
         convert::required_topic(response.into_inner().topic, "create topic")
     }
 
+    /// Allocates a producer session (`Log/InitProducer`): a producer id and epoch, for callers
+    /// that stamp produce requests themselves. With `name`, a later call with the same name
+    /// returns the same id with a higher epoch, fencing the older one. The client's own
+    /// idempotent produce calls do this by themselves.
+    pub async fn init_producer(&self, name: Option<&str>) -> Result<(u64, u32), ClientError> {
+        self.init_producer_within(name, self.inner.options.request_timeout)
+            .await
+    }
+
+    /// [`Client::init_producer`] within `budget`. A retry after an unknown outcome only costs a
+    /// producer id (or an epoch), so every failure is retried.
+    pub(crate) async fn init_producer_within(
+        &self,
+        name: Option<&str>,
+        budget: Duration,
+    ) -> Result<(u64, u32), ClientError> {
+        let request = proto::InitProducerRequest {
+            producer_name: name.unwrap_or_default().to_owned(),
+        };
+        let (response, _) = self
+            .call_indexed(None, Effect::IdempotentWrite, budget, |index, timeout| {
+                let request = timed(request.clone(), timeout);
+                let channel = self.inner.nodes[index].channel.clone();
+                async move { self.log(channel).init_producer(request).await }
+            })
+            .await?;
+        let response = response.into_inner();
+        Ok((response.producer_id, response.producer_epoch))
+    }
+
     /// Deletes topic `name` and its records.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
         let request = proto::DeleteTopicRequest {
@@ -421,6 +477,7 @@ impl Client {
         let started = Instant::now();
         let mut backoff = options.retry_backoff_initial;
         let mut retries = 0_u32;
+        let mut maybe_written = false;
         let mut first = first.filter(|index| *index < self.inner.nodes.len());
         loop {
             let index = first.take().unwrap_or_else(|| {
@@ -441,13 +498,26 @@ impl Client {
                     ));
                 }
             };
-            if !error.is_retryable() {
-                return Err(error);
+            let unknown = matches!(error, ClientError::OutcomeUnknown { .. });
+            maybe_written |= unknown;
+            // An idempotent produce is retried whatever the last attempt may have done; but once
+            // an attempt may have written, a final failure cannot say "nothing written".
+            let give_up = |error: ClientError| match error {
+                error @ ClientError::OutcomeUnknown { .. } => error,
+                error if maybe_written => ClientError::OutcomeUnknown {
+                    message: format!(
+                        "an earlier attempt may have been written; the last one failed: {error}"
+                    ),
+                },
+                error => error,
+            };
+            if !(error.is_retryable() || (unknown && effect == Effect::IdempotentWrite)) {
+                return Err(give_up(error));
             }
             self.move_after_failure(index, &error);
             let remaining = budget.saturating_sub(started.elapsed());
             if retries >= options.retries_max || remaining <= backoff {
-                return Err(error);
+                return Err(give_up(error));
             }
             retries += 1;
             tracing::debug!(

@@ -309,6 +309,7 @@ mod tests {
     #[test]
     fn produce_acks_are_checked() {
         let response = proto::ProduceResponse {
+            duplicate: false,
             acks: vec![proto::RecordAck {
                 partition: 1,
                 offset: 5,

@@ -38,6 +38,9 @@ pub enum Effect {
     /// The call writes (produce, create or delete a topic): once sent, an interrupted call has an
     /// unknown outcome and must not be retried blindly.
     Write,
+    /// An idempotent produce (it carries a producer sequence): an interrupted call's outcome is
+    /// unknown, but retrying the same request is safe, since the partition writes it once.
+    IdempotentWrite,
 }
 
 /// An error returned by [`crate::Client`]. Each variant names something a caller can act on.
@@ -226,7 +229,7 @@ impl ClientError {
             Code::DeadlineExceeded => {
                 // Without the OUTCOME_UNKNOWN reason a server-side deadline on a write is still
                 // ambiguous: the server may have proposed before the deadline fired.
-                if reason.as_deref() == Some(REASON_OUTCOME_UNKNOWN) || effect == Effect::Write {
+                if reason.as_deref() == Some(REASON_OUTCOME_UNKNOWN) || effect != Effect::Read {
                     ClientError::OutcomeUnknown { message }
                 } else {
                     ClientError::DeadlineExceeded { message }
@@ -259,7 +262,7 @@ impl ClientError {
         // call's deadline passed, which for a write that was sent means an unknown outcome.
         if source_chain_has::<tonic::TimeoutExpired>(status) {
             return match effect {
-                Effect::Write => ClientError::OutcomeUnknown {
+                Effect::Write | Effect::IdempotentWrite => ClientError::OutcomeUnknown {
                     message: format!("no answer from {endpoint} before the deadline: {message}"),
                 },
                 Effect::Read => ClientError::DeadlineExceeded {
@@ -289,7 +292,7 @@ impl ClientError {
     ) -> Self {
         let message = format!("no answer from {endpoint} within {waited:?}");
         match effect {
-            Effect::Write => ClientError::OutcomeUnknown { message },
+            Effect::Write | Effect::IdempotentWrite => ClientError::OutcomeUnknown { message },
             Effect::Read => ClientError::DeadlineExceeded { message },
         }
     }

@@ -36,6 +36,7 @@ mod batch;
 mod client;
 mod convert;
 mod error;
+mod idempotence;
 mod pipe;
 mod produce;
 mod routing;

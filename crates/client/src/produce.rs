@@ -1,6 +1,8 @@
 //! The produce path of [`Client`]: each call goes to its partition's leader when the client knows
 //! it (`routing`), joins the partition's queue (`batch`), and travels pipelined on the node's
-//! ProduceStream (`pipe`) or as a unary call, with bounded retries of what wrote nothing.
+//! ProduceStream (`pipe`) or as a unary call, with bounded retries of what wrote nothing. With
+//! idempotence on (the default), each request carries its producer sequence (`idempotence`)
+//! and is retried whatever the last attempt did, since the partition writes it once.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,6 +16,7 @@ use crate::batch::{self, Waiter};
 use crate::client::{Client, Node, authority_of, timed};
 use crate::convert;
 use crate::error::{ClientError, Effect};
+use crate::idempotence::{InDoubt, Next, Session};
 use crate::pipe::Pipe;
 use crate::routing::TopicRoute;
 use crate::types::{Record, RecordAck};
@@ -29,10 +32,14 @@ impl Client {
     /// in request order. Without a partition, records with keys go to the partition of their
     /// key, and a call of records without keys goes to one partition, the next in turn.
     ///
-    /// Returns only once a quorum has the records durably committed. A call that fails with a
-    /// retryable error (nothing was written) is retried on the next endpoint until the deadline;
-    /// [`ClientError::OutcomeUnknown`] is returned as is and never retried, because the records
-    /// may already be in the log.
+    /// Returns only once a quorum has the records durably committed. With
+    /// [`ClientOptions::idempotence`] (the default) every request carries its producer sequence
+    /// and is retried after any failure until the deadline, without ever being written twice;
+    /// [`ClientError::OutcomeUnknown`] then means the last attempts could not tell, and the
+    /// client sends the request again (same sequence) before the partition's next one. Without
+    /// idempotence a call that fails with a retryable error (nothing was written) is retried on
+    /// the next endpoint until the deadline, and [`ClientError::OutcomeUnknown`] is returned as
+    /// is and never retried, because the records may already be in the log.
     ///
     /// Calls travel pipelined on one ProduceStream per node, and concurrent calls to one
     /// partition may share a request ([`ClientOptions::produce_requests_per_partition_max`]);
@@ -47,6 +54,11 @@ impl Client {
             return Ok(Vec::new());
         }
         let route = self.route(topic).await;
+        if self.inner.idempotence.is_some() {
+            return self
+                .produce_idempotent(topic, partition, route, records)
+                .await;
+        }
         let keyless = records.iter().all(|record| record.key.is_none());
         let partition = match (&route, partition) {
             (_, Some(partition)) => Some(partition),
@@ -59,9 +71,20 @@ impl Client {
         let (Some(partition), Some(batcher)) = (partition, &self.inner.batcher) else {
             let budget = self.inner.options.request_timeout;
             return self
-                .send_produce(topic, partition, route, records, budget)
+                .send_produce(topic, partition, route, records, None, budget)
                 .await;
         };
+        self.enter_batch(batcher, topic, partition, records).await
+    }
+
+    /// Queues a call's records for `partition` and waits for their answer.
+    async fn enter_batch(
+        &self,
+        batcher: &Arc<batch::Batcher>,
+        topic: &str,
+        partition: u32,
+        records: Vec<proto::Record>,
+    ) -> batch::Answer {
         let (answer, slot) = batcher.enter(topic, partition, records);
         if let Some((batch, slot)) = slot {
             // Spawned, so that a caller that goes away never strands the calls queued behind.
@@ -72,6 +95,103 @@ impl Client {
                 message: "the task sending this produce call ended without an answer".to_owned(),
             })
         })
+    }
+
+    /// An idempotent produce call: sequences count records per partition, so the client picks
+    /// each record's partition itself (as the server would: the given one, the key's, or the
+    /// next in turn for records without a key), and each partition's share goes through its
+    /// queue. Acks come back in call order.
+    async fn produce_idempotent(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        route: Option<Arc<TopicRoute>>,
+        records: Vec<Record>,
+    ) -> Result<Vec<RecordAck>, ClientError> {
+        let batcher = self
+            .inner
+            .batcher
+            .as_ref()
+            .expect("a client with idempotence always batches");
+        let records: Vec<proto::Record> = records.into_iter().map(proto::Record::from).collect();
+        let total = records.len();
+        let mut shares: std::collections::BTreeMap<u32, (Vec<usize>, Vec<proto::Record>)> =
+            std::collections::BTreeMap::new();
+        match partition {
+            Some(partition) => {
+                shares.insert(partition, ((0..total).collect(), records));
+            }
+            None => {
+                let known = route.as_ref().map_or(0, |route| route.partitions());
+                let partitions = if known > 0 {
+                    known
+                } else {
+                    let description = self.describe_topic(topic).await?;
+                    u32::try_from(description.partitions.len()).unwrap_or(u32::MAX)
+                };
+                if partitions == 0 {
+                    return Err(ClientError::Unavailable {
+                        leader_hint: None,
+                        leader_address: None,
+                        message: format!(
+                            "topic {topic:?} shows no partitions yet; nothing was written"
+                        ),
+                    });
+                }
+                let keyless = route
+                    .as_ref()
+                    .filter(|route| route.partitions() > 0)
+                    .map_or(0, |route| route.next_partition());
+                for (position, record) in records.into_iter().enumerate() {
+                    let target = match &record.key {
+                        Some(key) => ordo_proto::partition::partition_for_key(key, partitions),
+                        None => keyless,
+                    };
+                    let share = shares.entry(target).or_default();
+                    share.0.push(position);
+                    share.1.push(record);
+                }
+            }
+        }
+        if shares.len() == 1 {
+            let (partition, (_, records)) = shares.pop_first().expect("one share");
+            return self.enter_batch(batcher, topic, partition, records).await;
+        }
+        let calls = shares
+            .into_iter()
+            .map(|(partition, (positions, records))| async move {
+                let answer = self.enter_batch(batcher, topic, partition, records).await;
+                (positions, answer)
+            });
+        let answers = futures::future::join_all(calls).await;
+        let mut acks = vec![None; total];
+        let mut first_error = None;
+        let mut written = 0_usize;
+        for (positions, answer) in answers {
+            match answer {
+                Ok(partition_acks) => {
+                    written += partition_acks.len();
+                    for (position, ack) in positions.into_iter().zip(partition_acks) {
+                        acks[position] = Some(ack);
+                    }
+                }
+                Err(error) => {
+                    first_error.get_or_insert(error);
+                }
+            }
+        }
+        match first_error {
+            None => Ok(acks
+                .into_iter()
+                .map(|ack| ack.expect("every record answered"))
+                .collect()),
+            Some(error) if written == 0 => Err(error),
+            Some(error) => Err(ClientError::OutcomeUnknown {
+                message: format!(
+                    "{written} of the call's {total} records were written (in other partitions), the rest failed: {error}"
+                ),
+            }),
+        }
     }
 
     /// Sends the batches of one partition's slot: `batch`, then whatever queued meanwhile,
@@ -111,10 +231,15 @@ impl Client {
             batch.into_iter().for_each(unsent);
             return;
         }
+        if self.inner.idempotence.is_some() {
+            self.send_batch_idempotent(topic, partition, route, batch, deadline)
+                .await;
+            return;
+        }
         if batch.len() == 1 {
             let waiter = batch.remove(0);
             let answer = self
-                .send_produce(topic, Some(partition), route, waiter.records, budget)
+                .send_produce(topic, Some(partition), route, waiter.records, None, budget)
                 .await;
             let _ = waiter.reply.send(answer);
             return;
@@ -124,15 +249,10 @@ impl Client {
             .flat_map(|waiter| waiter.records.iter().cloned())
             .collect();
         let answer = self
-            .send_produce(topic, Some(partition), route.clone(), records, budget)
+            .send_produce(topic, Some(partition), route.clone(), records, None, budget)
             .await;
         match answer {
-            Ok(mut acks) => {
-                for waiter in batch {
-                    let rest = acks.split_off(waiter.records.len().min(acks.len()));
-                    let _ = waiter.reply.send(Ok(std::mem::replace(&mut acks, rest)));
-                }
-            }
+            Ok(acks) => reply_each(batch, acks),
             Err(ClientError::InvalidArgument { .. }) => {
                 // The broker validates a whole request before writing any of it, so nothing
                 // was written: send each call on its own, in order, within what is left.
@@ -148,39 +268,44 @@ impl Client {
                             Some(partition),
                             route.clone(),
                             waiter.records,
+                            None,
                             budget,
                         )
                         .await;
                     let _ = waiter.reply.send(answer);
                 }
             }
-            Err(error) => {
-                for waiter in batch {
-                    let _ = waiter.reply.send(Err(error.clone()));
-                }
-            }
+            Err(error) => fail_each(batch, &error),
         }
     }
 
     /// One produce request, with retries, within `budget`; sent to the partition's leader when
-    /// the route knows it. A failure marks the route stale.
+    /// the route knows it. A failure marks the route stale. A request with a producer sequence
+    /// is retried after any failure, an unknown outcome included.
     async fn send_produce(
         &self,
         topic: &str,
         partition: Option<u32>,
         route: Option<Arc<TopicRoute>>,
         records: Vec<proto::Record>,
+        producer: Option<proto::ProducerSequence>,
         budget: Duration,
     ) -> batch::Answer {
         let sent = records.len();
         let leader = partition.and_then(|partition| route.as_ref()?.leader(partition));
+        let effect = if producer.is_some() {
+            Effect::IdempotentWrite
+        } else {
+            Effect::Write
+        };
         let request = proto::ProduceRequest {
             topic: topic.to_owned(),
             partition,
             records,
+            producer,
         };
         let result = self
-            .call_indexed(leader, Effect::Write, budget, |index, timeout| {
+            .call_indexed(leader, effect, budget, |index, timeout| {
                 self.produce_attempt(index, request.clone(), timeout)
             })
             .await;
@@ -193,6 +318,149 @@ impl Client {
                 Err(error)
             }
         }
+    }
+
+    /// Sends the calls of `batch` as one idempotent request and answers each with its own acks;
+    /// a merged request refused as invalid (nothing written, no sequence used) is sent again
+    /// call by call.
+    async fn send_batch_idempotent(
+        &self,
+        topic: &str,
+        partition: u32,
+        route: Option<Arc<TopicRoute>>,
+        batch: Vec<Waiter>,
+        deadline: Instant,
+    ) {
+        let records: Vec<proto::Record> = batch
+            .iter()
+            .flat_map(|waiter| waiter.records.iter().cloned())
+            .collect();
+        let answer = self
+            .send_idempotent(topic, partition, route.clone(), records, deadline)
+            .await;
+        match answer {
+            Ok(acks) => reply_each(batch, acks),
+            Err(ClientError::InvalidArgument { .. }) if batch.len() > 1 => {
+                for waiter in batch {
+                    let answer = self
+                        .send_idempotent(topic, partition, route.clone(), waiter.records, deadline)
+                        .await;
+                    let _ = waiter.reply.send(answer);
+                }
+            }
+            Err(error) => fail_each(batch, &error),
+        }
+    }
+
+    /// One idempotent request of `records` to `partition`, before `deadline`: first the
+    /// partition's request in doubt, if any (sent again as it was), then these records at the
+    /// partition's next sequence. A producer the cluster forgot (UNKNOWN_PRODUCER) gets a new
+    /// session, once.
+    async fn send_idempotent(
+        &self,
+        topic: &str,
+        partition: u32,
+        route: Option<Arc<TopicRoute>>,
+        records: Vec<proto::Record>,
+        deadline: Instant,
+    ) -> batch::Answer {
+        let idempotence = self
+            .inner
+            .idempotence
+            .as_ref()
+            .expect("called with idempotence on");
+        let key: (Arc<str>, u32) = (Arc::from(topic), partition);
+        let not_sent = |why: &str| ClientError::Unavailable {
+            leader_hint: None,
+            leader_address: None,
+            message: format!("{why}; this call was not sent and nothing of it was written"),
+        };
+        let mut new_sessions = 0;
+        loop {
+            let budget = deadline.saturating_duration_since(Instant::now());
+            if budget.is_zero() {
+                return Err(not_sent("the call's deadline passed"));
+            }
+            let session = idempotence.session(|| self.new_session(budget)).await?;
+            let next = idempotence.next(&key, session).ok_or_else(|| ClientError::ResourceExhausted {
+                reason: None,
+                message: "this client keeps producer sequences of 100,000 partitions; use another client".to_owned(),
+            })?;
+            let sequence = match next {
+                Next::Send(sequence) => sequence,
+                Next::Resolve(in_doubt) => {
+                    let answer = self
+                        .send_produce(
+                            topic,
+                            Some(partition),
+                            route.clone(),
+                            in_doubt.records,
+                            Some(in_doubt.session.stamp(in_doubt.sequence)),
+                            budget,
+                        )
+                        .await;
+                    match answer {
+                        // Written now or before; or written before, past the partition's memory.
+                        Ok(_) | Err(ClientError::AlreadyExists { .. }) => {
+                            idempotence.resolved(&key)
+                        }
+                        Err(ClientError::OutcomeUnknown { .. }) => {
+                            return Err(not_sent(
+                                "the partition's previous request is still unresolved (its outcome is unknown)",
+                            ));
+                        }
+                        Err(error) if error.is_retryable() => return Err(error),
+                        // Refused for good (fenced, forgotten): it was not written and never
+                        // will be under that stamp.
+                        Err(_) => idempotence.resolved(&key),
+                    }
+                    continue;
+                }
+            };
+            let count = records.len() as u64;
+            let answer = self
+                .send_produce(
+                    topic,
+                    Some(partition),
+                    route.clone(),
+                    records.clone(),
+                    Some(session.stamp(sequence)),
+                    budget,
+                )
+                .await;
+            match &answer {
+                Ok(_) => idempotence.written(&key, session, sequence, count),
+                Err(ClientError::OutcomeUnknown { .. }) => idempotence.in_doubt(
+                    &key,
+                    InDoubt {
+                        session,
+                        sequence,
+                        records,
+                    },
+                ),
+                Err(ClientError::FailedPrecondition { reason, .. })
+                    if reason.as_deref() == Some(ordo_proto::errors::reason::UNKNOWN_PRODUCER)
+                        && new_sessions == 0 =>
+                {
+                    new_sessions += 1;
+                    idempotence.forget(session).await;
+                    continue;
+                }
+                Err(_) => {}
+            }
+            return answer;
+        }
+    }
+
+    /// A new producer session from the cluster.
+    async fn new_session(&self, budget: Duration) -> Result<Session, ClientError> {
+        let name = self
+            .inner
+            .idempotence
+            .as_ref()
+            .and_then(|idempotence| idempotence.name.clone());
+        let (id, epoch) = self.init_producer_within(name.as_deref(), budget).await?;
+        Ok(Session { id, epoch })
     }
 
     /// One attempt of a produce call at endpoint `index`: on its ProduceStream when enabled
@@ -342,5 +610,20 @@ impl Client {
                 })
                 .collect(),
         ))
+    }
+}
+
+/// Answers each call of a merged request with its own share of the acks, in order.
+fn reply_each(batch: Vec<Waiter>, mut acks: Vec<RecordAck>) {
+    for waiter in batch {
+        let rest = acks.split_off(waiter.records.len().min(acks.len()));
+        let _ = waiter.reply.send(Ok(std::mem::replace(&mut acks, rest)));
+    }
+}
+
+/// Answers every call of a merged request with the request's error.
+fn fail_each(batch: Vec<Waiter>, error: &ClientError) {
+    for waiter in batch {
+        let _ = waiter.reply.send(Err(error.clone()));
     }
 }

@@ -62,6 +62,23 @@ pub mod reason {
     pub const RESOURCE_EXHAUSTED: &str = "RESOURCE_EXHAUSTED";
     /// A bug or a storage failure.
     pub const INTERNAL: &str = "INTERNAL";
+    /// An idempotent produce without its partition (metadata none).
+    pub const PARTITION_REQUIRED: &str = "PARTITION_REQUIRED";
+    /// A producer name outside the rules.
+    pub const INVALID_PRODUCER_NAME: &str = "INVALID_PRODUCER_NAME";
+    /// A newer epoch of the producer took over (metadata `current_epoch`). Stop producing.
+    pub const PRODUCER_FENCED: &str = "PRODUCER_FENCED";
+    /// The sequence is not the one the partition expects (metadata `expected_sequence`).
+    pub const OUT_OF_ORDER_SEQUENCE: &str = "OUT_OF_ORDER_SEQUENCE";
+    /// The producer id (or epoch) is unknown: never allocated, or forgotten after idling.
+    pub const UNKNOWN_PRODUCER: &str = "UNKNOWN_PRODUCER";
+    /// The records were written before; their offsets are no longer remembered (metadata
+    /// `expected_sequence`). Nothing written now.
+    pub const DUPLICATE_SEQUENCE: &str = "DUPLICATE_SEQUENCE";
+    /// The partition remembers as many producers as it may (metadata `max`).
+    pub const TOO_MANY_PRODUCERS: &str = "TOO_MANY_PRODUCERS";
+    /// The cluster remembers as many producer names as it may (metadata `max`).
+    pub const TOO_MANY_PRODUCER_NAMES: &str = "TOO_MANY_PRODUCER_NAMES";
 }
 
 /// `ErrorInfo` metadata keys.
@@ -84,6 +101,10 @@ pub mod metadata {
     pub const MAX: &str = "max";
     /// The value seen.
     pub const ACTUAL: &str = "actual";
+    /// The sequence a partition expects next from the producer.
+    pub const EXPECTED_SEQUENCE: &str = "expected_sequence";
+    /// The partition's (or cluster's) current epoch of the producer.
+    pub const CURRENT_EPOCH: &str = "current_epoch";
 }
 
 /// The `ErrorInfo` reason of an Ordo status, `None` when it carries none (a gRPC layer made it).

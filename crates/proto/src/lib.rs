@@ -7,6 +7,7 @@
 //!   the Rust client share, and their one conversion to and from the wire.
 //! - `errors`: the `ErrorInfo` domain, reasons and metadata keys of every status, and how to tell
 //!   a call that never left from one that may have reached the server.
+//! - `partition`: which partition a keyed record goes to (FNV-1a), for the broker and clients.
 //! - `codec`: the codec of every service (prost's, with undecodable bytes refused as
 //!   INVALID_ARGUMENT / `MALFORMED_MESSAGE`).
 //!
@@ -15,6 +16,7 @@
 
 pub mod codec;
 pub mod errors;
+pub mod partition;
 pub mod record;
 
 /// The public, versioned API.

@@ -3,8 +3,8 @@
 //! Each append joins its partition's queue. At most `proposals_max` proposer tasks per partition
 //! run at once; each takes everything queued (up to `bytes_max` of batches and `u32::MAX`
 //! records, at least one batch; batches whose caller is gone are dropped) and proposes it as
-//! one entry ([`Command::Appends`] when there are several), then answers each append with its
-//! own base offset: the entry's base plus the records of the batches before it. Under load a
+//! one [`Command::Produce`] entry, then answers each append with what became of its own batch
+//! (its base offset, or its producer state's refusal). Under load a
 //! partition commits many calls per Raft round (one log write, one replication message, one
 //! apply and one index entry for all of them); a lone call is proposed at once.
 //!
@@ -22,16 +22,19 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::GroupId;
 use crate::WriteError;
-use crate::types::AppendBatch;
+use crate::producers::ProducerLimits;
+use crate::types::Appended;
+use crate::types::BatchOutcome;
 use crate::types::Command;
+use crate::types::ProduceEntry;
 use crate::types::Response;
+use crate::types::StampedBatch;
 
 /// Proposes one entry to a partition's Raft group and waits until it is committed and applied.
 pub(crate) trait Propose: Send + Sync + 'static {
@@ -53,14 +56,15 @@ pub(crate) struct CoalesceLimits {
     pub(crate) bytes_max: usize,
     /// Most proposals of one partition in flight at once.
     pub(crate) proposals_max: usize,
+    /// The bounds on producer states put in each entry.
+    pub(crate) producers: ProducerLimits,
 }
 
 struct Pending {
     id: u64,
-    count: u32,
-    batch: Bytes,
+    batch: StampedBatch,
     deadline: Instant,
-    reply: oneshot::Sender<Result<u64, WriteError>>,
+    reply: oneshot::Sender<Result<Appended, WriteError>>,
 }
 
 #[derive(Default)]
@@ -95,13 +99,12 @@ impl<P: Propose> Coalescer<P> {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Appends one batch; returns its base offset once committed.
+    /// Appends one batch; returns where it is once committed.
     pub(crate) async fn append(
         self: &Arc<Self>,
-        count: u32,
-        batch: Bytes,
+        batch: StampedBatch,
         timeout: Duration,
-    ) -> Result<u64, WriteError> {
+    ) -> Result<Appended, WriteError> {
         let deadline = Instant::now() + timeout;
         let (reply, answer) = oneshot::channel();
         let id = {
@@ -110,7 +113,6 @@ impl<P: Propose> Coalescer<P> {
             queue.next_id += 1;
             queue.pending.push_back(Pending {
                 id,
-                count,
                 batch,
                 deadline,
                 reply,
@@ -167,14 +169,14 @@ impl<P: Propose> Coalescer<P> {
                 continue;
             }
             let fits = taken.is_empty()
-                || (bytes + next.batch.len() <= self.limits.bytes_max
-                    && records + u64::from(next.count) <= u64::from(u32::MAX));
+                || (bytes + next.batch.batch.len() <= self.limits.bytes_max
+                    && records + u64::from(next.batch.count) <= u64::from(u32::MAX));
             if !fits {
                 break;
             }
             let next = queue.pending.pop_front().expect("front exists");
-            bytes += next.batch.len();
-            records += u64::from(next.count);
+            bytes += next.batch.batch.len();
+            records += u64::from(next.batch.count);
             taken.push(next);
         }
         if taken.is_empty() {
@@ -204,27 +206,16 @@ impl<P: Propose> Coalescer<P> {
                 .map(|pending| pending.deadline)
                 .max()
                 .expect("take returns at least one");
-            let command = if taken.len() == 1 {
-                Command::Append {
-                    count: taken[0].count,
-                    batch: taken[0].batch.clone(),
-                }
-            } else {
-                Command::Appends(
-                    taken
-                        .iter()
-                        .map(|pending| AppendBatch {
-                            count: pending.count,
-                            batch: pending.batch.clone(),
-                        })
-                        .collect(),
-                )
-            };
+            let command = Command::Produce(ProduceEntry {
+                at_ms: now_ms(),
+                limits: self.limits.producers,
+                batches: taken.iter().map(|pending| pending.batch.clone()).collect(),
+            });
             let timeout = deadline.saturating_duration_since(Instant::now());
             let result = self.raft.propose(self.group, command, timeout).await;
-            let mut base = match result {
-                Ok(Response::Appended { base_offset }) => Ok(base_offset),
-                // Committed, but not answered with offsets: the callers cannot be told where
+            let outcomes = match result {
+                Ok(Response::Appended(outcomes)) if outcomes.len() == taken.len() => Ok(outcomes),
+                // Committed, but not answered batch by batch: the callers cannot be told where
                 // their records are, and must not be told they are not there.
                 Ok(other) => Err(WriteError::OutcomeUnknown {
                     group: self.group,
@@ -232,15 +223,37 @@ impl<P: Propose> Coalescer<P> {
                 }),
                 Err(error) => Err(error),
             };
-            for pending in taken {
+            for (position, pending) in taken.into_iter().enumerate() {
+                let answer = match &outcomes {
+                    Ok(outcomes) => match outcomes[position] {
+                        BatchOutcome::Written(base_offset) => Ok(Appended {
+                            base_offset,
+                            duplicate: false,
+                        }),
+                        BatchOutcome::Duplicate(base_offset) => Ok(Appended {
+                            base_offset,
+                            duplicate: true,
+                        }),
+                        BatchOutcome::Refused(refusal) => Err(WriteError::Refused {
+                            group: self.group,
+                            refusal,
+                        }),
+                    },
+                    Err(error) => Err(error.clone()),
+                };
                 // The caller may have given up; the entry is committed either way.
-                let _ = pending.reply.send(base.clone());
-                if let Ok(offset) = &mut base {
-                    *offset += u64::from(pending.count);
-                }
+                let _ = pending.reply.send(answer);
             }
         }
     }
+}
+
+/// Milliseconds since the Unix epoch: the time an entry's producer states are applied at.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 /// A proposer's claim on one of the partition's `proposals_max` slots; gives it back when
@@ -263,6 +276,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::atomic::Ordering;
 
+    use bytes::Bytes;
     use tokio::sync::mpsc;
     use tokio::task::JoinHandle;
 
@@ -285,13 +299,24 @@ mod tests {
             self.command
                 .batches()
                 .into_iter()
-                .map(|(count, batch)| (batch[0], count))
+                .map(|part| (part.batch[0], part.count))
                 .collect()
         }
 
-        /// Commits the entry at `base_offset`.
+        /// Commits the entry at `base_offset`, every batch written.
         fn commit(self, base_offset: u64) {
-            self.answer(Ok(Response::Appended { base_offset }));
+            let mut next = base_offset;
+            let outcomes = self
+                .command
+                .batches()
+                .iter()
+                .map(|part| {
+                    let outcome = BatchOutcome::Written(next);
+                    next += u64::from(part.count);
+                    outcome
+                })
+                .collect();
+            self.answer(Ok(Response::Appended(outcomes)));
         }
 
         fn answer(self, result: Result<Response, WriteError>) {
@@ -353,6 +378,10 @@ mod tests {
         let limits = CoalesceLimits {
             bytes_max,
             proposals_max,
+            producers: ProducerLimits {
+                producers_max: 10,
+                idle_ms: 1_000,
+            },
         };
         Fixture {
             coalescer: Arc::new(Coalescer::new(raft, GROUP, limits)),
@@ -372,8 +401,16 @@ mod tests {
             timeout: Duration,
         ) -> JoinHandle<Result<u64, WriteError>> {
             let coalescer = self.coalescer.clone();
-            let batch = Bytes::from(vec![tag; bytes]);
-            let caller = tokio::spawn(async move { coalescer.append(count, batch, timeout).await });
+            let batch = StampedBatch {
+                count,
+                batch: Bytes::from(vec![tag; bytes]),
+                producer: None,
+            };
+            let caller = tokio::spawn(async move {
+                let appended = coalescer.append(batch, timeout).await?;
+                assert!(!appended.duplicate);
+                Ok(appended.base_offset)
+            });
             settle().await;
             caller
         }
@@ -404,12 +441,16 @@ mod tests {
         let mut fixture = fixture(2, 1 << 20);
         let caller = fixture.append(1, 3, 10, PATIENT).await;
         let proposal = fixture.next();
+        let Command::Produce(entry) = &proposal.command else {
+            panic!("an append is proposed as Command::Produce");
+        };
         assert_eq!(
-            proposal.command,
-            Command::Append {
+            entry.batches,
+            [StampedBatch {
                 count: 3,
                 batch: Bytes::from(vec![1; 10]),
-            }
+                producer: None,
+            }]
         );
         assert_eq!(proposal.timeout, PATIENT);
         proposal.commit(40);
@@ -440,8 +481,8 @@ mod tests {
         }
     }
 
-    /// Appends queued while the proposals are in flight are proposed together as one
-    /// `Command::Appends`, in queue order, and each caller gets its own consecutive base offset.
+    /// Appends queued while the proposals are in flight are proposed together as one entry, in
+    /// queue order, and each caller gets its own consecutive base offset.
     #[tokio::test(start_paused = true)]
     async fn queued_appends_coalesce_into_one_entry_with_consecutive_offsets() {
         let mut fixture = fixture(2, 1 << 20);
@@ -459,7 +500,6 @@ mod tests {
         first.commit(10);
         settle().await;
         let coalesced = fixture.next();
-        assert!(matches!(coalesced.command, Command::Appends(_)));
         assert_eq!(coalesced.batches(), [(3, 3), (4, 4), (5, 5)]);
         second.commit(11);
         coalesced.commit(100);
@@ -632,6 +672,70 @@ mod tests {
         assert_eq!(answer(d).await.expect("committed"), 3);
         settle().await;
         fixture.assert_no_proposal();
+    }
+
+    /// Each caller of a coalesced entry gets what became of its own batch: written, a
+    /// duplicate (its first offsets, marked), or its producer state's refusal.
+    #[tokio::test(start_paused = true)]
+    async fn each_caller_gets_its_own_batch_outcome() {
+        let mut fixture = fixture(1, 1 << 20);
+        let coalescer = fixture.coalescer.clone();
+        let _first = fixture.append(1, 1, 1, PATIENT).await;
+        let callers: Vec<_> = (2..5u8)
+            .map(|tag| {
+                let coalescer = coalescer.clone();
+                let batch = StampedBatch {
+                    count: 1,
+                    batch: Bytes::from(vec![tag]),
+                    producer: Some(crate::ProducerStamp {
+                        id: 1,
+                        epoch: 0,
+                        sequence: u64::from(tag),
+                    }),
+                };
+                tokio::spawn(async move { coalescer.append(batch, PATIENT).await })
+            })
+            .collect();
+        settle().await;
+        fixture.next().commit(0);
+        settle().await;
+        let proposal = fixture.next();
+        let Command::Produce(entry) = &proposal.command else {
+            panic!("an append is proposed as Command::Produce");
+        };
+        assert_eq!(entry.batches.len(), 3);
+        assert_eq!(
+            entry.limits.producers_max, 10,
+            "the limits travel in the entry"
+        );
+        let refusal = crate::Refusal::OutOfOrder { expected: 3 };
+        proposal.answer(Ok(Response::Appended(vec![
+            BatchOutcome::Written(7),
+            BatchOutcome::Duplicate(3),
+            BatchOutcome::Refused(refusal),
+        ])));
+        let mut answers = Vec::new();
+        for caller in callers {
+            answers.push(caller.await.expect("no panic"));
+        }
+        assert_eq!(
+            answers[0].as_ref().expect("written"),
+            &Appended {
+                base_offset: 7,
+                duplicate: false
+            }
+        );
+        assert_eq!(
+            answers[1].as_ref().expect("duplicate"),
+            &Appended {
+                base_offset: 3,
+                duplicate: true
+            }
+        );
+        assert!(matches!(
+            answers[2],
+            Err(WriteError::Refused { refusal: r, .. }) if r == refusal
+        ));
     }
 
     /// A proposer that dies gives its slot back: with one proposer allowed, the next append is

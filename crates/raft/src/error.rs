@@ -7,6 +7,7 @@ use std::io;
 
 use crate::GroupId;
 use crate::NodeId;
+use crate::producers::Refusal;
 
 /// Why a write did not return an answer.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,6 +48,15 @@ pub enum WriteError {
         group: GroupId,
         /// Why.
         reason: String,
+    },
+    /// The entry committed, and the partition's producer state refused the batch: nothing of it
+    /// was written. Final for this stamp.
+    #[error("group {group} refused the producer's batch: {refusal:?}")]
+    Refused {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        refusal: Refusal,
     },
 }
 

@@ -16,6 +16,7 @@ use openraft::error::RaftError;
 use openraft::storage::RaftStateMachine;
 use ordo_proto::internal::RaftKind;
 use ordo_storage::GroupStore;
+use ordo_storage::IndexEntry;
 
 use crate::GroupError;
 use crate::GroupId;
@@ -290,7 +291,6 @@ pub(crate) fn read_committed(
             ),
         });
     };
-    let mut base_offset = first.base_offset;
     let mut batches = Vec::new();
     let entries = store.read_log(first.log_index, u64::MAX, max_bytes)?;
     // Offsets are counted from the indexed entry, so the read must start exactly there.
@@ -303,19 +303,51 @@ pub(crate) fn read_committed(
             ),
         });
     }
+    // Which entries hold offsets, and which of their batches do not: entries the index does not
+    // name (blank, membership, every batch a producer's retry) hold none.
+    let indexed = store.index_range(first.base_offset, high_watermark, entries.len())?;
+    let mut indexed = indexed.into_iter().peekable();
     for (index, bytes) in entries {
-        if base_offset >= high_watermark {
+        let Some(next) = indexed.peek() else {
             break;
+        };
+        if next.log_index != index {
+            continue;
         }
+        let IndexEntry {
+            base_offset,
+            count,
+            skipped_batches,
+            ..
+        } = indexed.next().expect("peeked");
         let entry: Entry = decode(&bytes).map_err(|error| ReadError::Decode {
             group,
             reason: format!("index {index}: {error}"),
         })?;
-        if let EntryPayload::Normal(command) = &entry.payload {
-            for (count, batch) in command.batches() {
-                batches.push((base_offset, count, batch.clone()));
-                base_offset += u64::from(count);
+        let EntryPayload::Normal(command) = &entry.payload else {
+            return Err(ReadError::Decode {
+                group,
+                reason: format!(
+                    "index {index}: offset {base_offset} points at an entry without records"
+                ),
+            });
+        };
+        let mut offset = base_offset;
+        for (position, part) in command.batches().into_iter().enumerate() {
+            if skipped_batches.contains(&(position as u32)) {
+                continue;
             }
+            batches.push((offset, part.count, part.batch.clone()));
+            offset += u64::from(part.count);
+        }
+        if offset - base_offset != u64::from(count) {
+            return Err(ReadError::Decode {
+                group,
+                reason: format!(
+                    "index {index}: the index holds {count} records at offset {base_offset}, the entry {}",
+                    offset - base_offset
+                ),
+            });
         }
     }
     Ok(ReadBatch {

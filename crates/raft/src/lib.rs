@@ -14,6 +14,8 @@
 //!   `PartitionLogic` (assigns dense offsets in commit order and keeps the offset index) and
 //!   `MetadataLogic` (applies the broker's opaque commands through [`MetaApply`]).
 //! - `meta`: [`MetaApply`], the interface the broker implements to be replicated.
+//! - `producers`: idempotent producers' states per partition and the pure check that writes a
+//!   retried batch once ([`ProducerStamp`], [`Refusal`]), run by `PartitionLogic`.
 //! - `coalesce`: per-partition coalescing of concurrent appends into one entry, with at most
 //!   [`RaftOptions::proposals_in_flight_max`] proposals in flight.
 //! - `network`: the peer connection pool ([`Peers`]) and the client side of the internal Raft
@@ -43,6 +45,7 @@ mod meta;
 mod network;
 mod node;
 mod options;
+mod producers;
 mod types;
 mod watchdog;
 
@@ -58,9 +61,17 @@ pub use network::INTERNAL_MESSAGE_BYTES_MAX;
 pub use network::Peers;
 pub use node::RaftNode;
 pub use options::RaftOptions;
+pub use producers::ProducerLimits;
+pub use producers::ProducerStamp;
+pub use producers::Refusal;
+pub use producers::WINDOW_BATCHES;
 pub use types::AppendBatch;
+pub use types::Appended;
+pub use types::BatchOutcome;
 pub use types::Command;
+pub use types::ProduceEntry;
 pub use types::Response;
+pub use types::StampedBatch;
 
 /// Identifies one Raft group on a node. Group 0 is the metadata group.
 pub use ordo_storage::GroupId;

@@ -1,11 +1,15 @@
 //! The state machines: one driver ([`Machine`]) shared by partitions and the metadata group, and
 //! the [`Logic`] each plugs in.
 //!
-//! Partitions ([`PartitionLogic`]): each committed `Command::Append { count }` gets offsets
+//! Partitions ([`PartitionLogic`]): the batches of each committed entry get offsets
 //! `next .. next + count`, in commit order, so offsets are dense, start at 0 and are never
-//! reused; a `Command::Appends` entry (coalesced batches) gets one run for all its records, its
-//! batches consecutive in order. Applying writes one index entry per log entry
-//! (`base offset -> log index, count`); the records stay in the Raft log entry, written once.
+//! reused; an entry's batches get one run, consecutive in order. A batch stamped by an
+//! idempotent producer first goes through the partition's producer states (`producers`): a
+//! retry or a refused batch gets no offsets. Applying writes one index entry per log entry
+//! that got offsets (`base offset -> log index, count, the positions of batches skipped`); the
+//! records stay in the Raft log entry, written once. Producer states are rows of the group's
+//! store, each written in the apply batch that changed it, so they are exactly as durable as
+//! the applied state, and restored with it.
 //!
 //! Metadata ([`MetadataLogic`]): commands are opaque bytes applied by the broker's [`MetaApply`].
 //!
@@ -31,6 +35,7 @@ use ordo_storage::GroupBatch;
 use ordo_storage::GroupStore;
 use ordo_storage::IndexEntry;
 use ordo_storage::MetaKey;
+use ordo_storage::Table;
 use serde::Deserialize;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -38,6 +43,10 @@ use tokio::sync::watch;
 use crate::codec::decode;
 use crate::codec::encode;
 use crate::meta::MetaApply;
+use crate::producers::Decision;
+use crate::producers::ProducerState;
+use crate::producers::Producers;
+use crate::types::BatchOutcome;
 use crate::types::C;
 use crate::types::Command;
 use crate::types::LogId;
@@ -57,10 +66,29 @@ pub(crate) trait Logic: Send + Sync + 'static {
         index: u64,
         command: Command,
     ) -> Response;
-    /// The logic's state, persisted with the applied log id and in snapshots.
+    /// Adds to `batch` whatever the entries applied since the last call changed outside the
+    /// state [`Logic::encode_state`] gives (rows of the group's store).
+    fn persist(&mut self, _store: &GroupStore, _batch: &mut GroupBatch) -> io::Result<()> {
+        Ok(())
+    }
+    /// The logic's state persisted with the applied log id, written after every apply: small.
     fn encode_state(&self) -> io::Result<Vec<u8>>;
-    /// Replaces the state with a persisted or received one.
-    fn restore(&mut self, state: &[u8]) -> io::Result<()>;
+    /// Replaces the state with the persisted one (`state` from [`Logic::encode_state`], plus
+    /// whatever [`Logic::persist`] wrote to `store`).
+    fn restore(&mut self, store: &GroupStore, state: &[u8]) -> io::Result<()>;
+    /// The whole state, for a snapshot.
+    fn encode_snapshot(&self) -> io::Result<Vec<u8>> {
+        self.encode_state()
+    }
+    /// Replaces the state with a snapshot's, adding the writes that persist it to `batch`.
+    fn install(
+        &mut self,
+        store: &GroupStore,
+        _batch: &mut GroupBatch,
+        snapshot: &[u8],
+    ) -> io::Result<()> {
+        self.restore(store, snapshot)
+    }
     /// Called once the applied batch is readable.
     fn publish(&self);
     /// Whether proposers may be answered before the applied batch is written and published.
@@ -93,7 +121,7 @@ impl<L: Logic> Machine<L> {
             None => AppliedState::default(),
         };
         if state.last_applied.is_some() {
-            logic.restore(&state.logic)?;
+            logic.restore(&store, &state.logic)?;
         }
         logic.publish();
         Ok(Self {
@@ -118,7 +146,7 @@ impl<L: Logic> Machine<L> {
                 last_log_id: self.last_applied.clone(),
                 last_membership: self.membership.clone(),
             },
-            snapshot: SnapshotData::new(self.logic.encode_state()?),
+            snapshot: SnapshotData::new(self.logic.encode_snapshot()?),
         })
     }
 }
@@ -156,6 +184,7 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
                 responders.push((responder, response));
             }
         }
+        self.logic.persist(&self.store, &mut batch)?;
         self.store
             .put_meta(&mut batch, MetaKey::Applied, &self.encode_applied()?);
         // The entries are committed (durable on a quorum) and their answers are computed. When
@@ -181,10 +210,11 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
         meta: &SnapshotMeta,
         snapshot: SnapshotData,
     ) -> io::Result<()> {
-        self.logic.restore(snapshot.get_ref())?;
+        let mut batch = self.store.batch();
+        self.logic
+            .install(&self.store, &mut batch, snapshot.get_ref())?;
         self.last_applied = meta.last_log_id.clone();
         self.membership = meta.last_membership.clone();
-        let mut batch = self.store.batch();
         self.store
             .put_meta(&mut batch, MetaKey::Applied, &self.encode_applied()?);
         self.store.write_durable(batch).await?;
@@ -224,19 +254,84 @@ impl RaftSnapshotBuilder<C> for TakenSnapshot {
     }
 }
 
-/// A partition's logic: assigns offsets to committed batches and writes the offset index.
+/// A partition's logic: assigns offsets to committed batches, keeps its producers' states and
+/// writes the offset index.
 pub(crate) struct PartitionLogic {
     next_offset: u64,
+    producers: Producers,
     /// The high watermark (next offset), published after each applied batch is readable.
     high_watermark: watch::Sender<u64>,
+}
+
+/// A partition's snapshot: everything its state machine holds.
+#[derive(Serialize, Deserialize)]
+struct PartitionSnapshot {
+    next_offset: u64,
+    producers: Vec<(u64, ProducerState)>,
 }
 
 impl PartitionLogic {
     pub(crate) fn new(high_watermark: watch::Sender<u64>) -> Self {
         Self {
             next_offset: 0,
+            producers: Producers::default(),
             high_watermark,
         }
+    }
+
+    /// Assigns offsets to the batches of one entry at log `index`: each batch is written, or
+    /// (a stamped batch its producer's state turns away) skipped.
+    fn append(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        index: u64,
+        command: &Command,
+    ) -> Vec<BatchOutcome> {
+        let (at_ms, limits) = match command {
+            Command::Produce(entry) => (entry.at_ms, Some(entry.limits)),
+            _ => (0, None),
+        };
+        let base_offset = self.next_offset;
+        let mut outcomes = Vec::new();
+        let mut skipped_batches = Vec::new();
+        for (position, part) in command.batches().into_iter().enumerate() {
+            let decision = match (part.producer, limits) {
+                (Some(stamp), Some(limits)) => {
+                    self.producers
+                        .check(stamp, part.count, self.next_offset, at_ms, limits)
+                }
+                _ => Decision::Write,
+            };
+            let outcome = match decision {
+                Decision::Write => {
+                    let offset = self.next_offset;
+                    self.next_offset = offset
+                        .checked_add(u64::from(part.count))
+                        .expect("offsets cannot overflow u64");
+                    BatchOutcome::Written(offset)
+                }
+                Decision::Duplicate { base_offset } => BatchOutcome::Duplicate(base_offset),
+                Decision::Refuse(refusal) => BatchOutcome::Refused(refusal),
+            };
+            if !matches!(outcome, BatchOutcome::Written(_)) {
+                skipped_batches.push(u32::try_from(position).expect("an entry has < 2^32 batches"));
+            }
+            outcomes.push(outcome);
+        }
+        let count = self.next_offset - base_offset;
+        if count > 0 {
+            store.put_index(
+                batch,
+                &IndexEntry {
+                    base_offset,
+                    log_index: index,
+                    count: u32::try_from(count).expect("coalescing keeps an entry's count in u32"),
+                    skipped_batches,
+                },
+            );
+        }
+        outcomes
     }
 }
 
@@ -251,38 +346,67 @@ impl Logic for PartitionLogic {
         command: Command,
     ) -> Response {
         match command {
-            Command::Append { .. } | Command::Appends(_) => {
-                let base_offset = self.next_offset;
-                let count = command.record_count();
-                store.put_index(
-                    batch,
-                    IndexEntry {
-                        base_offset,
-                        log_index: index,
-                        count: u32::try_from(count)
-                            .expect("coalescing keeps an entry's count in u32"),
-                    },
-                );
-                self.next_offset = base_offset
-                    .checked_add(count)
-                    .expect("offsets cannot overflow u64");
-                Response::Appended { base_offset }
-            }
             Command::Meta(_) => {
                 tracing::warn!(index, "metadata command in a partition log ignored");
                 Response::None
             }
+            command => Response::Appended(self.append(store, batch, index, &command)),
         }
+    }
+
+    fn persist(&mut self, store: &GroupStore, batch: &mut GroupBatch) -> io::Result<()> {
+        for (id, state) in self.producers.take_changes() {
+            match state {
+                Some(state) => store.put_row(batch, Table::Producers, id, &encode(state)?),
+                None => store.delete_row(batch, Table::Producers, id),
+            }
+        }
+        Ok(())
     }
 
     fn encode_state(&self) -> io::Result<Vec<u8>> {
         encode(&self.next_offset)
     }
 
-    fn restore(&mut self, state: &[u8]) -> io::Result<()> {
+    fn restore(&mut self, store: &GroupStore, state: &[u8]) -> io::Result<()> {
         let next_offset: u64 = decode(state)?;
-        // The high watermark never moves back, except when a fresh snapshot resets an empty machine.
+        let mut producers = std::collections::BTreeMap::new();
+        for (id, row) in store.rows(Table::Producers)? {
+            producers.insert(id, decode(&row)?);
+        }
         self.next_offset = next_offset;
+        self.producers.replace(producers);
+        Ok(())
+    }
+
+    fn encode_snapshot(&self) -> io::Result<Vec<u8>> {
+        encode(&PartitionSnapshot {
+            next_offset: self.next_offset,
+            producers: self
+                .producers
+                .states()
+                .iter()
+                .map(|(id, state)| (*id, state.clone()))
+                .collect(),
+        })
+    }
+
+    fn install(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        snapshot: &[u8],
+    ) -> io::Result<()> {
+        let snapshot: PartitionSnapshot = decode(snapshot)?;
+        // The high watermark never moves back, except when a fresh snapshot resets an empty
+        // machine.
+        self.next_offset = snapshot.next_offset;
+        store.clear_table(batch, Table::Producers);
+        for (id, state) in &snapshot.producers {
+            store.put_row(batch, Table::Producers, *id, &encode(state)?);
+        }
+        self.producers
+            .replace(snapshot.producers.into_iter().collect());
         Ok(())
     }
 
@@ -315,7 +439,7 @@ impl Logic for MetadataLogic {
     ) -> Response {
         match command {
             Command::Meta(command) => Response::Meta(self.apply.apply(index, &command).into()),
-            Command::Append { .. } | Command::Appends(_) => {
+            Command::Append { .. } | Command::Appends(_) | Command::Produce(_) => {
                 tracing::warn!(index, "record batch in the metadata log ignored");
                 Response::None
             }
@@ -326,7 +450,7 @@ impl Logic for MetadataLogic {
         Ok(self.apply.snapshot())
     }
 
-    fn restore(&mut self, state: &[u8]) -> io::Result<()> {
+    fn restore(&mut self, _store: &GroupStore, state: &[u8]) -> io::Result<()> {
         self.apply
             .restore(state)
             .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))

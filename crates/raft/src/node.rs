@@ -55,9 +55,12 @@ use crate::meta::MetaApply;
 use crate::network::NetworkFactory;
 use crate::network::Peers;
 use crate::network::RaftAnswer;
+use crate::producers::ProducerLimits;
+use crate::types::Appended;
 use crate::types::C;
 use crate::types::Command;
 use crate::types::Response;
+use crate::types::StampedBatch;
 
 type MetaRaft = Raft<C, Machine<MetadataLogic>>;
 
@@ -326,6 +329,11 @@ impl RaftNode {
             CoalesceLimits {
                 bytes_max: self.host.options.coalesce_bytes_max,
                 proposals_max: self.host.options.proposals_in_flight_max.max(1),
+                producers: ProducerLimits {
+                    producers_max: self.host.options.producers_per_partition_max.max(1),
+                    idle_ms: u64::try_from(self.host.options.producer_idle_timeout.as_millis())
+                        .unwrap_or(u64::MAX),
+                },
             },
         ));
         let partition = Partition {
@@ -366,28 +374,23 @@ impl RaftNode {
         Ok(())
     }
 
-    /// Proposes `command` to a partition and waits until it is committed and applied.
-    pub async fn write(
+    /// Appends a batch to a partition this node leads and waits until it is committed and
+    /// applied: where it is (or was, for a producer's retry), or why its producer state refused
+    /// it. A follower answers `NotLeader` at once, so the caller can forward cleanly.
+    pub async fn append(
         &self,
         group: GroupId,
-        command: Command,
+        batch: StampedBatch,
         timeout: Duration,
-    ) -> Result<Response, WriteError> {
+    ) -> Result<Appended, WriteError> {
         let partition = self
             .partition(group)
             .ok_or(WriteError::GroupNotFound(group))?;
-        match command {
-            Command::Append { count, batch } => {
-                // A follower answers at once, so the caller can forward cleanly.
-                let leader = partition.raft.metrics().borrow_watched().current_leader;
-                if leader != Some(self.host.id) {
-                    return Err(WriteError::NotLeader { group, leader });
-                }
-                let base_offset = partition.coalescer.append(count, batch, timeout).await?;
-                Ok(Response::Appended { base_offset })
-            }
-            command => propose(&partition.raft, group, command, timeout).await,
+        let leader = partition.raft.metrics().borrow_watched().current_leader;
+        if leader != Some(self.host.id) {
+            return Err(WriteError::NotLeader { group, leader });
         }
+        partition.coalescer.append(batch, timeout).await
     }
 
     /// Proposes a metadata command; returns the state machine's encoded answer.

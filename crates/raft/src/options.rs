@@ -25,6 +25,12 @@ pub struct RaftOptions {
     /// Most proposals of one partition in flight at once; appends arriving meanwhile are
     /// coalesced into the next entry.
     pub proposals_in_flight_max: usize,
+    /// Most idempotent producers one partition remembers (see `producers`); a new producer past
+    /// it is refused unless an idle one can be forgotten.
+    pub producers_per_partition_max: u32,
+    /// A producer without a write to a partition for this long may be forgotten there; its next
+    /// batch other than at sequence 0 is then refused as from an unknown producer.
+    pub producer_idle_timeout: Duration,
 }
 
 impl Default for RaftOptions {
@@ -38,6 +44,8 @@ impl Default for RaftOptions {
             entry_cache_bytes: 1 << 20,
             coalesce_bytes_max: 1 << 20,
             proposals_in_flight_max: 2,
+            producers_per_partition_max: 1_000,
+            producer_idle_timeout: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

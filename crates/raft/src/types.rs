@@ -6,11 +6,17 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::producers::ProducerLimits;
+use crate::producers::ProducerStamp;
+use crate::producers::Refusal;
+
 /// What a log entry carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// A batch of `count` records, encoded by the broker. The partition state machine assigns it
     /// offsets `next .. next + count`; the bytes are stored once, in the Raft log entry itself.
+    /// Written before producer stamps existed (now every append is a [`Command::Produce`]);
+    /// still applied and read.
     Append {
         /// Records in the batch.
         count: u32,
@@ -20,8 +26,13 @@ pub enum Command {
     /// A metadata command, encoded by the broker and applied through [`crate::MetaApply`].
     Meta(Bytes),
     /// Several batches proposed together (concurrent appends to one partition coalesced into one
-    /// entry, see `coalesce`): they get consecutive offsets, in order.
+    /// entry, see `coalesce`): they get consecutive offsets, in order. Written before producer
+    /// stamps existed; still applied and read.
     Appends(Vec<AppendBatch>),
+    /// One or more batches proposed together (see `coalesce`), each maybe stamped by its
+    /// producer. The batches the partition's producer states let through (`producers`) get
+    /// consecutive offsets, in order; the others get none.
+    Produce(ProduceEntry),
 }
 
 /// One batch of an [`Command::Appends`] entry.
@@ -33,14 +44,62 @@ pub struct AppendBatch {
     pub batch: Bytes,
 }
 
+/// The payload of a [`Command::Produce`] entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProduceEntry {
+    /// The proposing leader's clock (milliseconds since the Unix epoch): the time every replica
+    /// uses for this entry's producer states.
+    pub at_ms: u64,
+    /// The proposing leader's bounds on producer states, used by every replica.
+    pub limits: ProducerLimits,
+    /// The batches, in order.
+    pub batches: Vec<StampedBatch>,
+}
+
+/// One batch to append, as the broker hands it to [`crate::RaftNode::append`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StampedBatch {
+    /// Records in the batch.
+    pub count: u32,
+    /// The encoded batch, opaque to this crate.
+    pub batch: Bytes,
+    /// The producer and sequence, for an idempotent produce.
+    pub producer: Option<ProducerStamp>,
+}
+
+/// One batch of an entry, whatever the entry's variant.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRef<'a> {
+    /// Records in the batch.
+    pub count: u32,
+    /// The encoded batch.
+    pub batch: &'a Bytes,
+    /// Its producer stamp, if any.
+    pub producer: Option<ProducerStamp>,
+}
+
 impl Command {
-    /// The record batches this entry carries, in offset order, as `(count, batch)`.
-    pub fn batches(&self) -> Vec<(u32, &Bytes)> {
+    /// The record batches this entry carries, in order.
+    pub fn batches(&self) -> Vec<BatchRef<'_>> {
+        let plain = |count: u32, batch| BatchRef {
+            count,
+            batch,
+            producer: None,
+        };
         match self {
-            Command::Append { count, batch } => vec![(*count, batch)],
+            Command::Append { count, batch } => vec![plain(*count, batch)],
             Command::Appends(batches) => batches
                 .iter()
-                .map(|part| (part.count, &part.batch))
+                .map(|part| plain(part.count, &part.batch))
+                .collect(),
+            Command::Produce(entry) => entry
+                .batches
+                .iter()
+                .map(|part| BatchRef {
+                    count: part.count,
+                    batch: &part.batch,
+                    producer: part.producer,
+                })
                 .collect(),
             Command::Meta(_) => Vec::new(),
         }
@@ -50,7 +109,7 @@ impl Command {
     pub fn record_count(&self) -> u64 {
         self.batches()
             .iter()
-            .map(|(count, _)| u64::from(*count))
+            .map(|part| u64::from(part.count))
             .sum()
     }
 
@@ -58,7 +117,7 @@ impl Command {
     pub fn payload_bytes(&self) -> usize {
         match self {
             Command::Meta(command) => command.len(),
-            _ => self.batches().iter().map(|(_, batch)| batch.len()).sum(),
+            _ => self.batches().iter().map(|part| part.batch.len()).sum(),
         }
     }
 }
@@ -77,18 +136,43 @@ impl std::fmt::Display for Command {
                 self.record_count(),
                 self.payload_bytes()
             ),
+            Command::Produce(entry) => write!(
+                f,
+                "produce({} batches, {} records, {} bytes)",
+                entry.batches.len(),
+                self.record_count(),
+                self.payload_bytes()
+            ),
         }
     }
+}
+
+/// Where an appended batch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the batch's first record.
+    pub base_offset: u64,
+    /// The batch was a producer's retry of one written before: nothing was written now, and
+    /// `base_offset` is where the first one is.
+    pub duplicate: bool,
+}
+
+/// What became of one batch of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchOutcome {
+    /// Written now; its first record's offset.
+    Written(u64),
+    /// Written before (a producer's retry); nothing written now; its first record's offset.
+    Duplicate(u64),
+    /// Not written: its producer's state refused it.
+    Refused(Refusal),
 }
 
 /// What applying an entry returned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    /// The batch's first offset.
-    Appended {
-        /// Offset of the first record of the batch.
-        base_offset: u64,
-    },
+    /// What became of each batch of the entry, in order.
+    Appended(Vec<BatchOutcome>),
     /// The metadata state machine's answer, encoded by the broker.
     Meta(Bytes),
     /// Entries without an answer (blank, membership).

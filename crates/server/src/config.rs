@@ -81,6 +81,14 @@ pub struct RaftConfig {
     /// Proposals of one partition in flight at once; appends arriving meanwhile wait and are
     /// coalesced into the next entry. Default 2.
     pub proposals_in_flight_max: u64,
+    /// Idempotent producers one partition remembers (about 200 bytes each). A new producer past
+    /// it is refused (RESOURCE_EXHAUSTED, TOO_MANY_PRODUCERS) unless one idle for
+    /// producer_idle_timeout_ms can be forgotten. Default 1000.
+    pub producers_per_partition_max: u32,
+    /// A producer that has not written to a partition for this long may be forgotten there;
+    /// its next batch (unless at sequence 0) is then refused as UNKNOWN_PRODUCER. Milliseconds.
+    /// Default 604800000 (7 days).
+    pub producer_idle_timeout_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -99,6 +107,8 @@ impl Default for RaftConfig {
             entry_cache_bytes: options.entry_cache_bytes as u64,
             coalesce_bytes_max: options.coalesce_bytes_max as u64,
             proposals_in_flight_max: options.proposals_in_flight_max as u64,
+            producers_per_partition_max: options.producers_per_partition_max,
+            producer_idle_timeout_ms: millis(options.producer_idle_timeout),
         }
     }
 }
@@ -324,6 +334,11 @@ impl NodeConfig {
         if raft.proposals_in_flight_max == 0 {
             return fail("raft.proposals_in_flight_max must be > 0".into());
         }
+        if raft.producers_per_partition_max == 0 || raft.producer_idle_timeout_ms == 0 {
+            return fail(
+                "raft: producers_per_partition_max and producer_idle_timeout_ms must be > 0".into(),
+            );
+        }
         if raft.append_entries_max == 0 || raft.leader_balance_interval_ms == 0 {
             return fail(
                 "raft: append_entries_max and leader_balance_interval_ms must be > 0".into(),
@@ -359,6 +374,8 @@ impl NodeConfig {
             coalesce_bytes_max: usize::try_from(self.raft.coalesce_bytes_max).unwrap_or(usize::MAX),
             proposals_in_flight_max: usize::try_from(self.raft.proposals_in_flight_max)
                 .unwrap_or(usize::MAX),
+            producers_per_partition_max: self.raft.producers_per_partition_max,
+            producer_idle_timeout: Duration::from_millis(self.raft.producer_idle_timeout_ms),
         }
     }
 

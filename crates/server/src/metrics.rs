@@ -28,8 +28,10 @@ pub struct Metrics {
     registry: Registry,
     /// Produce calls by result.
     pub produce_requests: Family<ResultLabels, Counter>,
-    /// Records acked.
+    /// Records acked (written now; idempotent retries of written requests are not counted).
     pub produce_records: Counter,
+    /// Idempotent produce requests answered as retries of requests written before.
+    pub produce_duplicates: Counter,
     /// Produce latency, call to ack.
     pub produce_latency: Histogram,
     /// Fetch calls by result.
@@ -61,6 +63,12 @@ impl Metrics {
         );
         let produce_records = Counter::default();
         registry.register("produce_records", "Records acked", produce_records.clone());
+        let produce_duplicates = Counter::default();
+        registry.register(
+            "produce_duplicates",
+            "Idempotent produce requests found written before (nothing written again)",
+            produce_duplicates.clone(),
+        );
         let produce_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
             "produce_latency_seconds",
@@ -140,6 +148,7 @@ impl Metrics {
             registry,
             produce_requests,
             produce_records,
+            produce_duplicates,
             produce_latency,
             fetch_requests,
             subscriptions,

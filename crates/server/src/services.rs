@@ -14,6 +14,7 @@ use futures::stream::FuturesUnordered;
 use ordo_broker::Broker;
 use ordo_broker::BrokerError;
 use ordo_broker::PartitionView;
+use ordo_broker::ProducerStamp;
 use ordo_broker::TopicView;
 use ordo_broker::rpc;
 use ordo_broker::rpc::MetaForward;
@@ -106,9 +107,20 @@ impl Services {
             tracing::debug_span!("produce", node = self.broker.node_id(), topic = %request.topic);
         let count = request.records.len() as u64;
         let records = request.records.into_iter().map(Into::into).collect();
+        let producer = request.producer.map(|producer| ProducerStamp {
+            id: producer.producer_id,
+            epoch: producer.producer_epoch,
+            sequence: producer.sequence,
+        });
         let result = self
             .broker
-            .produce(&request.topic, request.partition, records, timeout)
+            .produce(
+                &request.topic,
+                request.partition,
+                records,
+                producer,
+                timeout,
+            )
             .instrument(span)
             .await;
         let result = result.map_err(to_status);
@@ -116,16 +128,22 @@ impl Services {
             &self.metrics.produce_requests,
             result.as_ref().map(|_| ()).map_err(Status::code),
         );
-        let acks = result?;
-        self.metrics.produce_records.inc_by(count);
+        let produced = result?;
+        if produced.duplicate {
+            self.metrics.produce_duplicates.inc();
+        } else {
+            self.metrics.produce_records.inc_by(count);
+        }
         self.metrics
             .produce_latency
             .observe(started.elapsed().as_secs_f64());
         Ok(pb::ProduceResponse {
-            acks: acks
+            acks: produced
+                .acks
                 .into_iter()
                 .map(|(partition, offset)| pb::RecordAck { partition, offset })
                 .collect(),
+            duplicate: produced.duplicate,
         })
     }
 
@@ -313,6 +331,23 @@ impl pb::log_server::Log for Services {
             request.partition,
             outcome,
         )))
+    }
+
+    async fn init_producer(
+        &self,
+        request: Request<pb::InitProducerRequest>,
+    ) -> Result<Response<pb::InitProducerResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), self.broker.limits().produce_timeout());
+        let name = request.into_inner().producer_name;
+        let (producer_id, producer_epoch) = self
+            .broker
+            .init_producer(Some(name), timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::InitProducerResponse {
+            producer_id,
+            producer_epoch,
+        }))
     }
 
     type SubscribeStream =
@@ -516,9 +551,19 @@ impl internal_pb::internal_server::Internal for Services {
     ) -> Result<Response<internal_pb::ForwardProduceResponse>, Status> {
         let timeout = request_timeout(request.metadata(), self.broker.limits().produce_timeout());
         let request = request.into_inner();
+        let producer = request
+            .producer
+            .as_ref()
+            .map(ordo_broker::rpc::stamp_from_wire);
         let outcome = self
             .broker
-            .handle_forward_produce(request.group, request.count, request.batch, timeout)
+            .handle_forward_produce(
+                request.group,
+                request.count,
+                request.batch,
+                producer,
+                timeout,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(outcome.into_wire()))
@@ -543,6 +588,18 @@ impl internal_pb::internal_server::Internal for Services {
     ) -> Result<Response<internal_pb::MetaReadIndexResponse>, Status> {
         let index = self.broker.handle_meta_read_index().await;
         Ok(Response::new(rpc::read_index_into_wire(index)))
+    }
+
+    async fn meta_applied(
+        &self,
+        request: Request<internal_pb::MetaAppliedRequest>,
+    ) -> Result<Response<internal_pb::MetaAppliedResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), Duration::from_secs(2));
+        let applied = self
+            .broker
+            .handle_meta_applied(request.get_ref().index, timeout)
+            .await;
+        Ok(Response::new(internal_pb::MetaAppliedResponse { applied }))
     }
 
     async fn ping(

@@ -16,6 +16,11 @@
 //! | nothing written, node stopping | UNAVAILABLE | `SHUTTING_DOWN` | |
 //! | proposed, not confirmed | DEADLINE_EXCEEDED | `OUTCOME_UNKNOWN` | |
 //! | too much in flight | RESOURCE_EXHAUSTED | `RESOURCE_EXHAUSTED` | |
+//! | newer producer epoch | FAILED_PRECONDITION | `PRODUCER_FENCED` | `current_epoch` |
+//! | sequence gap | FAILED_PRECONDITION | `OUT_OF_ORDER_SEQUENCE` | `expected_sequence` |
+//! | producer unknown | FAILED_PRECONDITION | `UNKNOWN_PRODUCER` | |
+//! | retry past the window | ALREADY_EXISTS | `DUPLICATE_SEQUENCE` | `expected_sequence` |
+//! | producers per partition | RESOURCE_EXHAUSTED | `TOO_MANY_PRODUCERS` | `max` |
 //! | bug or storage failure | INTERNAL | `INTERNAL` | |
 //!
 //! OUT_OF_RANGE also sets the `end-offset` response header. The reasons and metadata keys are
@@ -28,6 +33,7 @@
 use std::collections::HashMap;
 
 use ordo_broker::BrokerError;
+use ordo_broker::ProducerRefusal;
 use ordo_proto::errors::END_OFFSET_HEADER;
 use ordo_proto::errors::metadata as key;
 use ordo_proto::errors::reason;
@@ -141,6 +147,34 @@ pub fn to_status(error: BrokerError) -> Status {
             reason::RESOURCE_EXHAUSTED,
             none(),
         ),
+        BrokerError::ProducerRefused(refusal) => {
+            let (code, reason, metadata) = match refusal {
+                ProducerRefusal::Fenced { current_epoch } => (
+                    Code::FailedPrecondition,
+                    reason::PRODUCER_FENCED,
+                    HashMap::from([(key::CURRENT_EPOCH.into(), current_epoch.to_string())]),
+                ),
+                ProducerRefusal::OutOfOrder { expected } => (
+                    Code::FailedPrecondition,
+                    reason::OUT_OF_ORDER_SEQUENCE,
+                    HashMap::from([(key::EXPECTED_SEQUENCE.into(), expected.to_string())]),
+                ),
+                ProducerRefusal::UnknownProducer => {
+                    (Code::FailedPrecondition, reason::UNKNOWN_PRODUCER, none())
+                }
+                ProducerRefusal::SequenceTooOld { expected } => (
+                    Code::AlreadyExists,
+                    reason::DUPLICATE_SEQUENCE,
+                    HashMap::from([(key::EXPECTED_SEQUENCE.into(), expected.to_string())]),
+                ),
+                ProducerRefusal::TooManyProducers { max } => (
+                    Code::ResourceExhausted,
+                    reason::TOO_MANY_PRODUCERS,
+                    HashMap::from([(key::MAX.into(), max.to_string())]),
+                ),
+            };
+            status(code, message, reason, metadata)
+        }
         BrokerError::Internal(_) => status(Code::Internal, message, reason::INTERNAL, none()),
     }
 }
@@ -218,5 +252,31 @@ mod tests {
         let info = status.get_details_error_info().unwrap();
         assert_eq!(info.metadata["leader_id"], "2");
         assert_eq!(info.metadata["leader_address"], "h:1");
+    }
+
+    /// Every producer refusal survives the trip through a status to a forwarding node: the one
+    /// that built it and `ordo_broker::rpc` that reads it agree.
+    #[test]
+    fn producer_refusals_round_trip() {
+        for refusal in [
+            ProducerRefusal::Fenced { current_epoch: 3 },
+            ProducerRefusal::OutOfOrder { expected: 17 },
+            ProducerRefusal::UnknownProducer,
+            ProducerRefusal::SequenceTooOld { expected: 9 },
+            ProducerRefusal::TooManyProducers { max: 1000 },
+        ] {
+            let status = to_status(BrokerError::ProducerRefused(refusal));
+            assert_eq!(
+                ordo_broker::rpc::producer_refusal_of(&status),
+                Some(refusal),
+                "{status:?}"
+            );
+            assert_eq!(
+                ordo_broker::rpc::classify_failure(&status),
+                ordo_broker::rpc::CallFailure::Refused(ordo_broker::rpc::Refusal::Producer(
+                    refusal
+                ))
+            );
+        }
     }
 }

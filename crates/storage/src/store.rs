@@ -277,7 +277,7 @@ pub enum MetaKey {
 
 /// Where a run of offsets lives: log entry `log_index` holds offsets
 /// `base_offset .. base_offset + count`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IndexEntry {
     /// First offset in the entry.
     pub base_offset: u64,
@@ -285,6 +285,31 @@ pub struct IndexEntry {
     pub log_index: u64,
     /// Records in the entry.
     pub count: u32,
+    /// Positions (ascending) of the entry's batches that hold no offsets: the caller decided
+    /// when applying the entry not to write them (e.g. a producer's retry of a batch already
+    /// written). Empty for almost every entry; stored after the 12 fixed bytes.
+    pub skipped_batches: Vec<u32>,
+}
+
+/// A table of small keyed rows of one group, written in the group's batches (so atomically with
+/// its applied state) and read back whole at start. The caller gives rows their meaning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Table {
+    /// A partition's producer states, by producer id.
+    Producers = 1,
+}
+
+/// Row keys live in the meta column family: `group ++ (table << 56 | id)`. Meta keys are small
+/// numbers (top byte 0), so the two never meet.
+const ROW_ID_BITS: u32 = 56;
+
+/// Largest row id a table can hold.
+pub const ROW_ID_MAX: u64 = (1 << ROW_ID_BITS) - 1;
+
+fn row_key(table: Table, id: u64) -> u64 {
+    assert!(id <= ROW_ID_MAX, "row id {id} over {ROW_ID_MAX}");
+    (u64::from(table as u8) << ROW_ID_BITS) | id
 }
 
 /// A set of writes to one group, applied atomically.
@@ -346,15 +371,43 @@ impl GroupStore {
     }
 
     /// Adds an offset index entry to `batch`.
-    pub fn put_index(&self, batch: &mut GroupBatch, entry: IndexEntry) {
-        let mut payload = [0u8; 12];
-        payload[..8].copy_from_slice(&entry.log_index.to_be_bytes());
-        payload[8..].copy_from_slice(&entry.count.to_be_bytes());
+    pub fn put_index(&self, batch: &mut GroupBatch, entry: &IndexEntry) {
+        let mut payload = Vec::with_capacity(12 + 4 * entry.skipped_batches.len());
+        payload.extend_from_slice(&entry.log_index.to_be_bytes());
+        payload.extend_from_slice(&entry.count.to_be_bytes());
+        for position in &entry.skipped_batches {
+            payload.extend_from_slice(&position.to_be_bytes());
+        }
         batch.ops.push(Op::Put {
             cf: Cf::Index,
             key: key(self.group, entry.base_offset).to_vec(),
             value: frame(&payload),
         });
+    }
+
+    /// Adds (or replaces) row `id` of `table` to `batch`.
+    pub fn put_row(&self, batch: &mut GroupBatch, table: Table, id: u64, payload: &[u8]) {
+        batch.ops.push(Op::Put {
+            cf: Cf::Meta,
+            key: key(self.group, row_key(table, id)).to_vec(),
+            value: frame(payload),
+        });
+    }
+
+    /// Deletes row `id` of `table` in `batch`.
+    pub fn delete_row(&self, batch: &mut GroupBatch, table: Table, id: u64) {
+        let at = row_key(table, id);
+        self.delete_range(batch, Cf::Meta, at, at + 1);
+    }
+
+    /// Deletes every row of `table` in `batch`.
+    pub fn clear_table(&self, batch: &mut GroupBatch, table: Table) {
+        self.delete_range(
+            batch,
+            Cf::Meta,
+            row_key(table, 0),
+            row_key(table, ROW_ID_MAX) + 1,
+        );
     }
 
     /// Deletes log entries `from..` (to the end of the log).
@@ -515,6 +568,29 @@ impl GroupStore {
             .transpose()
     }
 
+    /// Every row of `table`, by id.
+    pub fn rows(&self, table: Table) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let db = &self.shared.db;
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(key(self.group, row_key(table, ROW_ID_MAX) + 1).to_vec());
+        let mut iterator = db.raw_iterator_cf_opt(CfHandles.get(db, Cf::Meta), options);
+        iterator.seek(key(self.group, row_key(table, 0)));
+        let mut rows = Vec::new();
+        while let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) {
+            let Some((_, n)) = split_key(raw_key) else {
+                break;
+            };
+            let id = n & ROW_ID_MAX;
+            let payload = unframe(value, || {
+                format!("row group={} table={table:?} id={id}", self.group)
+            })?;
+            rows.push((id, payload.to_vec()));
+            iterator.next();
+        }
+        iterator.status()?;
+        Ok(rows)
+    }
+
     /// The index entry holding `offset`: the entry with the greatest base offset `<= offset`.
     pub fn index_floor(&self, offset: u64) -> Result<Option<IndexEntry>, StorageError> {
         let db = &self.shared.db;
@@ -526,25 +602,64 @@ impl GroupStore {
         let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) else {
             return Ok(None);
         };
+        self.index_entry(raw_key, value)
+    }
+
+    /// Up to `max` index entries with base offsets in `from..to`, in offset order.
+    pub fn index_range(
+        &self,
+        from: u64,
+        to: u64,
+        max: usize,
+    ) -> Result<Vec<IndexEntry>, StorageError> {
+        let db = &self.shared.db;
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(key(self.group, to).to_vec());
+        let mut iterator = db.raw_iterator_cf_opt(CfHandles.get(db, Cf::Index), options);
+        iterator.seek(key(self.group, from));
+        let mut entries = Vec::new();
+        while entries.len() < max {
+            let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) else {
+                break;
+            };
+            match self.index_entry(raw_key, value)? {
+                Some(entry) => entries.push(entry),
+                None => break,
+            }
+            iterator.next();
+        }
+        iterator.status()?;
+        Ok(entries)
+    }
+
+    /// Decodes one index key and value; `None` for a key of another group or shape.
+    fn index_entry(
+        &self,
+        raw_key: &[u8],
+        value: &[u8],
+    ) -> Result<Option<IndexEntry>, StorageError> {
         let Some((group, base_offset)) = split_key(raw_key) else {
             return Ok(None);
         };
         if group != self.group {
             return Ok(None);
         }
-        let payload = unframe(value, || {
-            format!("index group={} offset={base_offset}", self.group)
-        })?;
-        if payload.len() != 12 {
+        let what = || format!("index group={} offset={base_offset}", self.group);
+        let payload = unframe(value, what)?;
+        if payload.len() < 12 || (payload.len() - 12) % 4 != 0 {
             return Err(StorageError::Malformed {
-                what: format!("index group={} offset={base_offset}", self.group),
-                reason: "index value is not 12 bytes",
+                what: what(),
+                reason: "index value is not 12 bytes plus 4 per skipped batch",
             });
         }
         Ok(Some(IndexEntry {
             base_offset,
             log_index: u64::from_be_bytes(payload[..8].try_into().expect("8 bytes")),
-            count: u32::from_be_bytes(payload[8..].try_into().expect("4 bytes")),
+            count: u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes")),
+            skipped_batches: payload[12..]
+                .chunks_exact(4)
+                .map(|chunk| u32::from_be_bytes(chunk.try_into().expect("4 bytes")))
+                .collect(),
         }))
     }
 }
@@ -621,7 +736,8 @@ mod tests {
         assert_eq!(entries.len(), 6);
     }
 
-    /// Everything written durable is there after the store is closed and reopened.
+    /// Everything written durable is there after the store is closed and reopened: log, meta,
+    /// index entries (with their skipped batches) and table rows.
     #[tokio::test]
     async fn restart_recovery() {
         let dir = tempfile::tempdir().unwrap();
@@ -631,14 +747,12 @@ mod tests {
             append(&group, 0..100).await;
             let mut batch = group.batch();
             group.put_meta(&mut batch, MetaKey::Election, b"election-3");
-            group.put_index(
-                &mut batch,
-                IndexEntry {
-                    base_offset: 40,
-                    log_index: 12,
-                    count: 5,
-                },
-            );
+            group.put_index(&mut batch, &index_entry(40, 12, 5, vec![]));
+            group.put_index(&mut batch, &index_entry(45, 14, 3, vec![0, 2]));
+            group.put_row(&mut batch, Table::Producers, 7, b"seven");
+            group.put_row(&mut batch, Table::Producers, ROW_ID_MAX, b"last");
+            group.put_row(&mut batch, Table::Producers, 9, b"gone");
+            group.delete_row(&mut batch, Table::Producers, 9);
             group.write_durable(batch).await.unwrap();
         }
         let store = open(dir.path());
@@ -648,16 +762,43 @@ mod tests {
             group.get_meta(MetaKey::Election).unwrap().unwrap(),
             b"election-3"
         );
-        let entry = group.index_floor(43).unwrap().unwrap();
         assert_eq!(
-            entry,
-            IndexEntry {
-                base_offset: 40,
-                log_index: 12,
-                count: 5
-            }
+            group.index_floor(43).unwrap().unwrap(),
+            index_entry(40, 12, 5, vec![])
         );
         assert_eq!(group.index_floor(39).unwrap(), None);
+        assert_eq!(
+            group.index_range(41, 100, 10).unwrap(),
+            vec![index_entry(45, 14, 3, vec![0, 2])],
+            "skipped batches read back"
+        );
+        assert_eq!(group.index_range(0, 100, 1).unwrap().len(), 1, "max bounds");
+        assert_eq!(
+            group.rows(Table::Producers).unwrap(),
+            vec![(7, b"seven".to_vec()), (ROW_ID_MAX, b"last".to_vec())],
+            "rows survive, deleted rows do not, and meta keys are not rows"
+        );
+        assert!(
+            store
+                .group(GroupId(2))
+                .rows(Table::Producers)
+                .unwrap()
+                .is_empty()
+        );
+        let mut batch = group.batch();
+        group.clear_table(&mut batch, Table::Producers);
+        group.write_durable(batch).await.unwrap();
+        assert!(group.rows(Table::Producers).unwrap().is_empty());
+        assert!(group.get_meta(MetaKey::Election).unwrap().is_some());
+    }
+
+    fn index_entry(base_offset: u64, log_index: u64, count: u32, skipped: Vec<u32>) -> IndexEntry {
+        IndexEntry {
+            base_offset,
+            log_index,
+            count,
+            skipped_batches: skipped,
+        }
     }
 
     fn small(journal_file_bytes: u64) -> StoreOptions {

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! ordo-chaos run [--minutes N] [--seconds N] [--seed S] [--nodes 3|5] [--keep] [--work-dir D]
+//!                [--no-idempotence]
 //! ordo-chaos check HISTORY.jsonl
 //! ```
 //!
@@ -17,7 +18,7 @@ use ordo_tests::chaos::{
     ChaosConfig, checker, fault_kinds, history, parse_faults, run_until_signal,
 };
 
-const USAGE: &str = "usage: ordo-chaos run [--minutes N] [--seconds N] [--seed S] [--nodes 3|5] [--keep] [--disk-strict] [--faults LIST] [--work-dir DIR]\n       ordo-chaos check HISTORY.jsonl\n\n--faults: kinds to inject (kill,pause) or to leave out (-disk-full,-packet-loss)";
+const USAGE: &str = "usage: ordo-chaos run [--minutes N] [--seconds N] [--seed S] [--nodes 3|5] [--keep] [--disk-strict] [--faults LIST] [--work-dir DIR] [--no-idempotence]\n       ordo-chaos check HISTORY.jsonl\n\n--faults: kinds to inject (kill,pause) or to leave out (-disk-full,-packet-loss)\n--no-idempotence: producers without producer sequences; duplicates are counted, not violations";
 
 fn main() -> ExitCode {
     match main_inner() {
@@ -50,6 +51,7 @@ fn main_inner() -> Result<bool> {
             let mut disk_strict = false;
             let mut faults = None;
             let mut work_dir = None;
+            let mut idempotent = true;
             // `--flag=value` is `--flag value`.
             let split: Vec<String> = args[1..]
                 .iter()
@@ -71,6 +73,7 @@ fn main_inner() -> Result<bool> {
                     "--work-dir" => work_dir = Some(PathBuf::from(value()?)),
                     "--keep" => keep = true,
                     "--disk-strict" => disk_strict = true,
+                    "--no-idempotence" => idempotent = false,
                     "--faults" => faults = Some(parse_faults(value()?)?),
                     other => bail!("unknown flag {other}\n{USAGE}"),
                 }
@@ -83,6 +86,7 @@ fn main_inner() -> Result<bool> {
                 config.faults = faults;
             }
             config.work_dir = work_dir;
+            config.idempotent = idempotent;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

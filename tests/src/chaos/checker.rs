@@ -17,9 +17,13 @@
 //!   record of the same key), the later one lies at a higher offset, in every copy.
 //! - **Convergence**: after healing, every replica of a partition holds the identical log.
 //!
-//! A record found at two offsets is a duplicate, not a violation, when some attempt of its call
-//! had an unknown outcome (the client retried it) or when it was acked (a node retried it inside
-//! the call after a leader change, documented in docs/errors.md); both kinds are counted apart.
+//! - **No duplicate** when the run's producers were idempotent (`idempotent` in the history's
+//!   start line): a record found at two offsets is a violation.
+//!
+//! Without idempotent producers, a record found at two offsets is a duplicate, not a
+//! violation, when some attempt of its call had an unknown outcome (the client retried it) or
+//! when it was acked (a node retried it inside the call after a leader change, documented in
+//! docs/errors.md); both kinds are counted apart.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -62,6 +66,8 @@ pub struct Stats {
     pub duplicates_retried: usize,
     /// Extra copies of records whose calls had no unknown attempt (a node's retry in a call).
     pub duplicates_in_call: usize,
+    /// The producers were idempotent: duplicates are violations.
+    pub idempotent: bool,
     /// Records consumers read while the faults ran.
     pub consumer_records: usize,
     /// Replica copies read after healing, and the records in them.
@@ -117,8 +123,14 @@ impl Report {
         let _ = writeln!(out, "  records lost: {}", s.records_lost);
         let _ = writeln!(
             out,
-            "  duplicates: {} from client retries of unknown outcomes, {} from retries inside an acked or refused call",
-            s.duplicates_retried, s.duplicates_in_call
+            "  duplicates ({}): {} from client retries of unknown outcomes, {} from retries inside an acked or refused call",
+            if s.idempotent {
+                "idempotent producers: each is a violation"
+            } else {
+                "producers without idempotence: counted, allowed"
+            },
+            s.duplicates_retried,
+            s.duplicates_in_call
         );
         let _ = writeln!(
             out,
@@ -262,11 +274,13 @@ impl Checker {
                 seed,
                 nodes,
                 partitions,
+                idempotent,
                 ..
             } => {
                 self.report.stats.seed = Some(*seed);
                 self.report.stats.nodes = *nodes;
                 self.report.stats.partitions = *partitions;
+                self.report.stats.idempotent = *idempotent;
             }
             Event::Invoke {
                 process,
@@ -827,6 +841,12 @@ impl Checker {
             if count < 2 {
                 continue;
             }
+            if self.report.stats.idempotent {
+                self.violation(
+                    "duplicate",
+                    format!("{value} is {count} times in the log of idempotent producers"),
+                );
+            }
             if self.calls[&id].maybe_written_unacked() {
                 self.report.stats.duplicates_retried += count - 1;
             } else {
@@ -956,6 +976,7 @@ mod tests {
                 topic: String::from("chaos"),
                 partitions,
                 replication_factor: 3,
+                idempotent: false,
             });
             builder.push(Event::Workload {
                 phase: Phase::Start,
@@ -1228,6 +1249,24 @@ mod tests {
         // v1 at offsets 0 and 2: a retry of an unknown outcome.
         assert!(report.passed(), "{}", report.render());
         assert_eq!(report.stats.duplicates_retried, 1);
+    }
+
+    /// With idempotent producers the same duplicate fails the run.
+    #[test]
+    fn duplicates_of_idempotent_producers_fail() {
+        let mut h = Builder::new(1);
+        if let Some(Line {
+            event: Event::Start { idempotent, .. },
+            ..
+        }) = h.lines.first_mut()
+        {
+            *idempotent = true;
+        }
+        h.failed(&[("a", "v1")], Written::Unknown);
+        h.acked(&[("a", "v2")], &[(0, 1)]);
+        h.replicas(0, &[("a", "v1"), ("a", "v2"), ("a", "v1")]);
+        let report = h.check();
+        assert_violation(&report, "v1 is 2 times in the log");
     }
 
     #[test]

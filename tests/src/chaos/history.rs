@@ -65,6 +65,10 @@ pub enum Event {
         topic: String,
         partitions: u32,
         replication_factor: u32,
+        /// The producers stamped their requests (idempotent producers): any duplicate is then a
+        /// violation. Absent in histories from before idempotence.
+        #[serde(default)]
+        idempotent: bool,
     },
     /// A produce attempt was sent. Every attempt of one call sends the same records.
     Invoke {

@@ -75,6 +75,9 @@ pub struct ChaosConfig {
     pub disk_strict: bool,
     /// The kinds of fault to inject (see [`fault_kinds`]); all by default.
     pub faults: Vec<&'static str>,
+    /// Idempotent producers (default): the checker then fails the run on any duplicate.
+    /// False runs the producers without producer sequences, duplicates counted and allowed.
+    pub idempotent: bool,
 }
 
 impl ChaosConfig {
@@ -92,6 +95,7 @@ impl ChaosConfig {
             binary: binary()?,
             disk_strict: false,
             faults: nemesis::FAULTS.iter().map(|(kind, _)| *kind).collect(),
+            idempotent: true,
         })
     }
 
@@ -317,6 +321,7 @@ async fn drive(
         topic: TOPIC.to_owned(),
         partitions,
         replication_factor: REPLICATION_FACTOR,
+        idempotent: config.idempotent,
     });
     // `ip netns exec` must exec the server, so that signals reach the pid the harness holds.
     for index in 0..nodes.len() {
@@ -344,9 +349,12 @@ async fn drive(
         small_disk + 1
     );
 
-    let stream_clients = workload::stream_clients(nodes).await?;
+    let stream_clients =
+        workload::stream_clients(nodes, config.idempotent, config.producers).await?;
     let shared = Arc::new(workload::Shared {
         stream_clients,
+        idempotent: config.idempotent,
+        partitions,
         nodes: Arc::clone(nodes),
         history: Arc::clone(history),
         topic: TOPIC.to_owned(),

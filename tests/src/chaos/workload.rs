@@ -3,16 +3,26 @@
 //! switching nodes now and then. Every call and its result goes to the history.
 //!
 //! Even-numbered producers send unary `Produce` calls and classify the raw statuses; odd ones
-//! send through `ordo_client::Client` (one per node, no retries of its own), which pipelines
-//! its calls on a `ProduceStream`, and record the client's own verdict. So the checker also
-//! holds the client to its word: a call it calls "not written" must not appear in the log.
+//! send through `ordo_client::Client`, which pipelines its calls on a `ProduceStream`, and
+//! record the client's own verdict. So the checker also holds the client to its word: a call it
+//! calls "not written" must not appear in the log.
+//!
+//! Idempotent runs (the default): unary producers get a producer session (`InitProducer`), send
+//! each call to one partition (keys chosen among those of the partition) stamped with the
+//! partition's next sequence, and retry the same request, same sequence, through random nodes
+//! until it is answered (as a stub user following the contract would); client producers use
+//! one idempotent client over every node and never resend a call the client reported as of
+//! unknown outcome (the client itself resolves it before the partition's next request).
+//! Without idempotence: unary producers send keyed calls without a partition, client
+//! producers use one client per node with no retries of its own, and both retry a failed call
+//! with new attempts, duplicates allowed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ordo_proto::v1::{FetchRequest, ProduceRequest, Record};
+use ordo_proto::v1::{FetchRequest, InitProducerRequest, ProduceRequest, ProducerSequence, Record};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::{Instant, sleep, timeout};
@@ -31,6 +41,9 @@ const KEYS: u32 = 16;
 const BATCH_MAX: usize = 4;
 /// Attempts of one call (the first and its retries, each through a random node).
 const ATTEMPTS_MAX: u32 = 5;
+/// Attempts of one idempotent call once producing has stopped (before, it is retried until
+/// answered).
+const ATTEMPTS_AFTER_STOP: u32 = 5;
 /// `grpc-timeout` of each produce attempt.
 const PRODUCE_DEADLINE: Duration = Duration::from_secs(3);
 /// `grpc-timeout` of each fetch.
@@ -44,8 +57,13 @@ const FETCH_BYTES_MAX: u32 = 256 * 1024;
 /// What the workload tasks share.
 pub struct Shared {
     pub nodes: Arc<Nodes>,
-    /// One client per node (by index), for the producers that use ProduceStream.
+    /// One client per node (by index) for the producers that use ProduceStream; in an
+    /// idempotent run one client (index 0) per client producer, over every node.
     pub stream_clients: Vec<ordo_client::Client>,
+    /// The producers stamp their requests (idempotent producers).
+    pub idempotent: bool,
+    /// Partitions of the topic.
+    pub partitions: u32,
     pub history: Arc<History>,
     pub topic: String,
     /// Producers stop starting calls when set.
@@ -59,6 +77,9 @@ pub struct Shared {
 
 /// Runs one producer until `stop_producing`. Returns the number of calls made.
 pub async fn producer(shared: Arc<Shared>, process: usize, seed: u64) -> u64 {
+    if shared.idempotent && process.is_multiple_of(2) {
+        return idempotent_unary_producer(shared, process, seed).await;
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let nodes = shared.nodes.len();
     let mut seq = 0u64;
@@ -75,57 +96,19 @@ pub async fn producer(shared: Arc<Shared>, process: usize, seed: u64) -> u64 {
                 }
             })
             .collect();
-        let records: Vec<Record> = sent
-            .iter()
-            .map(|record| Record {
-                key: record.key.clone().map(Bytes::from),
-                value: Bytes::from(record.value.clone()),
-                headers: Vec::new(),
-                timestamp_ms: None,
-            })
-            .collect();
+        let records = wire_records(&sent);
         for attempt in 0..ATTEMPTS_MAX {
             let index = rng.random_range(0..nodes);
-            shared.history.log(Event::Invoke {
-                process,
-                call,
-                attempt,
-                node: shared.nodes.nodes[index].id,
-                records: sent.clone(),
-            });
+            invoke(&shared, process, call, attempt, index, &sent);
             let attempted = if process.is_multiple_of(2) {
-                unary_attempt(&shared, index, &records).await
+                unary_attempt(&shared, index, None, &records, None).await
+            } else if shared.idempotent {
+                // One idempotent client over every node: it retries by itself.
+                stream_attempt(&shared, process, 0, &records).await
             } else {
-                stream_attempt(&shared, index, &records).await
+                stream_attempt(&shared, process, index, &records).await
             };
-            let retry = match attempted {
-                Attempted::Acked(acks) => {
-                    shared.history.log(Event::Ok {
-                        process,
-                        call,
-                        attempt,
-                        acks,
-                    });
-                    false
-                }
-                Attempted::Failed {
-                    code,
-                    written,
-                    message,
-                    retry,
-                } => {
-                    shared.history.log(Event::Fail {
-                        process,
-                        call,
-                        attempt,
-                        code,
-                        written,
-                        message: message.chars().take(300).collect(),
-                    });
-                    retry
-                }
-            };
-            if !retry {
+            if !log_attempt(&shared, process, call, attempt, attempted) {
                 break;
             }
             sleep(Duration::from_millis(rng.random_range(50..250))).await;
@@ -135,15 +118,221 @@ pub async fn producer(shared: Arc<Shared>, process: usize, seed: u64) -> u64 {
     call
 }
 
-/// One client per node, each with that node as its only endpoint and no retries of its own, so
-/// that each attempt is one call whose outcome the client itself classifies.
-pub async fn stream_clients(nodes: &Nodes) -> anyhow::Result<Vec<ordo_client::Client>> {
+/// Logs an attempt of a call, through node `index`.
+fn invoke(shared: &Shared, process: usize, call: u64, attempt: u32, index: usize, sent: &[Sent]) {
+    shared.history.log(Event::Invoke {
+        process,
+        call,
+        attempt,
+        node: shared.nodes.nodes[index].id,
+        records: sent.to_vec(),
+    });
+}
+
+/// Logs what an attempt came to; whether the call should be attempted again.
+fn log_attempt(
+    shared: &Shared,
+    process: usize,
+    call: u64,
+    attempt: u32,
+    attempted: Attempted,
+) -> bool {
+    match attempted {
+        Attempted::Acked(acks) => {
+            shared.history.log(Event::Ok {
+                process,
+                call,
+                attempt,
+                acks,
+            });
+            false
+        }
+        Attempted::Failed {
+            code,
+            written,
+            message,
+            retry,
+        } => {
+            shared.history.log(Event::Fail {
+                process,
+                call,
+                attempt,
+                code,
+                written,
+                message: message.chars().take(300).collect(),
+            });
+            retry
+        }
+    }
+}
+
+fn wire_records(sent: &[Sent]) -> Vec<Record> {
+    sent.iter()
+        .map(|record| Record {
+            key: record.key.clone().map(Bytes::from),
+            value: Bytes::from(record.value.clone()),
+            headers: Vec::new(),
+            timestamp_ms: None,
+        })
+        .collect()
+}
+
+/// A unary producer following the idempotent contract by hand, as a stub in any language
+/// would: one session, a sequence per partition, and every call retried with the same request
+/// until it is answered. A call still unanswered when producing stops (after
+/// [`ATTEMPTS_AFTER_STOP`] more attempts) leaves its partition's sequence in doubt; the producer
+/// sends nothing more to that partition.
+async fn idempotent_unary_producer(shared: Arc<Shared>, process: usize, seed: u64) -> u64 {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let nodes = shared.nodes.len();
+    let Some((id, epoch)) = init_producer(&shared, &mut rng).await else {
+        return 0;
+    };
+    // The keys of each partition, so that a call's records share one partition.
+    let mut keys: Vec<Vec<String>> = vec![Vec::new(); shared.partitions as usize];
+    for key in 0..KEYS {
+        let key = format!("k{key}");
+        let partition = ordo_proto::partition::partition_for_key(key.as_bytes(), shared.partitions);
+        keys[partition as usize].push(key);
+    }
+    let mut sequences: Vec<Option<u64>> = keys
+        .iter()
+        .map(|keys| (!keys.is_empty()).then_some(0))
+        .collect();
+    let mut seq = 0u64;
+    let mut call = 0u64;
+    while !shared.stop_producing.load(Ordering::Relaxed) {
+        let open: Vec<usize> = (0..sequences.len())
+            .filter(|partition| sequences[*partition].is_some())
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        let partition = open[rng.random_range(0..open.len())];
+        let sequence = sequences[partition].expect("open partition");
+        call += 1;
+        let count = rng.random_range(1..=BATCH_MAX);
+        let sent: Vec<Sent> = (0..count)
+            .map(|_| {
+                seq += 1;
+                let key = &keys[partition][rng.random_range(0..keys[partition].len())];
+                Sent {
+                    key: Some(key.clone()),
+                    value: format!("p{process}-{seq:07}"),
+                }
+            })
+            .collect();
+        let records = wire_records(&sent);
+        let stamp = ProducerSequence {
+            producer_id: id,
+            producer_epoch: epoch,
+            sequence,
+        };
+        let mut attempts_after_stop = 0;
+        let mut answered = false;
+        for attempt in 0.. {
+            if shared.stop_producing.load(Ordering::Relaxed) {
+                attempts_after_stop += 1;
+                if attempts_after_stop > ATTEMPTS_AFTER_STOP {
+                    break;
+                }
+            }
+            let index = rng.random_range(0..nodes);
+            invoke(&shared, process, call, attempt, index, &sent);
+            let attempted = unary_attempt(
+                &shared,
+                index,
+                Some(partition as u32),
+                &records,
+                Some(stamp.clone()),
+            )
+            .await;
+            let acked = matches!(attempted, Attempted::Acked(_));
+            let refused = matches!(
+                &attempted,
+                Attempted::Failed {
+                    written: Written::No,
+                    retry: false,
+                    ..
+                }
+            );
+            if !log_attempt(&shared, process, call, attempt, attempted) {
+                // Acked, or refused for good (a bug: the checker warns of the code).
+                answered = acked || refused;
+                if acked {
+                    sequences[partition] = Some(sequence + count as u64);
+                }
+                break;
+            }
+            sleep(Duration::from_millis(rng.random_range(50..250))).await;
+        }
+        if !answered {
+            sequences[partition] = None;
+        }
+        sleep(Duration::from_millis(rng.random_range(0..15))).await;
+    }
+    call
+}
+
+/// A producer session through random nodes, retried until producing stops.
+async fn init_producer(shared: &Shared, rng: &mut StdRng) -> Option<(u64, u32)> {
+    while !shared.stop_producing.load(Ordering::Relaxed) {
+        let index = rng.random_range(0..shared.nodes.len());
+        let mut client = shared.nodes.log_client(index);
+        let request = with_timeout(InitProducerRequest::default(), PRODUCE_DEADLINE);
+        if let Ok(Ok(response)) = timeout(
+            PRODUCE_DEADLINE + CLIENT_GRACE,
+            client.init_producer(request),
+        )
+        .await
+        {
+            let response = response.into_inner();
+            return Some((response.producer_id, response.producer_epoch));
+        }
+        sleep(Duration::from_millis(rng.random_range(50..250))).await;
+    }
+    None
+}
+
+/// Without idempotence: one client per node, each with that node as its only endpoint and no
+/// retries of its own, so that each attempt is one call whose outcome the client itself
+/// classifies. Idempotent: one client per client producer (odd processes), over every node,
+/// retrying by itself within its deadline.
+pub async fn stream_clients(
+    nodes: &Nodes,
+    idempotent: bool,
+    producers: usize,
+) -> anyhow::Result<Vec<ordo_client::Client>> {
+    let endpoints: Vec<String> = nodes
+        .nodes
+        .iter()
+        .map(|node| format!("http://{}", node.address))
+        .collect();
+    if idempotent {
+        let options = ordo_client::ClientOptions {
+            request_timeout: PRODUCE_DEADLINE * 3,
+            deadline_grace: CLIENT_GRACE,
+            connect_timeout: Duration::from_secs(1),
+            produce_stream: true,
+            idempotence: true,
+            ..ordo_client::ClientOptions::default()
+        };
+        let mut clients = Vec::new();
+        for _ in 0..producers {
+            clients.push(
+                ordo_client::Client::connect_with_options(endpoints.clone(), options.clone())
+                    .await?,
+            );
+        }
+        return Ok(clients);
+    }
     let options = ordo_client::ClientOptions {
         request_timeout: PRODUCE_DEADLINE,
         deadline_grace: CLIENT_GRACE,
         connect_timeout: Duration::from_secs(1),
         retries_max: 0,
         produce_stream: true,
+        idempotence: false,
         ..ordo_client::ClientOptions::default()
     };
     let mut clients = Vec::new();
@@ -165,12 +354,20 @@ enum Attempted {
     },
 }
 
-/// One unary Produce through node `index`.
-async fn unary_attempt(shared: &Shared, index: usize, records: &[Record]) -> Attempted {
+/// One unary Produce through node `index`, to `partition` and stamped with `producer` when
+/// given.
+async fn unary_attempt(
+    shared: &Shared,
+    index: usize,
+    partition: Option<u32>,
+    records: &[Record],
+    producer: Option<ProducerSequence>,
+) -> Attempted {
     let request = ProduceRequest {
         topic: shared.topic.clone(),
-        partition: None,
+        partition,
         records: records.to_vec(),
+        producer,
     };
     let mut client = shared.nodes.log_client(index);
     let outcome = timeout(
@@ -219,18 +416,27 @@ async fn unary_attempt(shared: &Shared, index: usize, records: &[Record]) -> Att
     }
 }
 
-/// One produce call through `ordo_client` on node `index`'s ProduceStream. The client's error
-/// decides what was written: only the errors it calls retryable promise nothing was.
-async fn stream_attempt(shared: &Shared, index: usize, records: &[Record]) -> Attempted {
+/// One produce call through `ordo_client`: client `index` of the shared ones (a node's own
+/// client), or in an idempotent run the producer's own client. The client's error decides what
+/// was written: only the errors it calls retryable promise nothing was. An idempotent call of
+/// unknown outcome is never sent again as a new call: that would give its records a second
+/// sequence.
+async fn stream_attempt(
+    shared: &Shared,
+    process: usize,
+    index: usize,
+    records: &[Record],
+) -> Attempted {
+    let client = if shared.idempotent {
+        &shared.stream_clients[process / 2]
+    } else {
+        &shared.stream_clients[index]
+    };
     let records = client_records(records);
     // The client bounds the call itself (deadline plus grace); this outer bound only guards
     // against a client bug hanging the workload.
-    let limit = PRODUCE_DEADLINE + CLIENT_GRACE * 2;
-    let outcome = timeout(
-        limit,
-        shared.stream_clients[index].produce(&shared.topic, None, records),
-    )
-    .await;
+    let limit = client.options().request_timeout + CLIENT_GRACE * 2;
+    let outcome = timeout(limit, client.produce(&shared.topic, None, records)).await;
     match outcome {
         Ok(Ok(acks)) => {
             Attempted::Acked(acks.iter().map(|ack| (ack.partition, ack.offset)).collect())
@@ -243,22 +449,26 @@ async fn stream_attempt(shared: &Shared, index: usize, records: &[Record]) -> At
                 Written::Unknown
             },
             message: error.to_string(),
-            retry: !matches!(
-                error,
-                ClientError::InvalidArgument { .. }
-                    | ClientError::NotFound { .. }
-                    | ClientError::AlreadyExists { .. }
-                    | ClientError::FailedPrecondition { .. }
-                    | ClientError::OutOfRange { .. }
-                    | ClientError::InvalidEndpoint { .. }
-                    | ClientError::Protocol { .. }
-            ),
+            retry: if shared.idempotent {
+                error.is_retryable()
+            } else {
+                !matches!(
+                    error,
+                    ClientError::InvalidArgument { .. }
+                        | ClientError::NotFound { .. }
+                        | ClientError::AlreadyExists { .. }
+                        | ClientError::FailedPrecondition { .. }
+                        | ClientError::OutOfRange { .. }
+                        | ClientError::InvalidEndpoint { .. }
+                        | ClientError::Protocol { .. }
+                )
+            },
         },
         Err(_) => Attempted::Failed {
             code: String::from("ClientHung"),
             written: Written::Unknown,
             message: format!("ordo_client gave no answer within {limit:?}"),
-            retry: true,
+            retry: !shared.idempotent,
         },
     }
 }

@@ -81,12 +81,16 @@ pub struct ProduceBenchArgs {
     /// every call as its own request.
     #[arg(long, default_value_t = 1)]
     pub requests_per_partition: usize,
+    /// Send plain produce requests instead of idempotent ones (the client's default), to
+    /// measure what idempotence costs.
+    #[arg(long)]
+    pub no_idempotence: bool,
 }
 
 impl ProduceBenchArgs {
     fn shape(&self) -> String {
         format!(
-            "produce record_size={} batch={} in_flight={} clients={} partitions={} replication_factor={} keys={} requests_per_partition={}{}",
+            "produce record_size={} batch={} in_flight={} clients={} partitions={} replication_factor={} keys={} requests_per_partition={}{}{}",
             self.record_size,
             self.batch,
             self.in_flight,
@@ -95,7 +99,12 @@ impl ProduceBenchArgs {
             self.replication_factor,
             self.keys,
             self.requests_per_partition,
-            if self.unary { " unary" } else { "" }
+            if self.unary { " unary" } else { "" },
+            if self.no_idempotence {
+                " no_idempotence"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -143,6 +152,7 @@ pub async fn run(
             request_timeout: global.timeout,
             produce_stream: !args.unary,
             produce_requests_per_partition_max: args.requests_per_partition,
+            idempotence: !args.no_idempotence,
             ..ordo_client::ClientOptions::default()
         };
         let client = ordo_client::Client::connect_with_options(endpoints.clone(), options)

@@ -1,4 +1,5 @@
-//! Which partition a record goes to. Pure functions.
+//! Which partition a record goes to: pure functions shared by the broker (records sent without
+//! a partition) and the Rust client (which must know the partition of an idempotent produce).
 //!
 //! - An explicit partition wins.
 //! - A key goes to `fnv1a64(key) mod partitions`: stable across nodes, versions and restarts,
