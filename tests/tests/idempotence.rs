@@ -58,6 +58,7 @@ fn request(
 async fn init_producer(cluster: &TestCluster, node: NodeId, name: &str) -> Result<(u64, u32)> {
     let request = InitProducerRequest {
         producer_name: name.to_owned(),
+        request_token: 0,
     };
     let response = cluster
         .log_client(node)

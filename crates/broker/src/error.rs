@@ -14,7 +14,7 @@ fn producer_refusal_message(refusal: &ProducerRefusal) -> String {
             "producer fenced: epoch {current_epoch} of this producer id has taken over; this instance must stop producing"
         ),
         ProducerRefusal::OutOfOrder { expected } => format!(
-            "out of order sequence: the partition expects sequence {expected} next from this producer; records before this request are missing: resend from sequence {expected}"
+            "out of order sequence: the partition expects sequence {expected} next from this producer; nothing of this request was written: records before it are missing (resend from sequence {expected}), or it overlaps records written before"
         ),
         ProducerRefusal::UnknownProducer => "unknown producer: the producer id or epoch was never allocated, or the partition forgot the producer after it idled; call InitProducer again and restart sequences at 0".to_owned(),
         ProducerRefusal::SequenceTooOld { expected } => format!(
@@ -99,9 +99,19 @@ pub enum BrokerError {
     /// Too much in flight.
     #[error("{0}")]
     ResourceExhausted(String),
-    /// An idempotent produce (or InitProducer) refused by a producer state: nothing was written.
+    /// An idempotent produce refused by a producer state (the partition's or the registry's):
+    /// nothing was written.
     #[error("{}", producer_refusal_message(.0))]
     ProducerRefused(ProducerRefusal),
+    /// InitProducer of a new name while the registry holds `max` names, none old enough to
+    /// forget.
+    #[error(
+        "the cluster remembers {max} producer names (limits.producer_names_max), all initialized within the last day; reuse names or raise the limit"
+    )]
+    TooManyProducerNames {
+        /// The limit.
+        max: u32,
+    },
     /// A bug or a storage failure on the server.
     #[error("{0}")]
     Internal(String),

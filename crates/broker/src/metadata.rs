@@ -101,7 +101,13 @@ pub struct NamedProducer {
     pub epoch: u32,
     /// When it was last initialized (the proposer's clock, ms since the Unix epoch).
     pub initialized_ms: u64,
+    /// The request tokens of its last InitProducer commands with the epoch each got, newest
+    /// last (at most [`INIT_TOKENS_KEPT`]): a command seen again is answered, not applied.
+    pub tokens: Vec<(u64, u32)>,
 }
+
+/// InitProducer request tokens remembered per name.
+pub const INIT_TOKENS_KEPT: usize = 4;
 
 /// What the registry says of a producer id and epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +167,9 @@ pub enum MetaCommand {
     InitProducer {
         /// The producer's name, if it has one (validated by the proposer).
         name: Option<String>,
+        /// The caller's token of this InitProducer (its retries repeat it; 0: none): a named
+        /// producer's epoch is raised once per token.
+        token: u64,
         /// The proposer's clock, milliseconds since the Unix epoch.
         at_ms: u64,
         /// Most names the registry keeps (the proposer's limit).
@@ -243,9 +252,10 @@ impl MetaState {
             },
             MetaCommand::InitProducer {
                 name,
+                token,
                 at_ms,
                 names_max,
-            } => self.producers.init(index, name, at_ms, names_max),
+            } => self.producers.init(index, name, token, at_ms, names_max),
         }
     }
 
@@ -310,7 +320,14 @@ impl ProducerRegistry {
     /// `names_max` evicts the name initialized longest ago, and is refused when every name was
     /// initialized in the last day (a name evicted and initialized again gets a new id, so its
     /// old instances are no longer fenced: the limit should be far above the live names).
-    fn init(&mut self, index: u64, name: Option<String>, at_ms: u64, names_max: u32) -> MetaAnswer {
+    fn init(
+        &mut self,
+        index: u64,
+        name: Option<String>,
+        token: u64,
+        at_ms: u64,
+        names_max: u32,
+    ) -> MetaAnswer {
         const EVICTABLE_AFTER_MS: u64 = 24 * 3600 * 1000;
         self.next_id = self.next_id.max(1);
         let Some(name) = name else {
@@ -323,6 +340,17 @@ impl ProducerRegistry {
             };
         };
         if let Some(named) = self.named.get_mut(&name) {
+            if let Some((_, epoch)) = named
+                .tokens
+                .iter()
+                .find(|(seen, _)| token != 0 && *seen == token)
+            {
+                return MetaAnswer::Producer {
+                    id: named.id,
+                    epoch: *epoch,
+                    index,
+                };
+            }
             let Some(epoch) = named.epoch.checked_add(1) else {
                 return MetaAnswer::Rejected(format!(
                     "producer {name:?} used every epoch; use another name"
@@ -330,6 +358,12 @@ impl ProducerRegistry {
             };
             named.epoch = epoch;
             named.initialized_ms = named.initialized_ms.max(at_ms);
+            if token != 0 {
+                if named.tokens.len() == INIT_TOKENS_KEPT {
+                    named.tokens.remove(0);
+                }
+                named.tokens.push((token, epoch));
+            }
             self.epochs.insert(named.id, epoch);
             return MetaAnswer::Producer {
                 id: named.id,
@@ -361,6 +395,11 @@ impl ProducerRegistry {
                 id,
                 epoch: 0,
                 initialized_ms: at_ms,
+                tokens: if token == 0 {
+                    Vec::new()
+                } else {
+                    vec![(token, 0)]
+                },
             },
         );
         MetaAnswer::Producer {
@@ -487,9 +526,39 @@ mod tests {
     fn init(name: Option<&str>, at_ms: u64) -> MetaCommand {
         MetaCommand::InitProducer {
             name: name.map(str::to_owned),
+            token: 0,
             at_ms,
             names_max: 2,
         }
+    }
+
+    /// A named InitProducer applied again with the same token (a retry, or a late copy of the
+    /// first attempt) gets the epoch it got the first time and raises nothing; another token
+    /// raises the epoch.
+    #[test]
+    fn a_repeated_init_token_raises_the_epoch_once() {
+        let mut state = MetaState::default();
+        let with = |token| MetaCommand::InitProducer {
+            name: Some("svc".into()),
+            token,
+            at_ms: 0,
+            names_max: 10,
+        };
+        let epoch = |answer| match answer {
+            MetaAnswer::Producer { epoch, .. } => epoch,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(epoch(state.apply(1, with(11))), 0);
+        assert_eq!(epoch(state.apply(2, with(22))), 1);
+        assert_eq!(epoch(state.apply(3, with(22))), 1, "a retry of token 22");
+        assert_eq!(epoch(state.apply(4, with(33))), 2);
+        assert_eq!(
+            epoch(state.apply(5, with(22))),
+            1,
+            "a late copy of token 22"
+        );
+        assert_eq!(state.producers.named["svc"].epoch, 2);
+        assert_eq!(epoch(state.apply(6, with(0))), 3, "no token: always raised");
     }
 
     /// Unnamed producers get new ids, never reused; a name keeps its id and bumps its epoch,

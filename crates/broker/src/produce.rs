@@ -185,7 +185,7 @@ impl Broker {
                         return Err(BrokerError::OutcomeUnknown { message: reason });
                     }
                     Err(WriteError::Refused { refusal, .. }) => {
-                        return Err(BrokerError::ProducerRefused(refusal));
+                        return Err(refusal_after(&route, BrokerError::ProducerRefused(refusal)));
                     }
                     Err(error) => {
                         last_error = error.to_string();
@@ -230,7 +230,7 @@ impl Broker {
                                 return Err(BrokerError::OutcomeUnknown { message });
                             }
                             CallFailure::Refused(refusal) => {
-                                return Err(refused(refusal, message));
+                                return Err(refusal_after(&route, refused(refusal, message)));
                             }
                             CallFailure::NothingDone => AppendFailure::Unreachable,
                             CallFailure::MaybeDone => AppendFailure::MaybeDelivered,
@@ -307,6 +307,20 @@ impl Broker {
     }
 }
 
+/// A final refusal of a retry says nothing of an earlier attempt that may have been written (e.g.
+/// committed on the old leader, then a newer producer epoch fenced the retry): the caller must
+/// not hear "nothing written", or it would give the batch's sequence to other records.
+fn refusal_after(route: &AppendRoute, error: BrokerError) -> BrokerError {
+    match route.verdict() {
+        Verdict::NothingWritten => error,
+        Verdict::MaybeWritten => BrokerError::OutcomeUnknown {
+            message: format!(
+                "an earlier attempt may have been written, and the retry was refused: {error}"
+            ),
+        },
+    }
+}
+
 /// The leader's refusal of a forwarded batch, for the caller: retrying it elsewhere would be
 /// refused the same way (the leader's limits may be stricter than this node's).
 fn refused(refusal: Refusal, message: String) -> BrokerError {
@@ -337,6 +351,7 @@ fn combine_acks(
         .collect();
     let mut acks = vec![(0u32, 0u64); total];
     let mut first_error = None;
+    let mut maybe_written = None;
     // A request is a duplicate when every batch of it was (an idempotent request has one).
     let mut duplicate = true;
     for result in results {
@@ -348,13 +363,21 @@ fn combine_acks(
                 }
             }
             Err(error) => {
+                if matches!(
+                    error,
+                    BrokerError::OutcomeUnknown { .. } | BrokerError::Internal(_)
+                ) && maybe_written.is_none()
+                {
+                    maybe_written = Some(error.clone());
+                }
                 first_error.get_or_insert(error);
             }
         }
     }
     match first_error {
         None => Ok(Produced { acks, duplicate }),
-        Some(error) if committed.is_empty() => Err(error),
+        // "Nothing written" only when no partition may have been written.
+        Some(error) if committed.is_empty() => Err(maybe_written.unwrap_or(error)),
         Some(error) => Err(BrokerError::OutcomeUnknown {
             message: format!(
                 "part of the request was committed ({}) and part failed: {error}",
@@ -392,6 +415,13 @@ mod tests {
         assert!(!produced.duplicate);
         let all_failed = combine_acks(vec![Err(unavailable()), Err(unavailable())], 2);
         assert!(matches!(all_failed, Err(BrokerError::Unavailable { .. })));
+        // One partition refused, another of unknown outcome: the call is of unknown outcome,
+        // whichever comes first.
+        let unknown = || BrokerError::OutcomeUnknown {
+            message: "x".into(),
+        };
+        let mixed = combine_acks(vec![Err(unavailable()), Err(unknown())], 2);
+        assert!(matches!(mixed, Err(BrokerError::OutcomeUnknown { .. })));
         // The committed part holds the request's later records: their positions are beyond
         // the count of committed records (this panicked once).
         let partial = combine_acks(vec![Err(unavailable()), Ok((1, vec![2, 3], at(10)))], 4);

@@ -27,20 +27,34 @@ const PRODUCER_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest InitProducer waits for the other nodes to learn of a bumped epoch.
 const FENCE_SPREAD_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A random non-zero u64 (std's per-process random hash keys, with the clock).
+fn random_token() -> u64 {
+    use std::hash::BuildHasher;
+    use std::hash::Hasher;
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_i64(now_ms());
+    hasher.finish().max(1)
+}
+
 impl Broker {
     /// Allocates a producer session: `(producer id, epoch)`. A name keeps its id across calls
     /// and gets the next epoch, fencing the older ones.
     pub async fn init_producer(
         &self,
         name: Option<String>,
+        token: u64,
         timeout: Duration,
     ) -> Result<(u64, u32), BrokerError> {
         if let Some(name) = &name {
             validate_producer_name(name)?;
         }
         let name = name.filter(|name| !name.is_empty());
+        // Without a caller's token, one of this node's own: its retries of the command (after a
+        // metadata leader change) then raise a named producer's epoch once.
+        let token = if token != 0 { token } else { random_token() };
         let command = MetaCommand::InitProducer {
             name,
+            token,
             at_ms: u64::try_from(now_ms()).unwrap_or(0),
             names_max: self.state.options.limits.producer_names_max,
         };
@@ -53,9 +67,7 @@ impl Broker {
                 Ok((id, epoch))
             }
             MetaAnswer::TooManyProducerNames { max } => {
-                Err(BrokerError::ResourceExhausted(format!(
-                    "the cluster remembers {max} producer names (limits.producer_names_max), all initialized within the last day; reuse names or raise the limit"
-                )))
+                Err(BrokerError::TooManyProducerNames { max })
             }
             MetaAnswer::Rejected(reason) => Err(BrokerError::FailedPrecondition(reason)),
             other => Err(BrokerError::Internal(format!(
@@ -119,12 +131,28 @@ impl Broker {
         if check != ProducerCheck::Unknown {
             return judge(check);
         }
+        // Unknown here may only mean this node is behind: it says UNKNOWN_PRODUCER (final for
+        // the caller) only once it has caught up with the metadata leader, and otherwise that
+        // it cannot tell yet (UNAVAILABLE: nothing written, retry).
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .min(PRODUCER_LOOKUP_TIMEOUT);
-        if let Some(index) = self.meta_read_index(remaining).await {
-            self.state.node.wait_meta_applied(index, remaining).await;
+        let caught_up = match self.meta_read_index(remaining).await {
+            Some(index) => self.state.node.wait_meta_applied(index, remaining).await,
+            None => false,
+        };
+        let check = self.metadata().producers.check(stamp.id, stamp.epoch);
+        if check == ProducerCheck::Unknown && !caught_up {
+            return Err(BrokerError::unavailable(
+                format!(
+                    "producer {} epoch {} is not known to node {}, which could not catch up with the metadata leader to check it; nothing was written; retry",
+                    stamp.id,
+                    stamp.epoch,
+                    self.node_id()
+                ),
+                None,
+            ));
         }
-        judge(self.metadata().producers.check(stamp.id, stamp.epoch))
+        judge(check)
     }
 }

@@ -150,6 +150,18 @@ pub(crate) struct Node {
     pub(crate) unary_only: AtomicBool,
 }
 
+/// A random non-zero u64 (std's per-process random hash keys, with the clock).
+fn random_token() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos()),
+    );
+    hasher.finish().max(1)
+}
+
 /// The endpoint a call went to, for mapping errors that arrive later (on a stream).
 pub(crate) type EndpointName = Arc<str>;
 
@@ -344,8 +356,11 @@ impl Client {
         name: Option<&str>,
         budget: Duration,
     ) -> Result<(u64, u32), ClientError> {
+        // One token for every attempt: the cluster raises a named producer's epoch once for
+        // them all, so a retry cannot fence this client with its own earlier attempt.
         let request = proto::InitProducerRequest {
             producer_name: name.unwrap_or_default().to_owned(),
+            request_token: random_token(),
         };
         let (response, _) = self
             .call_indexed(None, Effect::IdempotentWrite, budget, |index, timeout| {

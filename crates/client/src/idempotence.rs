@@ -22,6 +22,9 @@ use std::sync::PoisonError;
 
 use ordo_proto::v1 as proto;
 
+use crate::ClientError;
+use crate::types::RecordAck;
+
 /// Most partitions whose sequences are kept; a client producing to more is refused a new one
 /// (a bound on memory, far above any real producer's fan-out).
 const PARTITIONS_MAX: usize = 100_000;
@@ -69,6 +72,35 @@ pub(crate) struct Idempotence {
     partitions: Mutex<HashMap<(Arc<str>, u32), PartitionSequence>>,
 }
 
+/// What an answer to an idempotent request says of its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// In the log: acked, or refused as written before (`DUPLICATE_SEQUENCE`).
+    Written,
+    /// Certainly not written: nothing was sent, or the cluster refused it before writing
+    /// (a node answers a refusal after an attempt that may have written as OUTCOME_UNKNOWN).
+    NotWritten,
+    /// Maybe written.
+    Unknown,
+}
+
+/// What `answer` says of the records of the request it answers.
+pub(crate) fn verdict(answer: &Result<Vec<RecordAck>, ClientError>) -> Verdict {
+    match answer {
+        Ok(_) | Err(ClientError::AlreadyExists { .. }) => Verdict::Written,
+        Err(
+            ClientError::Unavailable { .. }
+            | ClientError::Transport { .. }
+            | ClientError::InvalidArgument { .. }
+            | ClientError::NotFound { .. }
+            | ClientError::FailedPrecondition { .. }
+            | ClientError::ResourceExhausted { .. }
+            | ClientError::InvalidEndpoint { .. },
+        ) => Verdict::NotWritten,
+        Err(_) => Verdict::Unknown,
+    }
+}
+
 /// What a partition's next request must do first.
 pub(crate) enum Next {
     /// Send the records at this sequence.
@@ -107,6 +139,11 @@ impl Idempotence {
         let session = init().await?;
         *current = Some(session);
         Ok(session)
+    }
+
+    /// The current session, if there is one.
+    pub(crate) async fn current(&self) -> Option<Session> {
+        *self.session.lock().await
     }
 
     /// Drops `session` (the cluster forgot it): the next request makes a new one.
@@ -187,6 +224,35 @@ mod tests {
 
     fn records(count: usize) -> Vec<proto::Record> {
         vec![proto::Record::default(); count]
+    }
+
+    /// Only acks and DUPLICATE_SEQUENCE say "written"; only what was not sent or refused before
+    /// writing says "not written"; everything else (a deadline, a broken connection, an answer
+    /// that does not add up) is "maybe".
+    #[test]
+    fn answers_are_judged_conservatively() {
+        let message = String::new;
+        let refused = Err(ClientError::FailedPrecondition {
+            reason: Some("OUT_OF_ORDER_SEQUENCE".to_owned()),
+            message: message(),
+        });
+        assert_eq!(verdict(&Ok(Vec::new())), Verdict::Written);
+        assert_eq!(
+            verdict(&Err(ClientError::AlreadyExists { message: message() })),
+            Verdict::Written
+        );
+        assert_eq!(verdict(&refused), Verdict::NotWritten);
+        for unknown in [
+            ClientError::OutcomeUnknown { message: message() },
+            ClientError::Protocol { message: message() },
+            ClientError::DeadlineExceeded { message: message() },
+            ClientError::Other {
+                code: tonic::Code::Internal,
+                message: message(),
+            },
+        ] {
+            assert_eq!(verdict(&Err(unknown)), Verdict::Unknown);
+        }
     }
 
     /// Sequences count records per partition; a request in doubt keeps its sequence and must be

@@ -16,7 +16,7 @@ use crate::batch::{self, Waiter};
 use crate::client::{Client, Node, authority_of, timed};
 use crate::convert;
 use crate::error::{ClientError, Effect};
-use crate::idempotence::{InDoubt, Next, Session};
+use crate::idempotence::{Idempotence, InDoubt, Next, Session, Verdict, verdict};
 use crate::pipe::Pipe;
 use crate::routing::TopicRoute;
 use crate::types::{Record, RecordAck};
@@ -166,6 +166,7 @@ impl Client {
         let answers = futures::future::join_all(calls).await;
         let mut acks = vec![None; total];
         let mut first_error = None;
+        let mut unknown = None;
         let mut written = 0_usize;
         for (positions, answer) in answers {
             match answer {
@@ -176,6 +177,13 @@ impl Client {
                     }
                 }
                 Err(error) => {
+                    if unknown.is_none() && verdict(&Err(error.clone())) != Verdict::NotWritten {
+                        unknown = Some(ClientError::OutcomeUnknown {
+                            message: format!(
+                                "part of the call's records may have been written: {error}"
+                            ),
+                        });
+                    }
                     first_error.get_or_insert(error);
                 }
             }
@@ -185,7 +193,8 @@ impl Client {
                 .into_iter()
                 .map(|ack| ack.expect("every record answered"))
                 .collect()),
-            Some(error) if written == 0 => Err(error),
+            // "Nothing written" only when no share may have been written.
+            Some(error) if written == 0 => Err(unknown.unwrap_or(error)),
             Some(error) => Err(ClientError::OutcomeUnknown {
                 message: format!(
                     "{written} of the call's {total} records were written (in other partitions), the rest failed: {error}"
@@ -381,7 +390,10 @@ impl Client {
             if budget.is_zero() {
                 return Err(not_sent("the call's deadline passed"));
             }
-            let session = idempotence.session(|| self.new_session(budget)).await?;
+            let session = idempotence
+                .session(|| self.new_session(budget))
+                .await
+                .map_err(|error| not_sent(&format!("no producer session: {error}")))?;
             let next = idempotence.next(&key, session).ok_or_else(|| ClientError::ResourceExhausted {
                 reason: None,
                 message: "this client keeps producer sequences of 100,000 partitions; use another client".to_owned(),
@@ -399,20 +411,32 @@ impl Client {
                             budget,
                         )
                         .await;
-                    match answer {
-                        // Written now or before; or written before, past the partition's memory.
-                        Ok(_) | Err(ClientError::AlreadyExists { .. }) => {
-                            idempotence.resolved(&key)
-                        }
-                        Err(ClientError::OutcomeUnknown { .. }) => {
+                    match (verdict(&answer), answer) {
+                        (Verdict::Written, _) => idempotence.resolved(&key),
+                        (Verdict::Unknown, _) => {
                             return Err(not_sent(
                                 "the partition's previous request is still unresolved (its outcome is unknown)",
                             ));
                         }
-                        Err(error) if error.is_retryable() => return Err(error),
-                        // Refused for good (fenced, forgotten): it was not written and never
-                        // will be under that stamp.
-                        Err(_) => idempotence.resolved(&key),
+                        (Verdict::NotWritten, Err(error)) if settles_nothing(&error) => {
+                            return Err(not_sent(&format!(
+                                "the partition's previous request, of unknown outcome, could not be sent again ({error})"
+                            )));
+                        }
+                        // A newer instance of this producer took over: stop, as it says.
+                        (Verdict::NotWritten, Err(error))
+                            if fenced(&error)
+                                && idempotence.current().await == Some(in_doubt.session) =>
+                        {
+                            return Err(error);
+                        }
+                        // Refused for good under its stamp: whether it was written stays
+                        // unknown, so the sequences after it cannot be trusted. A new session
+                        // starts the partitions over; no sequence is given to other records.
+                        (Verdict::NotWritten, _) => {
+                            idempotence.resolved(&key);
+                            idempotence.forget(in_doubt.session).await;
+                        }
                     }
                     continue;
                 }
@@ -428,25 +452,35 @@ impl Client {
                     budget,
                 )
                 .await;
-            match &answer {
-                Ok(_) => idempotence.written(&key, session, sequence, count),
-                Err(ClientError::OutcomeUnknown { .. }) => idempotence.in_doubt(
-                    &key,
-                    InDoubt {
-                        session,
-                        sequence,
-                        records,
-                    },
-                ),
-                Err(ClientError::FailedPrecondition { reason, .. })
-                    if reason.as_deref() == Some(ordo_proto::errors::reason::UNKNOWN_PRODUCER)
-                        && new_sessions == 0 =>
+            match verdict(&answer) {
+                Verdict::Written => idempotence.written(&key, session, sequence, count),
+                Verdict::Unknown => {
+                    idempotence.in_doubt(
+                        &key,
+                        InDoubt {
+                            session,
+                            sequence,
+                            records,
+                        },
+                    );
+                    return answer.map_err(|error| match error {
+                        error @ ClientError::OutcomeUnknown { .. } => error,
+                        error => ClientError::OutcomeUnknown {
+                            message: error.to_string(),
+                        },
+                    });
+                }
+                // The partition and this client disagree on the producer's state (it forgot
+                // the producer, expects another sequence, or fenced this client's own older
+                // epoch): nothing was written; a new session starts every partition over, once.
+                Verdict::NotWritten
+                    if new_sessions == 0 && out_of_step(&answer, session, idempotence).await =>
                 {
                     new_sessions += 1;
                     idempotence.forget(session).await;
                     continue;
                 }
-                Err(_) => {}
+                Verdict::NotWritten => {}
             }
             return answer;
         }
@@ -626,4 +660,34 @@ fn fail_each(batch: Vec<Waiter>, error: &ClientError) {
     for waiter in batch {
         let _ = waiter.reply.send(Err(error.clone()));
     }
+}
+
+/// Whether a "nothing written" answer leaves a request's outcome as it was (a node could not
+/// take it now), rather than refusing it for good.
+fn settles_nothing(error: &ClientError) -> bool {
+    error.is_retryable() || matches!(error, ClientError::ResourceExhausted { .. })
+}
+
+/// Whether a refusal says the partition's producer state and this client's disagree: it does
+/// not know the producer, expects another sequence, or fenced a stamp of this client's own
+/// older session.
+async fn out_of_step(answer: &batch::Answer, session: Session, idempotence: &Idempotence) -> bool {
+    use ordo_proto::errors::reason;
+    let Err(ClientError::FailedPrecondition { reason, .. }) = answer else {
+        return false;
+    };
+    match reason.as_deref() {
+        Some(reason::UNKNOWN_PRODUCER | reason::OUT_OF_ORDER_SEQUENCE) => true,
+        Some(reason::PRODUCER_FENCED) => idempotence
+            .current()
+            .await
+            .is_some_and(|current| current != session),
+        _ => false,
+    }
+}
+
+/// Whether `error` is PRODUCER_FENCED.
+fn fenced(error: &ClientError) -> bool {
+    matches!(error, ClientError::FailedPrecondition { reason, .. }
+        if reason.as_deref() == Some(ordo_proto::errors::reason::PRODUCER_FENCED))
 }

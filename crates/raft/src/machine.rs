@@ -254,6 +254,9 @@ impl RaftSnapshotBuilder<C> for TakenSnapshot {
     }
 }
 
+// Producer states are rows keyed by producer id: every id a partition keeps must fit a row key.
+const _: () = assert!(crate::producers::PRODUCER_ID_MAX == ordo_storage::ROW_ID_MAX);
+
 /// A partition's logic: assigns offsets to committed batches, keeps its producers' states and
 /// writes the offset index.
 pub(crate) struct PartitionLogic {

@@ -17,9 +17,11 @@
 //! - a producer the partition does not know (never seen, or forgotten after
 //!   `idle_ms` without a write) must start at sequence 0, else [`Refusal::UnknownProducer`].
 //!
-//! A partition remembers at most `producers_max` producers; a new one past that evicts the
-//! producers idle longer than `idle_ms`, and is refused ([`Refusal::TooManyProducers`]) when
-//! none is.
+//! A partition remembers at most `producers_max` producers; a new one past that forgets the
+//! producers idle longer than `idle_ms`, else the one idle longest if it has been idle at least
+//! [`EVICTABLE_IDLE_MS`] (short-lived producers, each client run a new id, must not lock a
+//! partition for `idle_ms`), and is refused ([`Refusal::TooManyProducers`]) when every producer
+//! wrote within that minute. A producer id above [`PRODUCER_ID_MAX`] is unknown.
 //!
 //! Never: read a clock or a config here. Both come from the entry.
 
@@ -33,6 +35,13 @@ use serde::Serialize;
 /// Batches per producer whose offsets a partition remembers, to answer their retries (Kafka
 /// keeps 5, its bound on a producer's requests in flight per partition).
 pub const WINDOW_BATCHES: usize = 5;
+
+/// A partition full of producers forgets the one idle longest only once it has been idle this
+/// long (milliseconds): a producer writing now keeps its state.
+pub const EVICTABLE_IDLE_MS: u64 = 60_000;
+
+/// Largest producer id a partition keeps a state for (its store keys rows by 56-bit ids).
+pub const PRODUCER_ID_MAX: u64 = (1 << 56) - 1;
 
 /// The producer of a batch and the batch's place in its sequence, as the client sent it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,7 +181,7 @@ impl Producers {
         let state = match self.states.get_mut(&stamp.id) {
             Some(state) => state,
             None => {
-                if stamp.sequence != 0 {
+                if stamp.sequence != 0 || stamp.id > PRODUCER_ID_MAX {
                     return Decision::Refuse(Refusal::UnknownProducer);
                 }
                 if self.states.len() >= limits.producers_max as usize {
@@ -186,10 +195,26 @@ impl Producers {
                         self.states.remove(&id);
                         self.changed.insert(id);
                     }
-                    if self.states.len() >= limits.producers_max as usize {
-                        return Decision::Refuse(Refusal::TooManyProducers {
-                            max: limits.producers_max,
-                        });
+                }
+                if self.states.len() >= limits.producers_max as usize {
+                    // Ties go to the lower id, so every replica forgets the same one.
+                    let oldest = self
+                        .states
+                        .iter()
+                        .min_by_key(|(id, state)| (state.last_write_ms, **id))
+                        .map(|(id, state)| (*id, state.last_write_ms));
+                    match oldest {
+                        Some((id, last_write_ms))
+                            if last_write_ms.saturating_add(EVICTABLE_IDLE_MS) <= now_ms =>
+                        {
+                            self.states.remove(&id);
+                            self.changed.insert(id);
+                        }
+                        _ => {
+                            return Decision::Refuse(Refusal::TooManyProducers {
+                                max: limits.producers_max,
+                            });
+                        }
                     }
                 }
                 self.states
@@ -363,6 +388,11 @@ mod tests {
             partition.apply(stamp(1, 0, 5), 1, 0),
             Decision::Refuse(Refusal::UnknownProducer)
         );
+        assert_eq!(
+            partition.apply(stamp(PRODUCER_ID_MAX + 1, 0, 0), 1, 0),
+            Decision::Refuse(Refusal::UnknownProducer),
+            "an id the store cannot key"
+        );
         for id in 1..=3 {
             assert_eq!(
                 partition.apply(stamp(id, 0, 0), 1, 100 * id),
@@ -388,6 +418,36 @@ mod tests {
         let changes = partition.producers.take_changes();
         assert!(changes.contains(&(1, None)) && changes.contains(&(2, None)));
         assert!(partition.producers.take_changes().is_empty());
+    }
+
+    /// A full partition whose producers are all within the idle timeout forgets the one idle
+    /// longest once it has been idle a minute, and refuses a newcomer before that.
+    #[test]
+    fn a_full_partition_forgets_the_producer_idle_longest() {
+        let limits = ProducerLimits {
+            producers_max: 2,
+            idle_ms: 7 * 24 * 3600 * 1000,
+        };
+        let mut producers = Producers::default();
+        let mut check =
+            |id, sequence, now_ms| producers.check(stamp(id, 0, sequence), 1, 0, now_ms, limits);
+        assert_eq!(check(1, 0, 1_000), Decision::Write);
+        assert_eq!(check(2, 0, 2_000), Decision::Write);
+        assert_eq!(
+            check(3, 0, 30_000),
+            Decision::Refuse(Refusal::TooManyProducers { max: 2 }),
+            "both wrote within the minute"
+        );
+        assert_eq!(
+            check(3, 0, 61_000),
+            Decision::Write,
+            "producer 1 is forgotten"
+        );
+        assert_eq!(
+            check(1, 1, 61_000),
+            Decision::Refuse(Refusal::UnknownProducer)
+        );
+        assert_eq!(check(2, 1, 61_000), Decision::Write, "producer 2 is kept");
     }
 
     proptest! {

@@ -82,8 +82,9 @@ pub struct RaftConfig {
     /// coalesced into the next entry. Default 2.
     pub proposals_in_flight_max: u64,
     /// Idempotent producers one partition remembers (about 200 bytes each). A new producer past
-    /// it is refused (RESOURCE_EXHAUSTED, TOO_MANY_PRODUCERS) unless one idle for
-    /// producer_idle_timeout_ms can be forgotten. Default 1000.
+    /// it makes the partition forget those idle for producer_idle_timeout_ms, else the one idle
+    /// longest if it has not written for a minute; else it is refused (RESOURCE_EXHAUSTED,
+    /// TOO_MANY_PRODUCERS). Default 1000.
     pub producers_per_partition_max: u32,
     /// A producer that has not written to a partition for this long may be forgotten there;
     /// its next batch (unless at sequence 0) is then refused as UNKNOWN_PRODUCER. Milliseconds.

@@ -338,10 +338,10 @@ impl pb::log_server::Log for Services {
         request: Request<pb::InitProducerRequest>,
     ) -> Result<Response<pb::InitProducerResponse>, Status> {
         let timeout = request_timeout(request.metadata(), self.broker.limits().produce_timeout());
-        let name = request.into_inner().producer_name;
+        let request = request.into_inner();
         let (producer_id, producer_epoch) = self
             .broker
-            .init_producer(Some(name), timeout)
+            .init_producer(Some(request.producer_name), request.request_token, timeout)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::InitProducerResponse {

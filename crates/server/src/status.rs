@@ -21,6 +21,7 @@
 //! | producer unknown | FAILED_PRECONDITION | `UNKNOWN_PRODUCER` | |
 //! | retry past the window | ALREADY_EXISTS | `DUPLICATE_SEQUENCE` | `expected_sequence` |
 //! | producers per partition | RESOURCE_EXHAUSTED | `TOO_MANY_PRODUCERS` | `max` |
+//! | producer names | RESOURCE_EXHAUSTED | `TOO_MANY_PRODUCER_NAMES` | `max` |
 //! | bug or storage failure | INTERNAL | `INTERNAL` | |
 //!
 //! OUT_OF_RANGE also sets the `end-offset` response header. The reasons and metadata keys are
@@ -175,6 +176,12 @@ pub fn to_status(error: BrokerError) -> Status {
             };
             status(code, message, reason, metadata)
         }
+        BrokerError::TooManyProducerNames { max } => status(
+            Code::ResourceExhausted,
+            message,
+            reason::TOO_MANY_PRODUCER_NAMES,
+            HashMap::from([(key::MAX.into(), max.to_string())]),
+        ),
         BrokerError::Internal(_) => status(Code::Internal, message, reason::INTERNAL, none()),
     }
 }

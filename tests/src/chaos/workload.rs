@@ -257,7 +257,8 @@ async fn idempotent_unary_producer(shared: Arc<Shared>, process: usize, seed: u6
                 }
             );
             if !log_attempt(&shared, process, call, attempt, attempted) {
-                // Acked, or refused for good (a bug: the checker warns of the code).
+                // Acked, or refused for good (never expected: the checker warns of the code,
+                // and holds the node to "nothing written"); either way the sequence is known.
                 answered = acked || refused;
                 if acked {
                     sequences[partition] = Some(sequence + count as u64);
@@ -386,13 +387,17 @@ async fn unary_attempt(
         ),
         Ok(Err(status)) => {
             let code = effective_code(&status);
-            // Only UNAVAILABLE from the node itself (with its error details) promises
-            // that nothing was written; the transport's UNAVAILABLE promises nothing.
-            let written = if code == Code::Unavailable && !status.details().is_empty() {
-                Written::No
-            } else {
-                Written::Unknown
-            };
+            // Only UNAVAILABLE and FAILED_PRECONDITION from the node itself (with its error
+            // details: a producer refusal is decided before writing, and a refusal after an
+            // attempt that may have written is OUTCOME_UNKNOWN) promise that nothing was
+            // written; the transport's UNAVAILABLE promises nothing.
+            let from_node = ordo_proto::errors::reason_of(&status).is_some();
+            let written =
+                if matches!(code, Code::Unavailable | Code::FailedPrecondition) && from_node {
+                    Written::No
+                } else {
+                    Written::Unknown
+                };
             Attempted::Failed {
                 code: format!("{code:?}"),
                 written,

@@ -98,7 +98,12 @@ impl ProduceBenchArgs {
             self.partitions,
             self.replication_factor,
             self.keys,
-            self.requests_per_partition,
+            // Idempotence sends one request per partition at a time.
+            if self.no_idempotence {
+                self.requests_per_partition
+            } else {
+                1
+            },
             if self.unary { " unary" } else { "" },
             if self.no_idempotence {
                 " no_idempotence"
