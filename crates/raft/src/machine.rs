@@ -463,3 +463,155 @@ impl Logic for MetadataLogic {
         self.apply.publish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use openraft::entry::RaftEntry;
+    use openraft::vote::RaftLeaderId;
+    use ordo_storage::Store;
+    use ordo_storage::StoreOptions;
+
+    use super::*;
+    use crate::GroupId;
+    use crate::ProducerLimits;
+    use crate::ProducerStamp;
+    use crate::Refusal;
+    use crate::group::read_committed;
+    use crate::types::Entry;
+    use crate::types::ProduceEntry;
+    use crate::types::StampedBatch;
+
+    const LIMITS: ProducerLimits = ProducerLimits {
+        producers_max: 10,
+        idle_ms: 1_000_000,
+    };
+
+    fn batch(tag: &str, count: u32, stamp: Option<(u64, u64)>) -> StampedBatch {
+        StampedBatch {
+            count,
+            batch: Bytes::from(tag.to_owned()),
+            producer: stamp.map(|(id, sequence)| ProducerStamp {
+                id,
+                epoch: 0,
+                sequence,
+            }),
+        }
+    }
+
+    /// Applies one entry at `index` as the machine does (log entry, apply, persist, one write)
+    /// and publishes it.
+    async fn apply(
+        store: &GroupStore,
+        logic: &mut PartitionLogic,
+        index: u64,
+        batches: Vec<StampedBatch>,
+    ) -> Vec<BatchOutcome> {
+        let command = Command::Produce(ProduceEntry {
+            at_ms: index,
+            limits: LIMITS,
+            batches,
+        });
+        let log_id =
+            openraft::LogId::new(openraft::impls::leader_id_adv::LeaderId::new(1, 1), index);
+        let mut write = store.batch();
+        let entry = Entry::new_normal(log_id, command.clone());
+        store.put_log(&mut write, index, &encode(&entry).unwrap());
+        let Response::Appended(outcomes) = logic.apply(store, &mut write, index, command) else {
+            panic!("an append answers per batch");
+        };
+        logic.persist(store, &mut write).unwrap();
+        store.write_durable(write).await.unwrap();
+        logic.publish();
+        outcomes
+    }
+
+    /// Batches the producer states turn away get no offsets, and reads skip them, in the middle
+    /// of an entry and as whole entries; after a restart from the store, the restored states
+    /// decide as the live ones did.
+    #[tokio::test]
+    async fn skipped_batches_hold_no_offsets_and_states_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let group = store.group(GroupId(9));
+        let (high_watermark, watermark) = watch::channel(0);
+        let mut logic = PartitionLogic::new(high_watermark);
+        assert_eq!(
+            apply(
+                &group,
+                &mut logic,
+                1,
+                vec![batch("a", 2, Some((7, 0))), batch("b", 1, None)]
+            )
+            .await,
+            [BatchOutcome::Written(0), BatchOutcome::Written(2)]
+        );
+        // A whole entry of retries: no offsets, no index entry.
+        assert_eq!(
+            apply(&group, &mut logic, 2, vec![batch("a", 2, Some((7, 0)))]).await,
+            [BatchOutcome::Duplicate(0)]
+        );
+        // A retry, a gap and a new batch in one entry.
+        assert_eq!(
+            apply(
+                &group,
+                &mut logic,
+                3,
+                vec![
+                    batch("a", 2, Some((7, 0))),
+                    batch("x", 1, Some((7, 9))),
+                    batch("c", 1, Some((7, 2))),
+                ]
+            )
+            .await,
+            [
+                BatchOutcome::Duplicate(0),
+                BatchOutcome::Refused(Refusal::OutOfOrder { expected: 2 }),
+                BatchOutcome::Written(3),
+            ]
+        );
+        assert_eq!(*watermark.borrow(), 4);
+        for from in 0..4 {
+            let read = read_committed(&group, from, 4, usize::MAX).unwrap();
+            let batches: Vec<(u64, u32, Bytes)> = read.batches;
+            let expected = [
+                (0, 2, Bytes::from("a")),
+                (2, 1, Bytes::from("b")),
+                (3, 1, Bytes::from("c")),
+            ];
+            let first = expected
+                .iter()
+                .position(|(base, count, _)| from < base + u64::from(*count))
+                .unwrap();
+            // A read starts at the entry holding `from`: entry 1 holds offsets 0..3.
+            let first = if first <= 1 { 0 } else { first };
+            assert_eq!(batches, expected[first..], "read from {from}");
+        }
+        // A restart: the machine's persisted state plus the rows.
+        let state = logic.encode_state().unwrap();
+        let (high_watermark, _) = watch::channel(0);
+        let mut restored = PartitionLogic::new(high_watermark);
+        restored.restore(&group, &state).unwrap();
+        assert_eq!(
+            apply(
+                &group,
+                &mut restored,
+                4,
+                vec![batch("c", 1, Some((7, 2))), batch("d", 1, Some((7, 3)))]
+            )
+            .await,
+            [BatchOutcome::Duplicate(3), BatchOutcome::Written(4)]
+        );
+        let snapshot = restored.encode_snapshot().unwrap();
+        let (high_watermark, _) = watch::channel(0);
+        let mut installed = PartitionLogic::new(high_watermark);
+        let mut write = group.batch();
+        installed.install(&group, &mut write, &snapshot).unwrap();
+        group.write_durable(write).await.unwrap();
+        assert_eq!(
+            apply(&group, &mut installed, 5, vec![batch("d", 1, Some((7, 3)))]).await,
+            [BatchOutcome::Duplicate(4)],
+            "a snapshot carries the producer states"
+        );
+    }
+}
