@@ -10,6 +10,8 @@
 //! - `limits`: [`Limits`], every bound on requests, with documented defaults.
 //! - `names`: topic name rules.
 //! - `records`: the batch encoding stored in the log (record types from `ordo_proto::record`).
+//! - `group_state`: consumer groups, the pure state of one group (membership, sticky balanced
+//!   target assignment, incremental handoff, fencing, committed offsets); not wired yet.
 //! - `producer`: idempotent producers: InitProducer and the registry check of every stamped produce.
 //! - `metadata`: the replicated metadata state (topics, replica assignment) and its commands,
 //!   applied through the metadata Raft group.
@@ -41,6 +43,7 @@ mod broker;
 mod cluster;
 mod error;
 mod fetch;
+pub mod group_state;
 mod limits;
 mod metadata;
 mod names;
