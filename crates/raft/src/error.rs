@@ -77,6 +77,15 @@ pub enum ReadError {
         /// The decoder's message.
         reason: String,
     },
+    /// The blocking task that reads the store ended without an answer (it panicked, or the
+    /// runtime is shutting down).
+    #[error("read of group {group} did not finish: {reason}")]
+    Task {
+        /// The group.
+        group: GroupId,
+        /// What the runtime said.
+        reason: String,
+    },
 }
 
 /// Why a group could not be started, removed or made to hand over its leadership.

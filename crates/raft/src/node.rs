@@ -498,7 +498,7 @@ impl RaftNode {
             read_committed(&store, offset, high_watermark, max_bytes)
         })
         .await
-        .map_err(|error| ReadError::Decode {
+        .map_err(|error| ReadError::Task {
             group,
             reason: error.to_string(),
         })?

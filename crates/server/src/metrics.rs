@@ -117,7 +117,7 @@ impl Metrics {
         let store_write_bytes = Counter::default();
         registry.register(
             "storage_write_bytes",
-            "Bytes written to RocksDB",
+            "Journal bytes the storage writer appended (records and their headers)",
             store_write_bytes.clone(),
         );
         let raft_groups = Gauge::default();
