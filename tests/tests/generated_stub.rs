@@ -56,12 +56,17 @@ async fn python_stub_retries_idempotent_produce_without_duplicates() {
     cluster.finish(result);
 }
 
-/// The repository root: the parent of this crate's directory (`<root>/tests`).
+/// The repository root: the parent of this crate's directory (`<root>/tests`). Read at run
+/// time (cargo and nextest set `CARGO_MANIFEST_DIR` for the test), like `ordo-proto`'s build
+/// script does: the compile-time value names the checkout that built the binary, and with a
+/// shared target dir that may be another clone, since deleted.
 fn repository_root() -> Result<PathBuf> {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest_dir
         .parent()
         .map(Path::to_path_buf)
-        .ok_or_else(|| anyhow!("{} has no parent directory", env!("CARGO_MANIFEST_DIR")))
+        .ok_or_else(|| anyhow!("{} has no parent directory", manifest_dir.display()))
 }
 
 /// `$ORDO_PYTHON`, else the venv's interpreter; fails saying how to get one.

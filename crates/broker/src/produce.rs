@@ -104,15 +104,17 @@ impl Broker {
                 });
             }
         }
-        if let Some(stamp) = producer {
-            self.check_producer(stamp, deadline).await?;
-        }
         let _permit = self.state.produce_permits.try_acquire().map_err(|_| {
             BrokerError::ResourceExhausted(format!(
                 "{} produce requests in flight on this node (produce_in_flight_max); retry with backoff",
                 limits.produce_in_flight_max
             ))
         })?;
+        // Under the permit: a producer this node does not know costs a read index at the
+        // metadata leader, so requests checking one count toward produce_in_flight_max.
+        if let Some(stamp) = producer {
+            self.check_producer(stamp, deadline).await?;
+        }
 
         // Split by partition, remembering each record's position in the request.
         let total_records = records.len();
