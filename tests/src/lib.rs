@@ -13,6 +13,7 @@
 //! so a broken node fails a test with its log tail instead of hanging it.
 
 pub mod chaos;
+pub mod group_member;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};

@@ -251,7 +251,13 @@ impl Broker {
             let mut meta = self.state.meta.clone();
             let _ = tokio::time::timeout(
                 timeout,
-                meta.wait_for(|state| state.topics.values().any(|known| known.id == topic.id)),
+                meta.wait_for(|state| {
+                    state.topics.values().any(|known| known.id == topic.id)
+                        || state
+                            .coordinators
+                            .as_ref()
+                            .is_some_and(|known| known.id == topic.id)
+                }),
             )
             .await;
         }

@@ -1,6 +1,8 @@
 //! Background loops of a node's broker, owned by the caller's `JoinSet` and stopped by the
-//! shutdown watch: reconcile this node's Raft groups with the metadata, hand leadership back to
-//! preferred leaders, and the Raft layer's watchdog (node-level failure detection).
+//! shutdown watch: reconcile this node's Raft groups with the metadata (partitions and consumer
+//! group coordinator shards, which the metadata leader creates once), hand leadership back to
+//! preferred leaders, expire silent group members (`coordinator`), and the Raft layer's
+//! watchdog (node-level failure detection).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -33,6 +35,7 @@ impl Broker {
                 .clone()
                 .run_watchdog(self.state.options.nodes.clone(), shutdown.clone()),
         );
+        tasks.spawn(self.clone().expiry_loop(shutdown.clone()));
         tasks.spawn(self.clone().leader_balance_loop(shutdown));
     }
 
@@ -46,8 +49,17 @@ impl Broker {
         }
         loop {
             let state = meta.borrow_and_update().clone();
+            if state.coordinators.is_none() && self.state.node.meta_leader() == Some(me) {
+                self.create_coordinators().await;
+            }
             let mut wanted = std::collections::HashSet::new();
-            for topic in state.topics.values() {
+            let coordinators = state.coordinators.iter().map(|topic| (topic, true));
+            for (topic, is_coordinator) in state
+                .topics
+                .values()
+                .map(|topic| (topic, false))
+                .chain(coordinators)
+            {
                 for (partition, replicas) in topic.partitions.iter().enumerate() {
                     if !replicas.contains(&me) {
                         continue;
@@ -60,12 +72,20 @@ impl Broker {
                         .collect();
                     let span =
                         tracing::info_span!("partition", node = me, topic = %topic.name, partition);
-                    let started = self
-                        .state
-                        .node
-                        .ensure_partition(group, &members, replicas[0] == me)
+                    let initialize = replicas[0] == me;
+                    let node = &self.state.node;
+                    let started = if is_coordinator {
+                        let coordinators = &self.state.coordinators;
+                        node.ensure_state_group(group, &members, initialize, || {
+                            Box::new(coordinators.open(group))
+                        })
                         .instrument(span)
-                        .await;
+                        .await
+                    } else {
+                        node.ensure_partition(group, &members, initialize)
+                            .instrument(span)
+                            .await
+                    };
                     if let Err(error) = started {
                         tracing::error!(%group, %error, "cannot start partition group");
                     }
@@ -75,6 +95,7 @@ impl Broker {
             let existing: std::collections::HashSet<u64> = state
                 .topics
                 .values()
+                .chain(state.coordinators.iter())
                 .flat_map(|topic| (0..topic.partitions.len() as u32).map(|p| topic.group(p)))
                 .collect();
             self.retain_leader_hints(|group| existing.contains(&group.0));
@@ -94,6 +115,18 @@ impl Broker {
         }
     }
 
+    /// Creates the consumer group coordinator shards (on the metadata leader, once).
+    async fn create_coordinators(&self) {
+        let deadline = std::time::Instant::now() + self.state.options.groups.call_timeout();
+        match self
+            .meta_command(self.create_coordinators_command(), deadline)
+            .await
+        {
+            Ok(answer) => tracing::info!(?answer, "group coordinators created"),
+            Err(error) => tracing::warn!(%error, "cannot create the group coordinators yet"),
+        }
+    }
+
     /// Hands leadership of each partition back to its preferred leader (its first replica) once
     /// that replica is caught up, so leaders stay spread evenly after failures (Kafka's
     /// preferred leader election).
@@ -106,7 +139,7 @@ impl Broker {
             }
             let state = self.metadata();
             let mut transfers = 0;
-            for topic in state.topics.values() {
+            for topic in state.topics.values().chain(state.coordinators.iter()) {
                 for (partition, replicas) in topic.partitions.iter().enumerate() {
                     let preferred = replicas[0];
                     if preferred == me || transfers >= TRANSFERS_PER_ROUND_MAX {

@@ -22,8 +22,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::BrokerError;
+use crate::GroupsConfig;
 use crate::Limits;
 use crate::NodeId;
+use crate::coordinator::Coordinators;
 use crate::metadata::MetaMachine;
 use crate::metadata::MetaState;
 use crate::metadata::Topic;
@@ -44,6 +46,8 @@ pub struct BrokerOptions {
     /// How often a leader checks whether to hand leadership back to a partition's preferred
     /// leader.
     pub leader_balance_interval: Duration,
+    /// Consumer groups.
+    pub groups: GroupsConfig,
 }
 
 /// What every part of the broker shares.
@@ -58,6 +62,8 @@ pub(crate) struct BrokerState {
     pub(crate) round_robin: AtomicU32,
     /// Bounds produce calls in flight on this node (`limits.produce_in_flight_max`).
     pub(crate) produce_permits: Semaphore,
+    /// The consumer group coordinator shards hosted here.
+    pub(crate) coordinators: Coordinators,
 }
 
 /// The broker of one node. Cheap to clone.
@@ -87,6 +93,10 @@ impl Broker {
             .limits
             .validate()
             .map_err(|error| BrokerError::Internal(error.to_string()))?;
+        options
+            .groups
+            .validate()
+            .map_err(|error| BrokerError::Internal(error.to_string()))?;
         let (published, meta) = watch::channel(Arc::new(MetaState::default()));
         node.start_meta(&options.nodes, Box::new(MetaMachine::new(published)))
             .await
@@ -100,6 +110,7 @@ impl Broker {
                 leader_hints: Mutex::new(HashMap::new()),
                 round_robin: AtomicU32::new(0),
                 produce_permits,
+                coordinators: Coordinators::default(),
             }),
         };
         broker.spawn_background(tasks, shutdown);
@@ -114,6 +125,11 @@ impl Broker {
     /// The limits in force.
     pub fn limits(&self) -> &Limits {
         &self.state.options.limits
+    }
+
+    /// The consumer group settings in force.
+    pub fn groups_config(&self) -> &GroupsConfig {
+        &self.state.options.groups
     }
 
     /// The metadata state as applied on this node.

@@ -112,9 +112,87 @@ pub enum BrokerError {
         /// The limit.
         max: u32,
     },
+    /// A consumer group's coordinator refused the call: nothing changed.
+    #[error("{}", group_refusal_message(.0))]
+    GroupRefused(GroupRefusal),
+    /// No such consumer group.
+    #[error("consumer group {0:?} does not exist (it has no members and no committed offsets)")]
+    GroupNotFound(String),
+    /// A session timeout outside the server's bounds.
+    #[error(
+        "session timeout {actual} ms is outside {min}..={max} ms (groups.session_timeout_min_ms / max_ms); ask for one inside, or 0 for the default"
+    )]
+    InvalidSessionTimeout {
+        /// Asked for.
+        actual: u64,
+        /// Shortest allowed.
+        min: u64,
+        /// Longest allowed.
+        max: u64,
+    },
     /// A bug or a storage failure on the server.
     #[error("{0}")]
     Internal(String),
+}
+
+/// Why a consumer group's coordinator refused a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupRefusal {
+    /// The member's epoch is not its current one.
+    FencedMember {
+        /// Its current epoch.
+        current_epoch: u32,
+    },
+    /// The group does not know the member.
+    UnknownMember,
+    /// A member's commit names partitions it was not given: `(topic, partition)`.
+    NotAssigned(Vec<(String, u32)>),
+    /// A commit would move offsets backward: `(topic, partition, committed offset)`.
+    CommitBackward(Vec<(String, u32, u64)>),
+    /// The group has members.
+    NotEmpty,
+    /// The shard holds `max` groups.
+    TooManyGroups {
+        /// The limit.
+        max: u32,
+    },
+    /// The group has `max` members.
+    TooManyMembers {
+        /// The limit.
+        max: u32,
+    },
+}
+
+fn group_refusal_message(refusal: &GroupRefusal) -> String {
+    match refusal {
+        GroupRefusal::FencedMember { current_epoch } => format!(
+            "fenced member: the member's current epoch is {current_epoch}; heartbeat with it (or join again with epoch 0 if you were replaced) before committing"
+        ),
+        GroupRefusal::UnknownMember => "unknown member: the group expired this member, it left, or it never joined; stop processing its partitions and join again (epoch 0)".to_owned(),
+        GroupRefusal::NotAssigned(partitions) => format!(
+            "partitions not assigned to this member: {}; commit only partitions the last heartbeat gave you",
+            partitions
+                .iter()
+                .map(|(topic, partition)| format!("{topic}/{partition}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        GroupRefusal::CommitBackward(partitions) => format!(
+            "commit below the committed offset, nothing committed: {}; commits never go backward (reset the group's offsets while it has no members to move them back)",
+            partitions
+                .iter()
+                .map(|(topic, partition, committed)| format!("{topic}/{partition} is at {committed}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        GroupRefusal::NotEmpty => "the group has members; stop them (or wait for their sessions to time out) and try again".to_owned(),
+        GroupRefusal::TooManyGroups { max } => format!(
+            "the group's coordinator shard holds {max} groups (groups.groups_per_shard_max); delete unused groups or raise the limit"
+        ),
+        GroupRefusal::TooManyMembers { max } => format!(
+            "the group has {max} members (groups.members_per_group_max)"
+        ),
+    }
 }
 
 impl BrokerError {

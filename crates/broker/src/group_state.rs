@@ -1,13 +1,16 @@
-//! Consumer groups, the pure state of one group (issue 13, first step: not wired to Raft or gRPC
-//! yet). The coordinator will apply these commands through a Raft group, so `apply` is
-//! deterministic: no clock (commands carry the proposer's time), no randomness, no I/O, and
-//! ordered maps only.
+//! Consumer groups, the pure state of one group. The coordinator (`coordinator.rs`) applies these
+//! commands through its shard's Raft group, so `apply` is deterministic: no clock, no
+//! randomness, no I/O, and ordered maps only. Liveness is not replicated: the coordinator's
+//! leader times sessions out itself and proposes [`GroupCommand::Expire`] naming the members.
 //!
 //! The protocol is KIP-848's, broker-side:
-//! - A member joins with a heartbeat at epoch 0 and gets a member id and epoch; every later
-//!   heartbeat carries both, its subscribed topics and the partitions it owns now. A heartbeat
-//!   from an older epoch is fenced (`FENCED_MEMBER`); one from a member the group does not know
-//!   (expired, left, never joined) is `UNKNOWN_MEMBER`: the member must join again.
+//! - A member joins with a heartbeat at epoch 0 (with the id it picked, or none to be given one)
+//!   and gets its member id and epoch; every later heartbeat carries both, its subscribed topics
+//!   and the partitions it owns now. A heartbeat from an older epoch than the member's current or
+//!   previous one (the answer to its last heartbeat may have been lost) is fenced
+//!   (`FENCED_MEMBER`); one from a member the group does not know (expired, left, never joined)
+//!   is `UNKNOWN_MEMBER`: the member must join again. A member that joins again with its id at
+//!   epoch 0 has released everything it owned.
 //! - The coordinator keeps a **target assignment**, balanced and sticky: recomputed when the
 //!   members or their subscriptions change, it moves as few partitions as it can (each member
 //!   keeps what it has up to its share; only the excess and the unowned partitions move).
@@ -15,7 +18,8 @@
 //!   member still owns it (the old owner released it in a heartbeat, or its session expired).
 //!   A member is asked to release what left its target. No stop-the-world rebalance.
 //! - Committed offsets never go backward (unless reset explicitly), and only a current member
-//!   (its epoch) or a caller without membership (static use, member id empty) may commit.
+//!   (its current epoch, for partitions it was given) or a caller without membership (static
+//!   use, member id empty) may commit.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -24,7 +28,7 @@ use serde::Deserialize;
 use serde::Serialize;
 
 /// One partition of one topic.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct TopicPartition {
     /// The topic.
     pub topic: String,
@@ -32,28 +36,22 @@ pub struct TopicPartition {
     pub partition: u32,
 }
 
-/// A group's timing, with the bounds the coordinator enforces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupTiming {
-    /// A member that has not heartbeated for this long is expired (milliseconds).
-    pub session_timeout_ms: u64,
-    /// How often members should heartbeat (milliseconds).
-    pub heartbeat_interval_ms: u64,
-}
-
 /// One member as the coordinator knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
     /// Its epoch: raised each time the member is given a new assignment.
     pub epoch: u32,
+    /// Its epoch before the last raise (a heartbeat whose answer was lost carries it).
+    pub previous_epoch: u32,
     /// The topics it subscribes to.
     pub subscriptions: BTreeSet<String>,
     /// What it holds, as its last heartbeat said (only partitions it had been given count).
     pub owned: BTreeSet<TopicPartition>,
     /// What the last answer allowed it to own: it may hold these by now without having said so.
     pub assigned: BTreeSet<TopicPartition>,
-    /// When it last heartbeated (the proposer's clock).
-    pub last_heartbeat_ms: u64,
+    /// A member silent for this long is expired (milliseconds; it asked for it, within the
+    /// coordinator's bounds).
+    pub session_timeout_ms: u64,
 }
 
 /// A committed offset.
@@ -76,16 +74,19 @@ pub struct GroupState {
     pub target: BTreeMap<String, BTreeSet<TopicPartition>>,
     /// Committed offsets.
     pub offsets: BTreeMap<TopicPartition, Committed>,
-    /// The next member id's number (member ids are `m-<group epoch>-<n>`, unique in the group).
+    /// Partitions per subscribed topic when the target was last computed: a change (a topic
+    /// created, deleted or grown) recomputes it.
+    pub partitions: BTreeMap<String, u32>,
+    /// The next given member id's number (given ids are `m-<n>`, unique in the group).
     next_member: u64,
 }
 
 /// Commands of a group, as proposed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GroupCommand {
-    /// A member's heartbeat; `member_id` empty and `epoch` 0 to join.
+    /// A member's heartbeat; `epoch` 0 to join (with `member_id` empty to be given an id).
     Heartbeat {
-        /// The member's id (empty to join).
+        /// The member's id (empty to be given one).
         member_id: String,
         /// The member's epoch (0 to join).
         epoch: u32,
@@ -95,10 +96,8 @@ pub enum GroupCommand {
         owned: BTreeSet<TopicPartition>,
         /// Partitions per topic, as the proposer's metadata has them.
         topics: BTreeMap<String, u32>,
-        /// The proposer's clock.
-        now_ms: u64,
-        /// The group's timing.
-        timing: GroupTiming,
+        /// The session timeout the member asks for (validated by the proposer).
+        session_timeout_ms: u64,
     },
     /// A member leaves.
     Leave {
@@ -109,12 +108,11 @@ pub enum GroupCommand {
         /// Partitions per topic.
         topics: BTreeMap<String, u32>,
     },
-    /// Members silent for longer than their session timeout are removed.
+    /// Members the coordinator's leader found silent past their session timeout are removed
+    /// (those still at the epoch it saw).
     Expire {
-        /// The proposer's clock.
-        now_ms: u64,
-        /// The group's timing.
-        timing: GroupTiming,
+        /// `(member id, epoch)`.
+        members: Vec<(String, u32)>,
         /// Partitions per topic.
         topics: BTreeMap<String, u32>,
     },
@@ -159,6 +157,8 @@ pub enum GroupAnswer {
     Backward(Vec<(TopicPartition, u64)>),
     /// A reset while the group has members.
     NotEmpty,
+    /// A member's commit names partitions it was not given.
+    NotAssigned(Vec<TopicPartition>),
 }
 
 impl GroupState {
@@ -171,16 +171,14 @@ impl GroupState {
                 subscriptions,
                 owned,
                 topics,
-                now_ms,
-                timing,
+                session_timeout_ms,
             } => self.heartbeat(
                 member_id,
                 epoch,
                 subscriptions,
                 owned,
                 &topics,
-                now_ms,
-                timing,
+                session_timeout_ms,
             ),
             GroupCommand::Leave {
                 member_id,
@@ -194,26 +192,21 @@ impl GroupState {
                     GroupAnswer::Ok
                 }
             },
-            GroupCommand::Expire {
-                now_ms,
-                timing,
-                topics,
-            } => {
-                let expired: Vec<String> = self
-                    .members
-                    .iter()
-                    .filter(|(_, member)| {
-                        member
-                            .last_heartbeat_ms
-                            .saturating_add(timing.session_timeout_ms)
-                            < now_ms
-                    })
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                if !expired.is_empty() {
-                    for id in expired {
+            GroupCommand::Expire { members, topics } => {
+                let mut expired = false;
+                for (id, epoch) in members {
+                    // A member that heartbeated into a new epoch since the leader looked is
+                    // alive.
+                    if self
+                        .members
+                        .get(&id)
+                        .is_some_and(|member| member.epoch == epoch)
+                    {
                         self.members.remove(&id);
+                        expired = true;
                     }
+                }
+                if expired {
                     self.rebalance(&topics);
                 }
                 GroupAnswer::Ok
@@ -224,8 +217,25 @@ impl GroupState {
                 offsets,
             } => {
                 if !member_id.is_empty() {
-                    if let Err(answer) = self.check_member(&member_id, epoch) {
-                        return answer;
+                    let Some(member) = self.members.get(&member_id) else {
+                        return GroupAnswer::UnknownMember;
+                    };
+                    if epoch != member.epoch {
+                        return GroupAnswer::FencedMember {
+                            current_epoch: member.epoch,
+                        };
+                    }
+                    let foreign: Vec<TopicPartition> = offsets
+                        .iter()
+                        .map(|(partition, _, _)| partition)
+                        .filter(|partition| {
+                            !member.owned.contains(*partition)
+                                && !member.assigned.contains(*partition)
+                        })
+                        .cloned()
+                        .collect();
+                    if !foreign.is_empty() {
+                        return GroupAnswer::NotAssigned(foreign);
                     }
                 }
                 let backward: Vec<(TopicPartition, u64)> = offsets
@@ -262,21 +272,20 @@ impl GroupState {
         }
     }
 
+    /// Whether `epoch` is the member's current or previous one (the answer that raised it may
+    /// have been lost).
     fn check_member(&self, member_id: &str, epoch: u32) -> Result<(), GroupAnswer> {
         match self.members.get(member_id) {
             None => Err(GroupAnswer::UnknownMember),
-            Some(member) if epoch < member.epoch => Err(GroupAnswer::FencedMember {
+            Some(member) if epoch == member.epoch || epoch == member.previous_epoch => Ok(()),
+            // A newer epoch than the group gave is not the member's to pick; an older one is a
+            // zombie's.
+            Some(member) => Err(GroupAnswer::FencedMember {
                 current_epoch: member.epoch,
             }),
-            // A newer epoch than the group gave is not the member's to pick.
-            Some(member) if epoch > member.epoch => Err(GroupAnswer::FencedMember {
-                current_epoch: member.epoch,
-            }),
-            Some(_) => Ok(()),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn heartbeat(
         &mut self,
         member_id: String,
@@ -284,26 +293,41 @@ impl GroupState {
         subscriptions: BTreeSet<String>,
         owned: BTreeSet<TopicPartition>,
         topics: &BTreeMap<String, u32>,
-        now_ms: u64,
-        _timing: GroupTiming,
+        session_timeout_ms: u64,
     ) -> GroupAnswer {
-        let member_id = if member_id.is_empty() && epoch == 0 {
-            let id = format!("m-{}", self.next_member);
-            self.next_member += 1;
+        let mut joined = false;
+        let member_id = if epoch == 0 {
+            // A join, or a member joining again with its id: it owns nothing now.
+            let id = if member_id.is_empty() {
+                let id = format!("m-{}", self.next_member);
+                self.next_member += 1;
+                id
+            } else {
+                member_id
+            };
+            let epoch = self.members.get(&id).map_or(0, |member| member.epoch);
             self.members.insert(
                 id.clone(),
                 Member {
-                    epoch: 0,
+                    epoch,
+                    previous_epoch: epoch,
                     subscriptions: BTreeSet::new(),
                     owned: BTreeSet::new(),
                     assigned: BTreeSet::new(),
-                    last_heartbeat_ms: now_ms,
+                    session_timeout_ms,
                 },
             );
+            joined = true;
             id
         } else {
-            if let Err(answer) = self.check_member(&member_id, epoch) {
-                return answer;
+            match self.members.get(&member_id) {
+                None => return GroupAnswer::UnknownMember,
+                Some(member) if epoch == member.epoch || epoch == member.previous_epoch => {}
+                Some(member) => {
+                    return GroupAnswer::FencedMember {
+                        current_epoch: member.epoch,
+                    };
+                }
             }
             member_id
         };
@@ -311,18 +335,23 @@ impl GroupState {
             .members
             .get_mut(&member_id)
             .expect("joined or checked above");
-        member.last_heartbeat_ms = member.last_heartbeat_ms.max(now_ms);
+        member.session_timeout_ms = session_timeout_ms;
         // A member holds only what it was given: anything else it claims is ignored. What it
-        // no longer claims it has released.
-        member.owned = owned.intersection(&member.assigned).cloned().collect();
-        let changed = member.subscriptions != subscriptions || member.epoch == 0;
+        // no longer claims it has released; what it still claims after it was taken from its
+        // assignment it still holds (the answer that took it may have been lost).
+        let given: BTreeSet<TopicPartition> =
+            member.owned.union(&member.assigned).cloned().collect();
+        member.owned = owned.intersection(&given).cloned().collect();
+        let changed = joined || member.subscriptions != subscriptions;
         member.subscriptions = subscriptions;
-        if changed {
+        let partitions = self.subscribed_partitions(topics);
+        if changed || partitions != self.partitions {
             self.rebalance(topics);
         }
         let assigned = self.assignable(&member_id);
         let member = self.members.get_mut(&member_id).expect("still a member");
-        if assigned != member.assigned || member.epoch == 0 {
+        if assigned != member.assigned || joined {
+            member.previous_epoch = member.epoch;
             member.epoch += 1;
         }
         member.assigned = assigned.clone();
@@ -351,8 +380,23 @@ impl GroupState {
     /// Recomputes the target assignment: balanced (per topic, member shares differ by at most
     /// one among the members subscribed to it) and sticky (a member keeps its targets up to its
     /// share; only the excess and unowned partitions move).
+    /// Partitions per topic some member subscribes to.
+    fn subscribed_partitions(&self, topics: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
+        self.members
+            .values()
+            .flat_map(|member| member.subscriptions.iter())
+            .filter_map(|topic| Some((topic.clone(), *topics.get(topic)?)))
+            .collect()
+    }
+
+    /// Whether the group holds nothing: no member, no committed offset.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty() && self.offsets.is_empty()
+    }
+
     fn rebalance(&mut self, topics: &BTreeMap<String, u32>) {
         self.group_epoch += 1;
+        self.partitions = self.subscribed_partitions(topics);
         let mut target: BTreeMap<String, BTreeSet<TopicPartition>> = self
             .members
             .keys()
@@ -441,10 +485,7 @@ mod tests {
 
     use super::*;
 
-    const TIMING: GroupTiming = GroupTiming {
-        session_timeout_ms: 10_000,
-        heartbeat_interval_ms: 1_000,
-    };
+    const SESSION_MS: u64 = 10_000;
 
     fn topics(partitions: u32) -> BTreeMap<String, u32> {
         BTreeMap::from([("t".to_owned(), partitions)])
@@ -455,7 +496,6 @@ mod tests {
         epoch: u32,
         owned: &BTreeSet<TopicPartition>,
         partitions: u32,
-        now_ms: u64,
     ) -> GroupCommand {
         GroupCommand::Heartbeat {
             member_id: member_id.to_owned(),
@@ -463,8 +503,7 @@ mod tests {
             subscriptions: BTreeSet::from(["t".to_owned()]),
             owned: owned.clone(),
             topics: topics(partitions),
-            now_ms,
-            timing: TIMING,
+            session_timeout_ms: SESSION_MS,
         }
     }
 
@@ -477,14 +516,9 @@ mod tests {
     }
 
     impl Client {
-        fn beat(&mut self, state: &mut GroupState, partitions: u32, now_ms: u64) -> GroupAnswer {
-            let answer = state.apply(heartbeat(
-                &self.id,
-                self.epoch,
-                &self.owned,
-                partitions,
-                now_ms,
-            ));
+        /// One heartbeat (`_now_ms` only orders the test's steps: liveness is the leader's).
+        fn beat(&mut self, state: &mut GroupState, partitions: u32, _now_ms: u64) -> GroupAnswer {
+            let answer = state.apply(heartbeat(&self.id, self.epoch, &self.owned, partitions));
             if let GroupAnswer::Assignment {
                 member_id,
                 epoch,
@@ -561,18 +595,25 @@ mod tests {
             b.beat(&mut state, 4, now);
         }
         assert_eq!(a.owned.len() + b.owned.len(), 4);
-        let stale_epoch = a.epoch - 1;
-        assert!(matches!(
-            state.apply(heartbeat(&a.id, stale_epoch, &a.owned, 4, 300)),
-            GroupAnswer::FencedMember { .. }
-        ));
-        // b goes silent; a keeps beating.
+        // An epoch the group never gave is fenced.
+        assert_eq!(
+            state.apply(heartbeat(&a.id, a.epoch + 7, &a.owned, 4)),
+            GroupAnswer::FencedMember {
+                current_epoch: a.epoch
+            }
+        );
+        // b goes silent; a keeps beating. An expiry naming an epoch b has left behind does
+        // nothing.
         for now in [5_000, 11_000] {
             a.beat(&mut state, 4, now);
         }
         state.apply(GroupCommand::Expire {
-            now_ms: 11_000,
-            timing: TIMING,
+            members: vec![(b.id.clone(), b.epoch + 1)],
+            topics: topics(4),
+        });
+        assert!(state.members.contains_key(&b.id));
+        state.apply(GroupCommand::Expire {
+            members: vec![(b.id.clone(), b.epoch)],
             topics: topics(4),
         });
         a.beat(&mut state, 4, 11_100);
@@ -591,6 +632,78 @@ mod tests {
             )],
         };
         assert_eq!(state.apply(commit), GroupAnswer::UnknownMember);
+    }
+
+    /// A heartbeat whose answer was lost is retried with the previous epoch and answered; a
+    /// member that joins again with its id owns nothing and gets a newer epoch, so its old epoch
+    /// is fenced; a member's commit must carry its current epoch and name partitions it was
+    /// given.
+    #[test]
+    fn lost_answers_rejoins_and_member_commits() {
+        let mut state = GroupState::default();
+        let mut a = Client::default();
+        a.beat(&mut state, 2, 0);
+        let mut b = Client::default();
+        b.beat(&mut state, 2, 0);
+        // a's share shrinks to one partition: its answer is "lost", it retries with its old
+        // epoch and still claims both; the coordinator keeps them a's until released.
+        let old_epoch = a.epoch;
+        let lost = state.apply(heartbeat(&a.id, a.epoch, &a.owned, 2));
+        let GroupAnswer::Assignment {
+            epoch, assigned, ..
+        } = lost
+        else {
+            panic!("answered");
+        };
+        assert_eq!(assigned.len(), 1);
+        assert!(epoch > old_epoch);
+        let retried = state.apply(heartbeat(&a.id, old_epoch, &a.owned, 2));
+        assert!(
+            matches!(retried, GroupAnswer::Assignment { .. }),
+            "{retried:?}"
+        );
+        b.beat(&mut state, 2, 0);
+        assert!(b.owned.is_empty(), "a still holds what b is to get");
+        // a acts on the answer (keeps one), then says so; only then does b get the other.
+        a.beat(&mut state, 2, 0);
+        b.beat(&mut state, 2, 0);
+        assert!(b.owned.is_empty(), "a has not said it released it");
+        a.beat(&mut state, 2, 0);
+        b.beat(&mut state, 2, 0);
+        assert_eq!((a.owned.len(), b.owned.len()), (1, 1));
+        let mine = a.owned.iter().next().unwrap().clone();
+        let theirs = b.owned.iter().next().unwrap().clone();
+        let commit = |epoch, partition: &TopicPartition| GroupCommand::Commit {
+            member_id: a.id.clone(),
+            epoch,
+            offsets: vec![(partition.clone(), 1, String::new())],
+        };
+        assert_eq!(state.apply(commit(a.epoch, &mine)), GroupAnswer::Ok);
+        assert_eq!(
+            state.apply(commit(a.epoch, &theirs)),
+            GroupAnswer::NotAssigned(vec![theirs.clone()])
+        );
+        assert_eq!(
+            state.apply(commit(a.epoch - 1, &mine)),
+            GroupAnswer::FencedMember {
+                current_epoch: a.epoch
+            }
+        );
+        // a joins again with its id: it released everything, its old epoch is fenced.
+        let stale = a.epoch;
+        let rejoined = state.apply(heartbeat(&a.id, 0, &BTreeSet::new(), 2));
+        let GroupAnswer::Assignment {
+            member_id, epoch, ..
+        } = rejoined
+        else {
+            panic!("rejoined");
+        };
+        assert_eq!(member_id, a.id);
+        assert!(epoch > stale);
+        assert!(matches!(
+            state.apply(commit(stale, &mine)),
+            GroupAnswer::FencedMember { .. }
+        ));
     }
 
     /// Commits never go backward; a reset may, but only while the group is empty.

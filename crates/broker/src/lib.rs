@@ -11,7 +11,9 @@
 //! - `names`: topic name rules.
 //! - `records`: the batch encoding stored in the log (record types from `ordo_proto::record`).
 //! - `group_state`: consumer groups, the pure state of one group (membership, sticky balanced
-//!   target assignment, incremental handoff, fencing, committed offsets); not wired yet.
+//!   target assignment, incremental handoff, fencing, committed offsets).
+//! - `coordinator_state`: a coordinator shard's groups, applied through the shard's Raft group
+//!   (`ordo_raft::StateApply`), one row per group.
 //! - `producer`: idempotent producers: InitProducer and the registry check of every stamped produce.
 //! - `metadata`: the replicated metadata state (topics, replica assignment) and its commands,
 //!   applied through the metadata Raft group.
@@ -26,6 +28,8 @@
 //! - `fetch`: read committed records, locally or from the leader.
 //! - `admin`: topics, and metadata commands run on the metadata leader.
 //! - `cluster`: status views merged from every node's report.
+//! - `coordinator`: consumer group calls, run on the leader of the group's coordinator shard
+//!   (here or forwarded); session expiry on the leader.
 //! - `background`: reconcile this node's groups with the metadata; leader balance.
 //! - `peer`: [`Peer`](peer::Peer), the only code that calls other nodes over gRPC.
 //!
@@ -41,6 +45,8 @@ mod admin;
 mod background;
 mod broker;
 mod cluster;
+mod coordinator;
+pub mod coordinator_state;
 mod error;
 mod fetch;
 pub mod group_state;
@@ -60,9 +66,20 @@ pub use cluster::ClusterView;
 pub use cluster::NodeView;
 pub use cluster::PartitionView;
 pub use cluster::TopicView;
+pub use coordinator::Assignment;
+pub use coordinator::GroupDescription;
+pub use coordinator::GroupMetrics;
+pub use coordinator::GroupPartition;
+pub use coordinator::GroupSummary;
+pub use coordinator::Heartbeat;
+pub use coordinator::ResetTarget;
 pub use error::BrokerError;
+pub use error::GroupRefusal;
 pub use error::ProducerRefusal;
 pub use fetch::FetchOutcome;
+pub use group_state::Committed;
+pub use group_state::TopicPartition;
+pub use limits::GroupsConfig;
 pub use limits::InvalidLimits;
 pub use limits::Limits;
 pub use metadata::MetaState;

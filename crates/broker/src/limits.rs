@@ -102,3 +102,94 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("limits: {0}")]
 pub struct InvalidLimits(pub &'static str);
+
+/// Consumer groups: the coordinators and the bounds on groups, members and commits. Units are in
+/// the names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupsConfig {
+    /// Coordinator shards: Raft groups the group names hash to, created once with the cluster
+    /// (changing it later has no effect). Default 8.
+    pub coordinator_shards: u32,
+    /// A member's session timeout when its heartbeat asks for none. Default 10 s.
+    pub session_timeout_ms: u64,
+    /// Shortest session timeout a member may ask for. Default 1 s.
+    pub session_timeout_min_ms: u64,
+    /// Longest session timeout a member may ask for. Default 5 min.
+    pub session_timeout_max_ms: u64,
+    /// The heartbeat interval members are told (at most a third of their session timeout).
+    /// Default 1 s.
+    pub heartbeat_interval_ms: u64,
+    /// Most groups one coordinator shard holds (RESOURCE_EXHAUSTED, TOO_MANY_GROUPS). Default
+    /// 10,000.
+    pub groups_per_shard_max: u32,
+    /// Most members of one group (RESOURCE_EXHAUSTED, TOO_MANY_MEMBERS). Default 1,000.
+    pub members_per_group_max: u32,
+    /// Most offsets in one CommitOffsets. Default 10,000.
+    pub offsets_per_commit_max: u32,
+    /// Largest metadata string of one committed offset, bytes. Default 4 KiB.
+    pub commit_metadata_bytes_max: u32,
+    /// Longest a group call waits for its coordinator when the client sets no deadline. Default
+    /// 10 s.
+    pub call_timeout_ms: u64,
+}
+
+impl Default for GroupsConfig {
+    fn default() -> Self {
+        Self {
+            coordinator_shards: 8,
+            session_timeout_ms: 10_000,
+            session_timeout_min_ms: 1_000,
+            session_timeout_max_ms: 300_000,
+            heartbeat_interval_ms: 1_000,
+            groups_per_shard_max: 10_000,
+            members_per_group_max: 1_000,
+            offsets_per_commit_max: 10_000,
+            commit_metadata_bytes_max: 4096,
+            call_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl GroupsConfig {
+    /// Rejects inconsistent settings at start-up.
+    pub fn validate(&self) -> Result<(), InvalidLimits> {
+        if self.coordinator_shards == 0 || self.coordinator_shards > (1 << 20) {
+            return Err(InvalidLimits(
+                "groups.coordinator_shards must be in 1..=1048576",
+            ));
+        }
+        if self.session_timeout_min_ms == 0
+            || self.session_timeout_min_ms > self.session_timeout_ms
+            || self.session_timeout_ms > self.session_timeout_max_ms
+            || self.session_timeout_max_ms > u64::from(u32::MAX)
+        {
+            return Err(InvalidLimits(
+                "need 0 < groups.session_timeout_min_ms <= session_timeout_ms <= session_timeout_max_ms < 2^32",
+            ));
+        }
+        if self.heartbeat_interval_ms == 0
+            || self.groups_per_shard_max == 0
+            || self.members_per_group_max == 0
+            || self.offsets_per_commit_max == 0
+            || self.call_timeout_ms == 0
+        {
+            return Err(InvalidLimits(
+                "groups: heartbeat_interval_ms, groups_per_shard_max, members_per_group_max, offsets_per_commit_max and call_timeout_ms must be > 0",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The heartbeat interval a member with this session timeout is told.
+    pub fn heartbeat_interval_for(&self, session_timeout_ms: u64) -> u64 {
+        self.heartbeat_interval_ms
+            .min(session_timeout_ms / 3)
+            .max(1)
+    }
+
+    /// The default deadline of a group call.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+}

@@ -1,5 +1,5 @@
-//! The cluster metadata: topics and where their partitions live, and the producer registry
-//! (idempotent producer ids, names and epochs). Replicated by the metadata Raft group; every
+//! The cluster metadata: topics and where their partitions live, the producer registry
+//! (idempotent producer ids, names and epochs), and where the consumer group coordinators live. Replicated by the metadata Raft group; every
 //! node applies the same commands in the same order, so `apply` must be deterministic (no
 //! clocks, no randomness, no I/O: a command carries the proposer's time and limits).
 
@@ -53,6 +53,9 @@ pub struct MetaState {
     pub applied_index: u64,
     /// Idempotent producers.
     pub producers: ProducerRegistry,
+    /// The consumer group coordinator shards, once created: an internal "topic" whose
+    /// partitions are state groups (`coordinator`), never a log; not among `topics`.
+    pub coordinators: Option<Topic>,
 }
 
 /// The metadata state as written before the producer registry existed; still read.
@@ -63,20 +66,43 @@ struct MetaStateBeforeProducers {
     applied_index: u64,
 }
 
+/// The metadata state as written before the coordinators existed; still read.
+#[derive(Deserialize)]
+struct MetaStateBeforeCoordinators {
+    topics: BTreeMap<String, Topic>,
+    next_topic_id: u64,
+    applied_index: u64,
+    producers: ProducerRegistry,
+}
+
+/// The name of the coordinators' internal topic (never in `MetaState::topics`).
+pub const COORDINATORS_NAME: &str = "__groups";
+
 impl MetaState {
-    /// Decodes a persisted state, of this layout or the one before the producer registry.
+    /// Decodes a persisted state, of this layout or an older one.
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
-        match postcard::from_bytes::<MetaState>(bytes) {
-            Ok(state) => Ok(state),
-            Err(error) => match postcard::from_bytes::<MetaStateBeforeProducers>(bytes) {
-                Ok(old) => Ok(MetaState {
-                    topics: old.topics,
-                    next_topic_id: old.next_topic_id,
-                    applied_index: old.applied_index,
-                    producers: ProducerRegistry::default(),
-                }),
-                Err(_) => Err(error),
-            },
+        let error = match postcard::from_bytes::<MetaState>(bytes) {
+            Ok(state) => return Ok(state),
+            Err(error) => error,
+        };
+        if let Ok(old) = postcard::from_bytes::<MetaStateBeforeCoordinators>(bytes) {
+            return Ok(MetaState {
+                topics: old.topics,
+                next_topic_id: old.next_topic_id,
+                applied_index: old.applied_index,
+                producers: old.producers,
+                coordinators: None,
+            });
+        }
+        match postcard::from_bytes::<MetaStateBeforeProducers>(bytes) {
+            Ok(old) => Ok(MetaState {
+                topics: old.topics,
+                next_topic_id: old.next_topic_id,
+                applied_index: old.applied_index,
+                producers: ProducerRegistry::default(),
+                coordinators: None,
+            }),
+            Err(_) => Err(error),
         }
     }
 }
@@ -175,6 +201,15 @@ pub enum MetaCommand {
         /// Most names the registry keeps (the proposer's limit).
         names_max: u32,
     },
+    /// Create the consumer group coordinator shards (once in the life of the cluster).
+    CreateCoordinators {
+        /// Shards (validated by the proposer).
+        shards: u32,
+        /// Replicas per shard.
+        replication_factor: u32,
+        /// The nodes to place replicas on.
+        nodes: Vec<NodeId>,
+    },
 }
 
 /// Answers of metadata commands.
@@ -256,6 +291,35 @@ impl MetaState {
                 at_ms,
                 names_max,
             } => self.producers.init(index, name, token, at_ms, names_max),
+            MetaCommand::CreateCoordinators {
+                shards,
+                replication_factor,
+                nodes,
+            } => {
+                if self.coordinators.is_some() {
+                    return MetaAnswer::AlreadyExists;
+                }
+                if shards == 0 || shards > (1 << PARTITION_BITS) {
+                    return MetaAnswer::Rejected(format!("{shards} shards is outside 1..=1048576"));
+                }
+                let Some(assignment) = self.assign(shards, replication_factor, &nodes) else {
+                    return MetaAnswer::Rejected(format!(
+                        "replication factor {replication_factor} needs that many nodes; {} known",
+                        nodes.len()
+                    ));
+                };
+                self.next_topic_id = self.next_topic_id.max(1);
+                let coordinators = Topic {
+                    id: self.next_topic_id,
+                    name: COORDINATORS_NAME.to_owned(),
+                    replication_factor,
+                    partitions: assignment,
+                    config: BTreeMap::new(),
+                };
+                self.next_topic_id += 1;
+                self.coordinators = Some(coordinators.clone());
+                MetaAnswer::Created(coordinators)
+            }
         }
     }
 

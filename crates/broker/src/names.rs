@@ -9,25 +9,62 @@ pub const TOPIC_NAME_LEN_MAX: usize = 249;
 /// Longest producer name, bytes.
 pub const PRODUCER_NAME_LEN_MAX: usize = 255;
 
-/// Checks a producer name: 1 to 255 bytes, no control characters.
+/// Checks a producer name: up to 255 bytes, no control characters.
 pub fn validate_producer_name(name: &str) -> Result<(), BrokerError> {
-    let reason = ordo_proto::errors::reason::INVALID_PRODUCER_NAME;
-    if name.len() > PRODUCER_NAME_LEN_MAX {
+    validate_label(
+        "producer name",
+        ordo_proto::errors::reason::INVALID_PRODUCER_NAME,
+        name,
+        true,
+    )
+}
+
+/// Checks a name-like string: 1 (0 when `may_be_empty`) to 255 bytes, no control characters.
+fn validate_label(
+    what: &str,
+    reason: &'static str,
+    value: &str,
+    may_be_empty: bool,
+) -> Result<(), BrokerError> {
+    if value.is_empty() && !may_be_empty {
+        return Err(BrokerError::invalid(reason, format!("{what} is empty")));
+    }
+    if value.len() > PRODUCER_NAME_LEN_MAX {
         return Err(BrokerError::invalid(
             reason,
             format!(
-                "producer name is {} bytes; the limit is {PRODUCER_NAME_LEN_MAX}",
-                name.len()
+                "{what} is {} bytes; the limit is {PRODUCER_NAME_LEN_MAX}",
+                value.len()
             ),
         ));
     }
-    if name.chars().any(char::is_control) {
+    if value.chars().any(char::is_control) {
         return Err(BrokerError::invalid(
             reason,
-            format!("producer name {name:?} contains a control character"),
+            format!("{what} {value:?} contains a control character"),
         ));
     }
     Ok(())
+}
+
+/// Checks a consumer group name: 1 to 255 bytes, no control characters.
+pub fn validate_group_name(name: &str) -> Result<(), BrokerError> {
+    validate_label(
+        "group name",
+        ordo_proto::errors::reason::INVALID_GROUP_NAME,
+        name,
+        false,
+    )
+}
+
+/// Checks a member id: up to 255 bytes, no control characters (empty: none).
+pub fn validate_member_id(id: &str) -> Result<(), BrokerError> {
+    validate_label(
+        "member id",
+        ordo_proto::errors::reason::INVALID_MEMBER_ID,
+        id,
+        true,
+    )
 }
 
 /// Checks a topic name.

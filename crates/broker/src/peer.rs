@@ -8,6 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ordo_proto::errors;
 use ordo_proto::errors::reason;
+use ordo_proto::internal::ForwardCoordinatorRequest;
 use ordo_proto::internal::ForwardMetaRequest;
 use ordo_proto::internal::ForwardProduceRequest;
 use ordo_proto::internal::GroupStatusRequest;
@@ -119,6 +120,33 @@ impl Peer<'_> {
         request.set_timeout(timeout);
         match client.forward_meta(request).await {
             Ok(response) => Ok(MetaForward::from_wire(response.into_inner())),
+            Err(status) => Err(self.failed(&status)),
+        }
+    }
+
+    /// Runs a consumer group request on the remote, which must lead the coordinator shard.
+    pub(crate) async fn forward_coordinator(
+        &self,
+        group: GroupId,
+        request: Bytes,
+        timeout: Duration,
+    ) -> Result<crate::coordinator::CoordinatorOutcome, CallError> {
+        let mut client = self.client()?;
+        let mut request = tonic::Request::new(ForwardCoordinatorRequest {
+            group: group.0,
+            request,
+        });
+        request.set_timeout(timeout);
+        match client.forward_coordinator(request).await {
+            Ok(response) => {
+                postcard::from_bytes(&response.get_ref().outcome).map_err(|error| CallError {
+                    failure: CallFailure::MaybeDone,
+                    message: format!(
+                        "node {} sent an undecodable coordinator answer: {error}",
+                        self.node
+                    ),
+                })
+            }
             Err(status) => Err(self.failed(&status)),
         }
     }

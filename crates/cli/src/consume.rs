@@ -1,5 +1,10 @@
 //! `ordo consume`: reads records of one or every partition of a topic.
 //!
+//! With `--group G` it is a member of consumer group G instead: it reads the partitions the
+//! group gives it, from the group's committed offsets (or, without one, from the beginning, or
+//! the end with `--from-end`), commits after printing each batch, follows until Ctrl-C or
+//! `--max-records`, and leaves the group when it stops.
+//!
 //! Each partition is read by its own task; tasks hand batches to this command's one printer
 //! over a bounded channel, so output lines are never interleaved and a slow stdout slows the
 //! readers instead of filling memory. Without `--follow` each partition is read up to the high
@@ -11,7 +16,10 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::Args;
 use futures::StreamExt;
-use ordo_client::{Client, ClientError, PartitionDescription, StartAt, StoredRecord};
+use ordo_client::{
+    Client, ClientError, GroupConsumerOptions, GroupEvent, OffsetReset, PartitionDescription,
+    StartAt, StoredRecord,
+};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -29,13 +37,19 @@ pub struct ConsumeArgs {
     /// Topic to read.
     pub topic: String,
     /// Partition to read (default: every partition, concurrently).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "group")]
     pub partition: Option<u32>,
+    /// Read as a member of this consumer group (commits after printing; follows).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// With --group: the session timeout asked for (e.g. 10s; default: the server's).
+    #[arg(long, requires = "group", value_parser = humantime::parse_duration)]
+    pub session_timeout: Option<Duration>,
     /// Start at the first record still in the log (the default).
     #[arg(long, group = "start")]
     pub from_beginning: bool,
     /// Start at this offset (in each partition read).
-    #[arg(long, group = "start")]
+    #[arg(long, group = "start", conflicts_with = "group")]
     pub offset: Option<u64>,
     /// Start at the end: only records appended from now on.
     #[arg(long, group = "start")]
@@ -83,6 +97,9 @@ pub async fn run(args: ConsumeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     // Installed before any task starts, so Ctrl-C always ends the command cleanly.
     let mut signals = Signals::new()?;
     let client = global.client().await?;
+    if let Some(group) = &args.group {
+        return consume_group(&client, group, &args, global.output, &mut signals).await;
+    }
     let topic = client
         .describe_topic(&args.topic)
         .await
@@ -155,6 +172,70 @@ pub async fn run(args: ConsumeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     drop(receiver);
     tasks.shutdown().await;
     outcome
+}
+
+/// Consumes as a member of `group` until Ctrl-C or `--max-records`, committing after each
+/// printed batch; leaves the group at the end.
+async fn consume_group(
+    client: &Client,
+    group: &str,
+    args: &ConsumeArgs,
+    format: OutputFormat,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
+    let mut options = GroupConsumerOptions::new(group, [args.topic.clone()]);
+    options.fetch_max_bytes = args.max_bytes;
+    options.session_timeout = args.session_timeout.unwrap_or_default();
+    if args.from_end {
+        options.reset = OffsetReset::Latest;
+    }
+    let mut consumer = client
+        .group_consumer(options)
+        .await
+        .with_context(|| format!("cannot join group {group}"))?;
+    tracing::info!(group, member = %consumer.member_id(), "joined");
+    let mut printed: u64 = 0;
+    let outcome = loop {
+        if args.max_records.is_some_and(|max| printed >= max) {
+            break Ok(());
+        }
+        let event = tokio::select! {
+            event = consumer.next() => event,
+            _ = signals.recv() => break Ok(()),
+        };
+        match event {
+            Err(error) => break Err(anyhow::Error::new(error).context("group consumer failed")),
+            Ok(GroupEvent::Assigned(partitions)) => {
+                tracing::info!(?partitions, "assigned");
+            }
+            Ok(GroupEvent::Revoked(partitions)) => tracing::info!(?partitions, "revoked"),
+            Ok(GroupEvent::Lost(partitions)) => tracing::warn!(?partitions, "lost"),
+            Ok(GroupEvent::Records {
+                topic,
+                partition,
+                records,
+            }) => {
+                let left = args.max_records.map_or(u64::MAX, |max| max - printed);
+                let take = usize::try_from(left)
+                    .unwrap_or(usize::MAX)
+                    .min(records.len());
+                print_records(partition, &records[..take], format)?;
+                printed += u64::try_from(take).unwrap_or(u64::MAX);
+                if take < records.len() {
+                    // Only what was printed counts as processed: commit up to it.
+                    break consumer
+                        .commit_at(&topic, partition, records[take - 1].offset + 1)
+                        .await
+                        .context("cannot commit");
+                }
+                if let Err(error) = consumer.commit().await {
+                    break Err(anyhow::Error::new(error).context("cannot commit"));
+                }
+            }
+        }
+    };
+    let closed = consumer.close().await.context("cannot leave the group");
+    outcome.and(closed)
 }
 
 /// Reads `partition` from `start` up to the high watermark it had when described.

@@ -5,7 +5,7 @@
 //! - `main.rs`: command line, tracing set-up, and the one place errors become an exit code.
 //! - `serve`: hands `ordo serve` to the server crate; the only module that knows it.
 //! - `dev`: starts and supervises a cluster of child `ordo serve` processes.
-//! - `topic`, `produce`, `consume`, `cluster`, `bench`: one module per command group.
+//! - `topic`, `produce`, `consume`, `group`, `cluster`, `bench`: one module per command group.
 //! - `output`: table and JSON printing shared by the commands.
 //! - `signals`: Ctrl-C and SIGTERM as one awaitable.
 //!
@@ -15,6 +15,7 @@ mod bench;
 mod cluster;
 mod consume;
 mod dev;
+mod group;
 mod output;
 mod produce;
 mod serve;
@@ -104,8 +105,11 @@ enum Command {
     Topic(topic::TopicCommand),
     /// Append records to a topic, from arguments or from stdin lines.
     Produce(produce::ProduceArgs),
-    /// Read records from a topic.
+    /// Read records from a topic (by offset, or as a member of a consumer group).
     Consume(consume::ConsumeArgs),
+    /// List, describe, reset and delete consumer groups.
+    #[command(subcommand)]
+    Group(group::GroupCommand),
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -164,6 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(command) => topic::run(command, &global).await,
         Command::Produce(args) => produce::run(args, &global).await,
         Command::Consume(args) => consume::run(args, &global).await,
+        Command::Group(command) => group::run(command, &global).await,
         Command::Cluster(command) => cluster::run(command, &global).await,
         Command::Bench(command) => bench::run(command, &global).await,
     }

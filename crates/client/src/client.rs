@@ -443,7 +443,7 @@ impl Client {
     /// `attempt` receives the channel and the time left, to send as the gRPC timeout. Each
     /// attempt is also bounded locally by the time left plus `deadline_grace`, so a server that
     /// never answers cannot hold the caller past its deadline.
-    async fn call<T, F, Fut>(
+    pub(crate) async fn call<T, F, Fut>(
         &self,
         effect: Effect,
         extra: Duration,
@@ -457,7 +457,7 @@ impl Client {
     }
 
     /// Like [`Client::call`], with the first attempt sent to endpoint `first` when given.
-    async fn call_on<T, F, Fut>(
+    pub(crate) async fn call_on<T, F, Fut>(
         &self,
         first: Option<usize>,
         effect: Effect,

@@ -25,6 +25,9 @@
 //! - `batch`: queues of concurrent produce calls per partition, sent together.
 //! - `pipe`: pipelined produce calls on one `ProduceStream` per endpoint.
 //! - `routing`: partition leaders of topics, so produce calls skip the forwarding hop.
+//! - `group`: the consumer group calls of [`Client`] and their types.
+//! - `consumer`: [`GroupConsumer`], a consumer group member (heartbeats in a task of its own,
+//!   follows the assignment, fetches, commits, leaves on drop).
 //! - `error`: [`ClientError`] and the one function that builds it from a gRPC status.
 //! - `types`: the domain types callers build and receive.
 //! - `convert`: the only place wire structs are read or built field by field.
@@ -34,8 +37,10 @@
 
 mod batch;
 mod client;
+mod consumer;
 mod convert;
 mod error;
+mod group;
 mod idempotence;
 mod pipe;
 mod produce;
@@ -44,7 +49,12 @@ mod subscribe;
 mod types;
 
 pub use client::{Client, ClientOptions};
+pub use consumer::{GroupConsumer, GroupConsumerOptions, GroupEvent, OffsetReset};
 pub use error::{ClientError, Effect};
+pub use group::{
+    CommittedOffset, GroupAssignment, GroupDescription, GroupHeartbeat, GroupMember,
+    GroupPartition, GroupSummary, ResetTo, TopicPartition,
+};
 pub use subscribe::Subscription;
 pub use types::{
     ClusterStatus, FetchResult, NodeStatus, PartitionDescription, Record, RecordAck, ReplicaStatus,

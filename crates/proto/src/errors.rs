@@ -79,6 +79,34 @@ pub mod reason {
     pub const TOO_MANY_PRODUCERS: &str = "TOO_MANY_PRODUCERS";
     /// The cluster remembers as many producer names as it may (metadata `max`).
     pub const TOO_MANY_PRODUCER_NAMES: &str = "TOO_MANY_PRODUCER_NAMES";
+    /// A consumer group name outside the rules (1 to 255 bytes, no control characters).
+    pub const INVALID_GROUP_NAME: &str = "INVALID_GROUP_NAME";
+    /// A member id outside the rules (up to 255 bytes, no control characters).
+    pub const INVALID_MEMBER_ID: &str = "INVALID_MEMBER_ID";
+    /// A session timeout outside the server's bounds (metadata `min`, `max`).
+    pub const INVALID_SESSION_TIMEOUT: &str = "INVALID_SESSION_TIMEOUT";
+    /// A negative offset, or an offset commit without its partition.
+    pub const INVALID_OFFSET: &str = "INVALID_OFFSET";
+    /// A reset without a target.
+    pub const INVALID_RESET: &str = "INVALID_RESET";
+    /// The member's epoch is not its current one (metadata `current_epoch`): a newer instance
+    /// of it joined, or a heartbeat raised it. Heartbeat (or join again) before committing.
+    pub const FENCED_MEMBER: &str = "FENCED_MEMBER";
+    /// The group does not know the member (expired, left, never joined): join again.
+    pub const UNKNOWN_MEMBER: &str = "UNKNOWN_MEMBER";
+    /// A member committed for partitions it was not given (metadata `topic`, `partition`).
+    pub const PARTITION_NOT_ASSIGNED: &str = "PARTITION_NOT_ASSIGNED";
+    /// A commit below the committed offset (metadata `topic`, `partition`, `committed`);
+    /// nothing committed.
+    pub const COMMIT_BACKWARD: &str = "COMMIT_BACKWARD";
+    /// The group has members: reset and delete need an empty group.
+    pub const GROUP_NOT_EMPTY: &str = "GROUP_NOT_EMPTY";
+    /// No such consumer group (metadata `group`).
+    pub const GROUP_NOT_FOUND: &str = "GROUP_NOT_FOUND";
+    /// The group's coordinator shard holds as many groups as it may (metadata `max`).
+    pub const TOO_MANY_GROUPS: &str = "TOO_MANY_GROUPS";
+    /// The group has as many members as it may (metadata `max`).
+    pub const TOO_MANY_MEMBERS: &str = "TOO_MANY_MEMBERS";
 }
 
 /// `ErrorInfo` metadata keys.
@@ -103,8 +131,17 @@ pub mod metadata {
     pub const ACTUAL: &str = "actual";
     /// The sequence a partition expects next from the producer.
     pub const EXPECTED_SEQUENCE: &str = "expected_sequence";
-    /// The partition's (or cluster's) current epoch of the producer.
+    /// The partition's (or cluster's) current epoch of the producer; a group member's current
+    /// epoch.
     pub const CURRENT_EPOCH: &str = "current_epoch";
+    /// A partition number.
+    pub const PARTITION: &str = "partition";
+    /// A committed offset.
+    pub const COMMITTED: &str = "committed";
+    /// A consumer group's name.
+    pub const GROUP: &str = "group";
+    /// The smallest value allowed.
+    pub const MIN: &str = "min";
 }
 
 /// The `ErrorInfo` reason of an Ordo status, `None` when it carries none (a gRPC layer made it).

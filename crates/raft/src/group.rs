@@ -26,9 +26,9 @@ use crate::WriteError;
 use crate::coalesce::Propose;
 use crate::codec::decode;
 use crate::codec::encode;
+use crate::machine::GroupLogic;
 use crate::machine::Logic;
 use crate::machine::Machine;
-use crate::machine::PartitionLogic;
 use crate::network::RaftAnswer;
 use crate::types::C;
 use crate::types::Command;
@@ -37,8 +37,8 @@ use crate::types::Response;
 use crate::types::Snapshot;
 use crate::types::SnapshotData;
 
-/// A partition's Raft group.
-pub(crate) type PartitionRaft = Raft<C, Machine<PartitionLogic>>;
+/// The Raft group of a partition or a state group.
+pub(crate) type PartitionRaft = Raft<C, Machine<GroupLogic>>;
 
 /// The first pause before a write refused by a leader whose lease lapsed is retried (see
 /// `propose`); it doubles on each refusal.

@@ -10,10 +10,13 @@
 //!   Raft log is its data log.
 //! - `entry_cache`: the recent tail of each group's log in memory, so replication and apply do
 //!   not read it back from RocksDB.
-//! - `machine`: the state machines: one driver (`Machine`) and its two logics,
-//!   `PartitionLogic` (assigns dense offsets in commit order and keeps the offset index) and
-//!   `MetadataLogic` (applies the broker's opaque commands through [`MetaApply`]).
-//! - `meta`: [`MetaApply`], the interface the broker implements to be replicated.
+//! - `machine`: the state machines: one driver (`Machine`) and its logics,
+//!   `PartitionLogic` (assigns dense offsets in commit order and keeps the offset index),
+//!   `MetadataLogic` (applies the broker's opaque commands through [`MetaApply`]) and
+//!   `StateLogic` (a state group: opaque commands through [`StateApply`], state in rows);
+//!   partitions and state groups share one Raft type through `GroupLogic`.
+//! - `meta`: [`MetaApply`] and [`StateApply`], the interfaces the broker implements to be
+//!   replicated (the metadata, and state groups such as consumer group coordinators).
 //! - `producers`: idempotent producers' states per partition and the pure check that writes a
 //!   retried batch once ([`ProducerStamp`], [`Refusal`]), run by `PartitionLogic`.
 //! - `coalesce`: per-partition coalescing of concurrent appends into one entry, with at most
@@ -57,6 +60,7 @@ pub use error::WriteError;
 pub use group::GroupStatus;
 pub use group::ReadBatch;
 pub use meta::MetaApply;
+pub use meta::StateApply;
 pub use network::INTERNAL_MESSAGE_BYTES_MAX;
 pub use network::Peers;
 pub use node::RaftNode;

@@ -43,6 +43,7 @@ use tokio::sync::watch;
 use crate::codec::decode;
 use crate::codec::encode;
 use crate::meta::MetaApply;
+use crate::meta::StateApply;
 use crate::producers::Decision;
 use crate::producers::ProducerState;
 use crate::producers::Producers;
@@ -93,8 +94,8 @@ pub(crate) trait Logic: Send + Sync + 'static {
     fn publish(&self);
     /// Whether proposers may be answered before the applied batch is written and published.
     /// True when an answer means only "committed at this position" (offsets); false when the
-    /// proposer expects to read the effect on this node once answered (metadata).
-    const ANSWER_BEFORE_PUBLISH: bool;
+    /// proposer expects to read the effect on this node once answered (metadata, states).
+    fn answers_before_publish(&self) -> bool;
 }
 
 /// The persisted applied state of a machine.
@@ -191,7 +192,7 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
         // the logic allows it the proposers are answered now, before the write, which only
         // serves readers; if this node dies first, re-applying the log gives the same answers.
         let mut responders = Some(responders);
-        if L::ANSWER_BEFORE_PUBLISH {
+        if self.logic.answers_before_publish() {
             answer(responders.take());
         }
         self.store.write(batch, None).await?;
@@ -339,7 +340,9 @@ impl PartitionLogic {
 }
 
 impl Logic for PartitionLogic {
-    const ANSWER_BEFORE_PUBLISH: bool = true;
+    fn answers_before_publish(&self) -> bool {
+        true
+    }
 
     fn apply(
         &mut self,
@@ -431,7 +434,9 @@ impl MetadataLogic {
 }
 
 impl Logic for MetadataLogic {
-    const ANSWER_BEFORE_PUBLISH: bool = false;
+    fn answers_before_publish(&self) -> bool {
+        false
+    }
 
     fn apply(
         &mut self,
@@ -461,6 +466,176 @@ impl Logic for MetadataLogic {
 
     fn publish(&self) {
         self.apply.publish();
+    }
+}
+
+/// A state group's logic: the broker's commands, applied through [`StateApply`], its rows kept
+/// in the group's [`Table::States`].
+pub(crate) struct StateLogic {
+    apply: Box<dyn StateApply>,
+}
+
+/// A state group's snapshot: the state outside the rows, and every row.
+#[derive(Serialize, Deserialize)]
+struct StateSnapshot {
+    state: Vec<u8>,
+    rows: Vec<(u64, Vec<u8>)>,
+}
+
+fn invalid_data(error: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error)
+}
+
+impl StateLogic {
+    pub(crate) fn new(apply: Box<dyn StateApply>) -> Self {
+        Self { apply }
+    }
+}
+
+impl Logic for StateLogic {
+    fn answers_before_publish(&self) -> bool {
+        false
+    }
+
+    fn apply(
+        &mut self,
+        _store: &GroupStore,
+        _batch: &mut GroupBatch,
+        index: u64,
+        command: Command,
+    ) -> Response {
+        match command {
+            Command::Meta(command) => Response::Meta(self.apply.apply(index, &command).into()),
+            Command::Append { .. } | Command::Appends(_) | Command::Produce(_) => {
+                tracing::warn!(index, "record batch in a state group's log ignored");
+                Response::None
+            }
+        }
+    }
+
+    fn persist(&mut self, store: &GroupStore, batch: &mut GroupBatch) -> io::Result<()> {
+        for (id, row) in self.apply.take_changes() {
+            match row {
+                Some(row) => store.put_row(batch, Table::States, id, &row),
+                None => store.delete_row(batch, Table::States, id),
+            }
+        }
+        Ok(())
+    }
+
+    fn encode_state(&self) -> io::Result<Vec<u8>> {
+        Ok(self.apply.encode_state())
+    }
+
+    fn restore(&mut self, store: &GroupStore, state: &[u8]) -> io::Result<()> {
+        let rows = store.rows(Table::States)?;
+        self.apply.restore(state, rows).map_err(invalid_data)
+    }
+
+    fn encode_snapshot(&self) -> io::Result<Vec<u8>> {
+        encode(&StateSnapshot {
+            state: self.apply.encode_state(),
+            rows: self.apply.rows(),
+        })
+    }
+
+    fn install(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        snapshot: &[u8],
+    ) -> io::Result<()> {
+        let snapshot: StateSnapshot = decode(snapshot)?;
+        store.clear_table(batch, Table::States);
+        for (id, row) in &snapshot.rows {
+            store.put_row(batch, Table::States, *id, row);
+        }
+        self.apply
+            .restore(&snapshot.state, snapshot.rows)
+            .map_err(invalid_data)?;
+        // What the restore set is in `batch` already.
+        self.apply.take_changes();
+        Ok(())
+    }
+
+    fn publish(&self) {}
+}
+
+/// The logic of a group the node hosts beside the metadata group: a partition's log or a state
+/// group. One type, so both kinds share one map, one watchdog and one Raft type.
+pub(crate) enum GroupLogic {
+    /// A topic partition.
+    Log(PartitionLogic),
+    /// A state group.
+    State(StateLogic),
+}
+
+impl Logic for GroupLogic {
+    fn answers_before_publish(&self) -> bool {
+        match self {
+            GroupLogic::Log(logic) => logic.answers_before_publish(),
+            GroupLogic::State(logic) => logic.answers_before_publish(),
+        }
+    }
+
+    fn apply(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        index: u64,
+        command: Command,
+    ) -> Response {
+        match self {
+            GroupLogic::Log(logic) => logic.apply(store, batch, index, command),
+            GroupLogic::State(logic) => logic.apply(store, batch, index, command),
+        }
+    }
+
+    fn persist(&mut self, store: &GroupStore, batch: &mut GroupBatch) -> io::Result<()> {
+        match self {
+            GroupLogic::Log(logic) => logic.persist(store, batch),
+            GroupLogic::State(logic) => logic.persist(store, batch),
+        }
+    }
+
+    fn encode_state(&self) -> io::Result<Vec<u8>> {
+        match self {
+            GroupLogic::Log(logic) => logic.encode_state(),
+            GroupLogic::State(logic) => logic.encode_state(),
+        }
+    }
+
+    fn restore(&mut self, store: &GroupStore, state: &[u8]) -> io::Result<()> {
+        match self {
+            GroupLogic::Log(logic) => logic.restore(store, state),
+            GroupLogic::State(logic) => logic.restore(store, state),
+        }
+    }
+
+    fn encode_snapshot(&self) -> io::Result<Vec<u8>> {
+        match self {
+            GroupLogic::Log(logic) => logic.encode_snapshot(),
+            GroupLogic::State(logic) => logic.encode_snapshot(),
+        }
+    }
+
+    fn install(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        snapshot: &[u8],
+    ) -> io::Result<()> {
+        match self {
+            GroupLogic::Log(logic) => logic.install(store, batch, snapshot),
+            GroupLogic::State(logic) => logic.install(store, batch, snapshot),
+        }
+    }
+
+    fn publish(&self) {
+        match self {
+            GroupLogic::Log(logic) => logic.publish(),
+            GroupLogic::State(logic) => logic.publish(),
+        }
     }
 }
 

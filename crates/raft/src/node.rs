@@ -48,10 +48,13 @@ use crate::group::read_committed;
 use crate::group::status_of;
 use crate::group::stopped;
 use crate::log_store::LogStore;
+use crate::machine::GroupLogic;
 use crate::machine::Machine;
 use crate::machine::MetadataLogic;
 use crate::machine::PartitionLogic;
+use crate::machine::StateLogic;
 use crate::meta::MetaApply;
+use crate::meta::StateApply;
 use crate::network::NetworkFactory;
 use crate::network::Peers;
 use crate::network::RaftAnswer;
@@ -99,6 +102,22 @@ impl std::fmt::Debug for RaftNode {
             .field("id", &self.host.id)
             .finish_non_exhaustive()
     }
+}
+
+/// Confirms with a quorum that this node still leads the group (Raft read index, after one
+/// heartbeat round: quiescent groups send none) and waits until it applied everything committed
+/// up to then. `None` when it cannot.
+async fn confirm_and_apply(raft: &PartitionRaft, timeout: Duration) -> Option<()> {
+    raft.trigger().heartbeat().await.ok()?;
+    let (read_log_id, _) = raft
+        .get_read_log_id(openraft::raft::ReadPolicy::ReadIndex)
+        .await
+        .ok()?;
+    raft.wait(Some(timeout))
+        .applied_index_at_least(Some(read_log_id.index()), "read index")
+        .await
+        .ok()?;
+    Some(())
 }
 
 fn members(replicas: &BTreeMap<NodeId, String>) -> BTreeMap<NodeId, BasicNode> {
@@ -293,9 +312,41 @@ impl RaftNode {
         if self.partition(group).is_some() {
             return Ok(());
         }
-        let store = self.host.store.group(group);
         let (high_watermark_tx, high_watermark) = watch::channel(0);
-        let machine = open_machine(store.clone(), PartitionLogic::new(high_watermark_tx)).await?;
+        let logic = GroupLogic::Log(PartitionLogic::new(high_watermark_tx));
+        self.start_group(group, replicas, initialize, logic, high_watermark)
+            .await
+    }
+
+    /// Starts a state group this node replicates (a consumer group coordinator), if not
+    /// running; `apply` makes its logic. Like a partition's group otherwise: quiescent, failed
+    /// over by the watchdog, removed with [`RaftNode::remove_partition`].
+    pub async fn ensure_state_group(
+        &self,
+        group: GroupId,
+        replicas: &BTreeMap<NodeId, String>,
+        initialize: bool,
+        apply: impl FnOnce() -> Box<dyn StateApply>,
+    ) -> Result<(), GroupError> {
+        if self.partition(group).is_some() {
+            return Ok(());
+        }
+        let (_, high_watermark) = watch::channel(0);
+        let logic = GroupLogic::State(StateLogic::new(apply()));
+        self.start_group(group, replicas, initialize, logic, high_watermark)
+            .await
+    }
+
+    async fn start_group(
+        &self,
+        group: GroupId,
+        replicas: &BTreeMap<NodeId, String>,
+        initialize: bool,
+        logic: GroupLogic,
+        high_watermark: watch::Receiver<u64>,
+    ) -> Result<(), GroupError> {
+        let store = self.host.store.group(group);
+        let machine = open_machine(store.clone(), logic).await?;
         let log_store = self.open_log_store(store.clone()).await?;
         let network = NetworkFactory {
             peers: self.host.peers.clone(),
@@ -404,6 +455,52 @@ impl RaftNode {
         }
     }
 
+    /// Proposes a command to a state group this node leads; returns its logic's encoded answer.
+    /// A follower answers `NotLeader` (with the leader it knows) at once.
+    pub async fn write_state(
+        &self,
+        group: GroupId,
+        command: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, WriteError> {
+        let partition = self
+            .partition(group)
+            .ok_or(WriteError::GroupNotFound(group))?;
+        match propose(&partition.raft, group, Command::Meta(command), timeout).await? {
+            Response::Meta(answer) => Ok(answer),
+            other => Err(WriteError::Stopped {
+                group,
+                reason: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// On a group's leader: confirms with a quorum that it still leads (Raft read index) and
+    /// waits until it applied everything committed up to then, so what its state machine holds
+    /// now is at least as new as anything any node acknowledged. `NotLeader` on a follower;
+    /// `OutcomeUnknown` when it cannot confirm within `timeout`.
+    pub async fn read_barrier(&self, group: GroupId, timeout: Duration) -> Result<(), WriteError> {
+        let partition = self
+            .partition(group)
+            .ok_or(WriteError::GroupNotFound(group))?;
+        let leader = partition.raft.metrics().borrow_watched().current_leader;
+        if leader != Some(self.host.id) {
+            return Err(WriteError::NotLeader { group, leader });
+        }
+        match tokio::time::timeout(timeout, confirm_and_apply(&partition.raft, timeout)).await {
+            Ok(Some(())) => Ok(()),
+            _ => Err(WriteError::NotLeader {
+                group,
+                leader: partition
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .current_leader
+                    .filter(|leader| *leader != self.host.id),
+            }),
+        }
+    }
+
     /// On the metadata leader: the index every committed metadata command is at or below,
     /// confirmed with a quorum (Raft read index).
     pub async fn meta_read_index(&self) -> Result<u64, WriteError> {
@@ -456,20 +553,7 @@ impl RaftNode {
     pub async fn confirmed_high_watermark(&self, group: GroupId, timeout: Duration) -> Option<u64> {
         let partition = self.partition(group)?;
         let confirm = async {
-            // Quiescent groups send no heartbeats; the read index needs one round.
-            partition.raft.trigger().heartbeat().await.ok()?;
-            let (read_log_id, _) = partition
-                .raft
-                .get_read_log_id(openraft::raft::ReadPolicy::ReadIndex)
-                .await
-                .ok()?;
-            let index = Some(read_log_id.index());
-            partition
-                .raft
-                .wait(Some(timeout))
-                .applied_index_at_least(index, "confirmed end")
-                .await
-                .ok()?;
+            confirm_and_apply(&partition.raft, timeout).await?;
             Some(*partition.high_watermark.borrow())
         };
         tokio::time::timeout(timeout, confirm).await.ok().flatten()

@@ -23,7 +23,8 @@ pub enum Command {
         /// The encoded batch, opaque to this crate.
         batch: Bytes,
     },
-    /// A metadata command, encoded by the broker and applied through [`crate::MetaApply`].
+    /// An opaque command, encoded by the broker: in the metadata group applied through
+    /// [`crate::MetaApply`], in a state group through [`crate::StateApply`].
     Meta(Bytes),
     /// Several batches proposed together (concurrent appends to one partition coalesced into one
     /// entry, see `coalesce`): they get consecutive offsets, in order. Written before producer
@@ -173,7 +174,7 @@ pub enum BatchOutcome {
 pub enum Response {
     /// What became of each batch of the entry, in order.
     Appended(Vec<BatchOutcome>),
-    /// The metadata state machine's answer, encoded by the broker.
+    /// The answer to a [`Command::Meta`], encoded by the broker.
     Meta(Bytes),
     /// Entries without an answer (blank, membership).
     None,

@@ -12,6 +12,7 @@ use figment::providers::Env;
 use figment::providers::Format;
 use figment::providers::Serialized;
 use figment::providers::Toml;
+use ordo_broker::GroupsConfig;
 use ordo_broker::Limits;
 use serde::Deserialize;
 use serde::Serialize;
@@ -200,6 +201,8 @@ pub struct NodeConfig {
     pub grpc: GrpcConfig,
     /// Storage sizing.
     pub storage: StorageConfig,
+    /// Consumer groups.
+    pub groups: GroupsConfig,
 }
 
 impl Default for NodeConfig {
@@ -215,12 +218,13 @@ impl Default for NodeConfig {
             raft: RaftConfig::default(),
             grpc: GrpcConfig::default(),
             storage: StorageConfig::default(),
+            groups: GroupsConfig::default(),
         }
     }
 }
 
 /// Top-level keys read from `ORDO_*`; other `ORDO_*` variables (the CLI's) are ignored.
-const ENV_KEYS: [&str; 10] = [
+const ENV_KEYS: [&str; 11] = [
     "node_id",
     "data_dir",
     "listen",
@@ -231,6 +235,7 @@ const ENV_KEYS: [&str; 10] = [
     "raft",
     "grpc",
     "storage",
+    "groups",
 ];
 
 impl NodeConfig {
@@ -316,6 +321,9 @@ impl NodeConfig {
             ));
         }
         self.limits
+            .validate()
+            .map_err(|error| ServerError::Config(error.to_string()))?;
+        self.groups
             .validate()
             .map_err(|error| ServerError::Config(error.to_string()))?;
         let raft = &self.raft;

@@ -13,6 +13,7 @@
 
 pub mod config;
 mod deadline;
+mod groups;
 mod metrics;
 mod services;
 pub mod status;
@@ -26,6 +27,7 @@ use ordo_broker::Broker;
 use ordo_broker::BrokerOptions;
 use ordo_proto::internal::internal_server::InternalServer;
 use ordo_proto::v1::admin_server::AdminServer;
+use ordo_proto::v1::consumer_group_server::ConsumerGroupServer;
 use ordo_proto::v1::log_server::LogServer;
 use ordo_raft::Peers;
 use ordo_raft::RaftNode;
@@ -146,6 +148,7 @@ async fn serve_node(
             nodes: cluster.clone(),
             limits: config.limits.clone(),
             leader_balance_interval: Duration::from_millis(config.raft.leader_balance_interval_ms),
+            groups: config.groups.clone(),
         },
         &mut tasks,
         shutdown.clone(),
@@ -176,8 +179,10 @@ async fn serve_node(
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
-                let text = metrics.render(&store, &broker);
+                let (store, broker, metrics) = (store.clone(), broker.clone(), metrics.clone());
                 async move {
+                    let groups = broker.group_metrics().await;
+                    let text = metrics.render(&store, &broker, &groups);
                     (
                         [(
                             "content-type",
@@ -202,6 +207,7 @@ async fn serve_node(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<LogServer<Services>>().await;
     health.set_serving::<AdminServer<Services>>().await;
+    health.set_serving::<ConsumerGroupServer<Services>>().await;
     // Reflection advertises the public services and health; the internal service is left out.
     let reflection = |own_name: &str| {
         tonic_reflection::server::Builder::configure()
@@ -210,6 +216,7 @@ async fn serve_node(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .with_service_name("ordo.v1.Log")
             .with_service_name("ordo.v1.Admin")
+            .with_service_name("ordo.v1.ConsumerGroup")
             .with_service_name("grpc.health.v1.Health")
     };
     let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection")
@@ -252,6 +259,11 @@ async fn serve_node(
         )
         .add_service(
             AdminServer::new(services.clone())
+                .max_decoding_message_size(message_max)
+                .max_encoding_message_size(message_max),
+        )
+        .add_service(
+            ConsumerGroupServer::new(services.clone())
                 .max_decoding_message_size(message_max)
                 .max_encoding_message_size(message_max),
         )

@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 
 use ordo_broker::Broker;
+use ordo_broker::GroupMetrics;
 use ordo_storage::Store;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +22,24 @@ use prometheus_client::registry::Registry;
 pub struct ResultLabels {
     /// `ok` or the gRPC code name.
     pub result: String,
+}
+
+/// Labels of a group's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabels {
+    /// The consumer group.
+    pub group: String,
+}
+
+/// Labels of a group's per-partition series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupPartitionLabels {
+    /// The consumer group.
+    pub group: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: u32,
 }
 
 /// The server's metrics.
@@ -49,6 +68,10 @@ pub struct Metrics {
     raft_leaders: Gauge,
     produce_in_flight: Gauge,
     produce_in_flight_max: Gauge,
+    group_members: Family<GroupLabels, Gauge>,
+    group_rebalances: Family<GroupLabels, Gauge>,
+    group_committed: Family<GroupPartitionLabels, Gauge>,
+    group_lag: Family<GroupPartitionLabels, Gauge>,
 }
 
 impl Metrics {
@@ -144,8 +167,36 @@ impl Metrics {
             "Limit on produce calls in flight",
             produce_in_flight_max.clone(),
         );
+        let group_members = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "group_members",
+            "Members of each consumer group whose coordinator this node leads",
+            group_members.clone(),
+        );
+        let group_rebalances = Family::<GroupLabels, Gauge>::default();
+        registry.register(
+            "group_rebalances",
+            "Times each group's members or subscriptions changed (its group epoch)",
+            group_rebalances.clone(),
+        );
+        let group_committed = Family::<GroupPartitionLabels, Gauge>::default();
+        registry.register(
+            "group_committed_offset",
+            "Each group's committed offset per partition",
+            group_committed.clone(),
+        );
+        let group_lag = Family::<GroupPartitionLabels, Gauge>::default();
+        registry.register(
+            "group_lag_records",
+            "Records between each group's committed offset and the partition's end",
+            group_lag.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            group_members,
+            group_rebalances,
+            group_committed,
+            group_lag,
             produce_requests,
             produce_records,
             produce_duplicates,
@@ -174,8 +225,39 @@ impl Metrics {
         family.get_or_create(&ResultLabels { result }).inc();
     }
 
-    /// Refreshes scrape-time values and encodes the text format.
-    pub fn render(&self, store: &Store, broker: &Broker) -> String {
+    /// Refreshes scrape-time values and encodes the text format. `groups` are the figures of
+    /// the groups this node coordinates (`Broker::group_metrics`).
+    pub fn render(&self, store: &Store, broker: &Broker, groups: &[GroupMetrics]) -> String {
+        self.group_members.clear();
+        self.group_rebalances.clear();
+        self.group_committed.clear();
+        self.group_lag.clear();
+        for group in groups {
+            let labels = GroupLabels {
+                group: group.group.clone(),
+            };
+            self.group_members
+                .get_or_create(&labels)
+                .set(i64::from(group.members));
+            self.group_rebalances
+                .get_or_create(&labels)
+                .set(i64::from(group.rebalances));
+            for (topic, partition, committed, lag) in &group.partitions {
+                let labels = GroupPartitionLabels {
+                    group: group.group.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                };
+                self.group_committed
+                    .get_or_create(&labels)
+                    .set(i64::try_from(*committed).unwrap_or(i64::MAX));
+                if let Some(lag) = lag {
+                    self.group_lag
+                        .get_or_create(&labels)
+                        .set(i64::try_from(*lag).unwrap_or(i64::MAX));
+                }
+            }
+        }
         let stats = store.stats();
         let set = |counter: &Counter<u64, AtomicU64>, value: u64| {
             let current = counter.get();

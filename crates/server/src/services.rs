@@ -1,5 +1,5 @@
-//! The gRPC services: public `ordo.v1.Log` and `ordo.v1.Admin`, and the node-to-node
-//! `ordo.internal.v1.Internal`. Each handler converts wire structs to domain types at the edge,
+//! The gRPC services: public `ordo.v1.Log` and `ordo.v1.Admin` (`ordo.v1.ConsumerGroup` is in
+//! `groups`), and the node-to-node `ordo.internal.v1.Internal`. Each handler converts wire structs to domain types at the edge,
 //! calls the broker, and maps errors through `status::to_status`.
 
 use std::collections::VecDeque;
@@ -608,6 +608,25 @@ impl internal_pb::internal_server::Internal for Services {
     ) -> Result<Response<internal_pb::PingResponse>, Status> {
         Ok(Response::new(internal_pb::PingResponse {
             node_id: self.broker.node_id(),
+        }))
+    }
+
+    async fn forward_coordinator(
+        &self,
+        request: Request<internal_pb::ForwardCoordinatorRequest>,
+    ) -> Result<Response<internal_pb::ForwardCoordinatorResponse>, Status> {
+        let timeout = request_timeout(
+            request.metadata(),
+            self.broker.groups_config().call_timeout(),
+        );
+        let request = request.into_inner();
+        let outcome = self
+            .broker
+            .handle_forward_coordinator(request.group, &request.request, timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(internal_pb::ForwardCoordinatorResponse {
+            outcome,
         }))
     }
 

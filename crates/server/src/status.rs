@@ -22,6 +22,14 @@
 //! | retry past the window | ALREADY_EXISTS | `DUPLICATE_SEQUENCE` | `expected_sequence` |
 //! | producers per partition | RESOURCE_EXHAUSTED | `TOO_MANY_PRODUCERS` | `max` |
 //! | producer names | RESOURCE_EXHAUSTED | `TOO_MANY_PRODUCER_NAMES` | `max` |
+//! | stale member epoch | FAILED_PRECONDITION | `FENCED_MEMBER` | `current_epoch` |
+//! | member unknown to its group | FAILED_PRECONDITION | `UNKNOWN_MEMBER` | |
+//! | commit of a partition not given | FAILED_PRECONDITION | `PARTITION_NOT_ASSIGNED` | `topic`, `partition` |
+//! | commit below the committed offset | FAILED_PRECONDITION | `COMMIT_BACKWARD` | `topic`, `partition`, `committed` |
+//! | reset or delete of a group with members | FAILED_PRECONDITION | `GROUP_NOT_EMPTY` | |
+//! | unknown group | NOT_FOUND | `GROUP_NOT_FOUND` | `group` |
+//! | session timeout out of bounds | INVALID_ARGUMENT | `INVALID_SESSION_TIMEOUT` | `min`, `max`, `actual` |
+//! | groups per shard, members per group | RESOURCE_EXHAUSTED | `TOO_MANY_GROUPS`, `TOO_MANY_MEMBERS` | `max` |
 //! | bug or storage failure | INTERNAL | `INTERNAL` | |
 //!
 //! OUT_OF_RANGE also sets the `end-offset` response header. The reasons and metadata keys are
@@ -34,6 +42,7 @@
 use std::collections::HashMap;
 
 use ordo_broker::BrokerError;
+use ordo_broker::GroupRefusal;
 use ordo_broker::ProducerRefusal;
 use ordo_proto::errors::END_OFFSET_HEADER;
 use ordo_proto::errors::metadata as key;
@@ -181,6 +190,74 @@ pub fn to_status(error: BrokerError) -> Status {
             message,
             reason::TOO_MANY_PRODUCER_NAMES,
             HashMap::from([(key::MAX.into(), max.to_string())]),
+        ),
+        BrokerError::GroupRefused(refusal) => {
+            let partition = |topic: &str, partition: u32| {
+                HashMap::from([
+                    (key::TOPIC.into(), topic.to_owned()),
+                    (key::PARTITION.into(), partition.to_string()),
+                ])
+            };
+            let (code, reason, metadata) = match &refusal {
+                GroupRefusal::FencedMember { current_epoch } => (
+                    Code::FailedPrecondition,
+                    reason::FENCED_MEMBER,
+                    HashMap::from([(key::CURRENT_EPOCH.into(), current_epoch.to_string())]),
+                ),
+                GroupRefusal::UnknownMember => {
+                    (Code::FailedPrecondition, reason::UNKNOWN_MEMBER, none())
+                }
+                GroupRefusal::NotAssigned(partitions) => (
+                    Code::FailedPrecondition,
+                    reason::PARTITION_NOT_ASSIGNED,
+                    partitions
+                        .first()
+                        .map(|(topic, p)| partition(topic, *p))
+                        .unwrap_or_default(),
+                ),
+                GroupRefusal::CommitBackward(partitions) => (
+                    Code::FailedPrecondition,
+                    reason::COMMIT_BACKWARD,
+                    partitions
+                        .first()
+                        .map(|(topic, p, committed)| {
+                            let mut metadata = partition(topic, *p);
+                            metadata.insert(key::COMMITTED.into(), committed.to_string());
+                            metadata
+                        })
+                        .unwrap_or_default(),
+                ),
+                GroupRefusal::NotEmpty => {
+                    (Code::FailedPrecondition, reason::GROUP_NOT_EMPTY, none())
+                }
+                GroupRefusal::TooManyGroups { max } => (
+                    Code::ResourceExhausted,
+                    reason::TOO_MANY_GROUPS,
+                    HashMap::from([(key::MAX.into(), max.to_string())]),
+                ),
+                GroupRefusal::TooManyMembers { max } => (
+                    Code::ResourceExhausted,
+                    reason::TOO_MANY_MEMBERS,
+                    HashMap::from([(key::MAX.into(), max.to_string())]),
+                ),
+            };
+            status(code, message, reason, metadata)
+        }
+        BrokerError::GroupNotFound(group) => status(
+            Code::NotFound,
+            message,
+            reason::GROUP_NOT_FOUND,
+            HashMap::from([(key::GROUP.into(), group)]),
+        ),
+        BrokerError::InvalidSessionTimeout { actual, min, max } => status(
+            Code::InvalidArgument,
+            message,
+            reason::INVALID_SESSION_TIMEOUT,
+            HashMap::from([
+                (key::MIN.into(), min.to_string()),
+                (key::MAX.into(), max.to_string()),
+                (key::ACTUAL.into(), actual.to_string()),
+            ]),
         ),
         BrokerError::Internal(_) => status(Code::Internal, message, reason::INTERNAL, none()),
     }

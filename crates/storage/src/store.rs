@@ -298,6 +298,9 @@ pub struct IndexEntry {
 pub enum Table {
     /// A partition's producer states, by producer id.
     Producers = 1,
+    /// A state group's rows (e.g. a consumer group coordinator's groups), ids chosen by its
+    /// state machine.
+    States = 2,
 }
 
 /// Row keys live in the meta column family: `group ++ (table << 56 | id)`. Meta keys are small
