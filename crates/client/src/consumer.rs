@@ -14,18 +14,15 @@
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use futures::Future;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use ordo_proto::errors::reason;
 use tokio::sync::Notify;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::client::Client;
@@ -142,8 +139,8 @@ struct Owned {
     fetching: bool,
 }
 
-type FetchFuture =
-    Pin<Box<dyn Future<Output = (TopicPartition, u64, Result<FetchResult, ClientError>)> + Send>>;
+/// What a fetch task returns: the partition, its ownership generation, the answer.
+type Fetched = (TopicPartition, u64, Result<FetchResult, ClientError>);
 
 /// A consumer group member. See the module documentation.
 pub struct GroupConsumer {
@@ -151,12 +148,16 @@ pub struct GroupConsumer {
     options: GroupConsumerOptions,
     membership: Arc<Mutex<Membership>>,
     assignment: watch::Receiver<Assignment>,
+    /// An assignment taken from the watch and not yet fully applied (a failed or cancelled
+    /// `next()`): applied again first. Applying is idempotent.
+    unapplied: Option<Assignment>,
     seen_losses: u64,
     wake_heartbeat: Arc<Notify>,
     heartbeat: JoinHandle<()>,
     owned: BTreeMap<TopicPartition, Owned>,
     generation: u64,
-    fetches: FuturesUnordered<FetchFuture>,
+    /// One task per partition with a fetch in flight; aborted when the consumer is dropped.
+    fetches: JoinSet<Fetched>,
     pending: VecDeque<GroupEvent>,
     next_auto_commit: Option<Instant>,
     closed: bool,
@@ -233,12 +234,13 @@ impl Client {
             options,
             membership,
             assignment,
+            unapplied: None,
             seen_losses: 0,
             wake_heartbeat,
             heartbeat,
             owned: BTreeMap::new(),
             generation: 0,
-            fetches: FuturesUnordered::new(),
+            fetches: JoinSet::new(),
             pending: VecDeque::new(),
             next_auto_commit,
             closed: false,
@@ -348,11 +350,18 @@ impl GroupConsumer {
             .expect("membership lock is never poisoned")
     }
 
-    /// The next event: an assignment change or records. Waits for one.
+    /// The next event: an assignment change or records. Waits for one. Cancel-safe: an
+    /// assignment change interrupted (or failed, e.g. its committed offsets could not be read)
+    /// is applied again by the next call.
     pub async fn next(&mut self) -> Result<GroupEvent, ClientError> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
+            }
+            if let Some(assignment) = self.unapplied.clone() {
+                self.apply(assignment).await?;
+                self.unapplied = None;
+                continue;
             }
             if self
                 .next_auto_commit
@@ -367,8 +376,7 @@ impl GroupConsumer {
                     .map(|interval| Instant::now() + interval);
             }
             if self.assignment.has_changed().unwrap_or(false) {
-                let assignment = self.assignment.borrow_and_update().clone();
-                self.apply(assignment).await?;
+                self.unapplied = Some(self.assignment.borrow_and_update().clone());
                 continue;
             }
             self.start_fetches();
@@ -383,17 +391,24 @@ impl GroupConsumer {
                     }
                     None
                 }
-                Some(fetched) = self.fetches.next(), if !self.fetches.is_empty() => Some(fetched),
+                Some(joined) = self.fetches.join_next(), if !self.fetches.is_empty() => match joined {
+                    Ok(fetched) => Some(fetched),
+                    // A fetch task that panicked or was aborted: its partition fetches again.
+                    Err(_) => {
+                        for owned in self.owned.values_mut() {
+                            owned.fetching = false;
+                        }
+                        self.fetches.abort_all();
+                        continue;
+                    }
+                },
                 () = sleep_until(auto_commit), if auto_commit.is_some() => continue,
             };
             match fetched {
                 Some((partition, generation, result)) => {
                     self.fetched(partition, generation, result)?;
                 }
-                None => {
-                    let assignment = self.assignment.borrow_and_update().clone();
-                    self.apply(assignment).await?;
-                }
+                None => self.unapplied = Some(self.assignment.borrow_and_update().clone()),
             }
         }
     }
@@ -519,7 +534,7 @@ impl GroupConsumer {
             let partition = partition.clone();
             let (offset, generation) = (owned.position, owned.generation);
             let (max_bytes, max_wait) = (self.options.fetch_max_bytes, self.options.fetch_max_wait);
-            self.fetches.push(Box::pin(async move {
+            self.fetches.spawn(async move {
                 let result = client
                     .fetch(&partition.0, partition.1, offset, max_bytes, max_wait)
                     .await;
@@ -528,7 +543,7 @@ impl GroupConsumer {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 (partition, generation, result)
-            }));
+            });
         }
     }
 

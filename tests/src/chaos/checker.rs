@@ -17,6 +17,11 @@
 //!   record of the same key), the later one lies at a higher offset, in every copy.
 //! - **Convergence**: after healing, every replica of a partition holds the identical log.
 //!
+//! - **Consumer groups**: the group's committed offsets never go backward (a commit acked, or a
+//!   FetchOffsets answered, after another commit was acked or another read answered holds an
+//!   offset at least as high), and every record below the group's final committed offset was
+//!   delivered to some member; records members got are the partition's records.
+//!
 //! - **No duplicate** when the run's producers were idempotent (`idempotent` in the history's
 //!   start line): a record found at two offsets is a violation.
 //!
@@ -86,6 +91,12 @@ pub struct Stats {
     pub wedged_answers: usize,
     /// Length of the workload (µs).
     pub workload_us: u64,
+    /// Records consumer group members got (redeliveries included), commits acked, assignment
+    /// changes (of which losses: a member fenced or expired).
+    pub group_records: usize,
+    pub group_commits: usize,
+    pub group_changes: usize,
+    pub group_losses: usize,
 }
 
 impl Report {
@@ -136,6 +147,11 @@ impl Report {
             out,
             "  consumers read {} records; after healing {} replica copies read, {} records in all partitions",
             s.consumer_records, s.replicas_read, s.final_records
+        );
+        let _ = writeln!(
+            out,
+            "  consumer group: {} records delivered, {} commits acked, {} assignment changes ({} losses)",
+            s.group_records, s.group_commits, s.group_changes, s.group_losses
         );
         let partition = s
             .longest_unavailable_partition
@@ -247,6 +263,12 @@ struct Checker {
     /// Nodes inside a disk-full fault (their answers are counted, not judged).
     wedged: BTreeSet<u64>,
     last_t: u64,
+    /// Offsets group members got, per partition.
+    group_delivered: BTreeMap<u32, BTreeSet<u64>>,
+    /// The group's committed offsets as seen, per partition: (invoked, done, offset, what).
+    group_marks: BTreeMap<u32, Vec<(u64, u64, u64, String)>>,
+    /// The group's committed offsets read after healing.
+    group_last: Option<Vec<(u32, u64)>>,
 }
 
 /// Checks a history and returns the report.
@@ -339,6 +361,64 @@ impl Checker {
                 high_watermark,
                 records,
             } => self.fetch(*process, *node, *partition, *offset, *high_watermark, records),
+            Event::GroupRecords {
+                member,
+                partition,
+                records,
+            } => {
+                let source = format!("group member {member}");
+                for read in records {
+                    self.observe(*partition, read, &source, true);
+                    self.group_delivered
+                        .entry(*partition)
+                        .or_default()
+                        .insert(read.offset);
+                }
+                self.report.stats.group_records += records.len();
+            }
+            Event::GroupCommit {
+                member,
+                t_invoke,
+                offsets,
+            } => {
+                self.report.stats.group_commits += 1;
+                for (partition, offset) in offsets {
+                    self.group_marks.entry(*partition).or_default().push((
+                        *t_invoke,
+                        t,
+                        *offset,
+                        format!("member {member}'s commit"),
+                    ));
+                }
+            }
+            Event::GroupOffsets {
+                t_invoke,
+                offsets,
+                last,
+            } => {
+                // A partition absent from the answer has no committed offset: 0.
+                for partition in 0..self.report.stats.partitions {
+                    let offset = offsets
+                        .iter()
+                        .find(|(number, _)| *number == partition)
+                        .map_or(0, |(_, offset)| *offset);
+                    self.group_marks.entry(partition).or_default().push((
+                        *t_invoke,
+                        t,
+                        offset,
+                        String::from("a FetchOffsets"),
+                    ));
+                }
+                if *last {
+                    self.group_last = Some(offsets.clone());
+                }
+            }
+            Event::GroupAssignment { change, .. } => {
+                self.report.stats.group_changes += 1;
+                if change == "lost" {
+                    self.report.stats.group_losses += 1;
+                }
+            }
             Event::FetchFail {
                 node,
                 partition,
@@ -670,6 +750,7 @@ impl Checker {
         self.count_calls();
         self.check_replicas();
         self.check_order();
+        self.check_group();
         self.count_availability();
         let mut report = std::mem::take(&mut self.report);
         for (kind, (count, examples)) in std::mem::take(&mut self.kinds) {
@@ -688,6 +769,8 @@ impl Checker {
                 "stuck" => "no progress after healing",
                 "panic" => "a node panicked (see its log)",
                 "stale-end" => "OUT_OF_RANGE below records already served",
+                "group-backward" => "consumer group offset went backward",
+                "group-undelivered" => "record below the group's commit never delivered",
                 "history" => "malformed history",
                 _ => kind,
             };
@@ -702,6 +785,55 @@ impl Checker {
             }
         }
         report
+    }
+
+    /// The group's committed offsets never go backward; everything below the final commit was
+    /// delivered to some member.
+    fn check_group(&mut self) {
+        for (partition, marks) in std::mem::take(&mut self.group_marks) {
+            let mut by_done = marks.clone();
+            by_done.sort_by_key(|(_, done, ..)| *done);
+            let mut by_invoke = marks;
+            by_invoke.sort_by_key(|(invoked, ..)| *invoked);
+            let mut highest: Option<&(u64, u64, u64, String)> = None;
+            let mut next = 0;
+            for mark in &by_invoke {
+                while next < by_done.len() && by_done[next].1 < mark.0 {
+                    if highest.is_none_or(|high| by_done[next].2 > high.2) {
+                        highest = Some(&by_done[next]);
+                    }
+                    next += 1;
+                }
+                if let Some(high) = highest
+                    && mark.2 < high.2
+                {
+                    let text = format!(
+                        "partition {partition}: {} at t={:.1}s holds {}, but {} done at t={:.1}s held {}",
+                        mark.3,
+                        mark.0 as f64 / 1e6,
+                        mark.2,
+                        high.3,
+                        high.1 as f64 / 1e6,
+                        high.2
+                    );
+                    self.violation("group-backward", text);
+                }
+            }
+        }
+        let Some(last) = self.group_last.take() else {
+            return;
+        };
+        for (partition, committed) in last {
+            let delivered = self.group_delivered.remove(&partition).unwrap_or_default();
+            if let Some(missing) = (0..committed).find(|offset| !delivered.contains(offset)) {
+                self.violation(
+                    "group-undelivered",
+                    format!(
+                        "partition {partition}: the group committed {committed}, but no member got offset {missing}"
+                    ),
+                );
+            }
+        }
     }
 
     fn count_calls(&mut self) {
@@ -1111,6 +1243,59 @@ mod tests {
         assert_eq!(report.stats.records_acked, 3);
         assert_eq!(report.stats.records_unknown, 1);
         assert_eq!(report.stats.records_lost, 0);
+    }
+
+    /// Group records, commits and reads that move forward pass; a read below an acked commit,
+    /// and a final commit above what members got, are caught.
+    #[test]
+    fn group_offsets_backward_and_undelivered_records_are_caught() {
+        let good = |backward: bool, undelivered: bool| {
+            let mut h = Builder::new(1);
+            h.acked(
+                &[("a", "v1"), ("b", "v2"), ("c", "v3")],
+                &[(0, 0), (0, 1), (0, 2)],
+            );
+            h.push(Event::GroupRecords {
+                member: 0,
+                partition: 0,
+                records: reads(0, &[("a", "v1"), ("b", "v2")]),
+            });
+            let t_invoke = h.t;
+            h.push(Event::GroupCommit {
+                member: 0,
+                t_invoke,
+                offsets: vec![(0, 2)],
+            });
+            if !undelivered {
+                h.push(Event::GroupRecords {
+                    member: 1,
+                    partition: 0,
+                    records: reads(2, &[("c", "v3")]),
+                });
+            }
+            let t_invoke = h.t + 1;
+            h.push(Event::GroupOffsets {
+                t_invoke,
+                offsets: vec![(0, if backward { 1 } else { 2 })],
+                last: false,
+            });
+            let t_invoke = h.t + 1;
+            h.push(Event::GroupOffsets {
+                t_invoke,
+                offsets: vec![(0, 3)],
+                last: true,
+            });
+            h.replicas(0, &[("a", "v1"), ("b", "v2"), ("c", "v3")]);
+            h.check()
+        };
+        let report = good(false, false);
+        assert!(report.passed(), "{}", report.render());
+        assert_eq!(report.stats.group_records, 3);
+        assert_violation(&good(true, false), "consumer group offset went backward");
+        assert_violation(
+            &good(false, true),
+            "record below the group's commit never delivered",
+        );
     }
 
     #[test]

@@ -115,6 +115,32 @@ pub enum Event {
         end_offset: Option<u64>,
         message: String,
     },
+    /// Records a consumer group member got (through `ordo-client`'s `GroupConsumer`).
+    GroupRecords {
+        member: usize,
+        partition: u32,
+        records: Vec<Read>,
+    },
+    /// A group member's commit was acked: `(partition, next offset)`, invoked at `t_invoke`.
+    GroupCommit {
+        member: usize,
+        t_invoke: u64,
+        offsets: Vec<(u32, u64)>,
+    },
+    /// The group's committed offsets as FetchOffsets returned them (invoked at `t_invoke`);
+    /// `last` for the read after healing, once the members caught up.
+    GroupOffsets {
+        t_invoke: u64,
+        offsets: Vec<(u32, u64)>,
+        #[serde(default)]
+        last: bool,
+    },
+    /// A member's assignment changed: `change` is assigned, revoked or lost.
+    GroupAssignment {
+        member: usize,
+        change: String,
+        partitions: Vec<u32>,
+    },
     /// A fault, its healing, or something the harness observed.
     Nemesis {
         kind: String,

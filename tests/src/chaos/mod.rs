@@ -48,6 +48,8 @@ const REPLICATION_FACTOR: u32 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long producers may take to finish their last call after the faults end.
 const PRODUCERS_STOP_TIMEOUT: Duration = Duration::from_secs(90);
+/// Members of the run's consumer group.
+const GROUP_MEMBERS: usize = 3;
 /// How long consumers may take to reach the end after healing.
 const CONSUMERS_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long one replica may take to serve its copy up to the partition's end after healing.
@@ -389,6 +391,23 @@ async fn drive(
         )));
     }
 
+    // A consumer group of three members over the topic, and an observer of its commits.
+    let group_client = workload::group_client(nodes).await?;
+    let mut group_tasks = Vec::new();
+    for member in 0..GROUP_MEMBERS {
+        group_tasks.push(tasks.0.len());
+        tasks.0.push(tokio::spawn(workload::group_member(
+            Arc::clone(&shared),
+            member,
+            group_client.clone(),
+        )));
+    }
+    group_tasks.push(tasks.0.len());
+    tasks.0.push(tokio::spawn(workload::group_observer(
+        Arc::clone(&shared),
+        group_client.clone(),
+    )));
+
     let mut nemesis = Nemesis::new(
         Arc::clone(nodes),
         net,
@@ -474,7 +493,35 @@ async fn drive(
             }
         }
     }
+    // The group catches up too: its committed offsets reach every partition's end.
+    let deadline = Instant::now() + CONSUMERS_TIMEOUT;
+    loop {
+        let committed = workload::group_offsets(&shared, &group_client, false).await;
+        let caught_up = committed.is_some_and(|offsets| {
+            (0..partitions).all(|partition| {
+                let target = shared.targets[partition as usize].load(Ordering::Relaxed);
+                target == 0 || offsets.contains(&(partition, target))
+            })
+        });
+        if caught_up {
+            workload::group_offsets(&shared, &group_client, true).await;
+            break;
+        }
+        if Instant::now() > deadline {
+            stuck(
+                history,
+                format!(
+                    "the consumer group did not commit every partition's end within {CONSUMERS_TIMEOUT:?} after healing"
+                ),
+            );
+            break;
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
     shared.stop_consuming.store(true, Ordering::Relaxed);
+    for &task in &group_tasks {
+        let _ = timeout(Duration::from_secs(10), &mut tasks.0[task]).await;
+    }
     nemesis.restart_crashed()?;
     for index in 0..nodes.len() {
         let panics = nodes.log_count_since(index, 0, "panicked at");

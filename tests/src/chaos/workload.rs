@@ -569,3 +569,147 @@ pub async fn consumer(shared: Arc<Shared>, process: usize, partition: u32, seed:
         }
     }
 }
+
+/// The consumer group every group member of a run joins.
+pub const GROUP: &str = "chaos-group";
+/// Session timeout of the group members: long enough to ride out a short pause, short enough
+/// that a member cut off for good is replaced within the run.
+const GROUP_SESSION: Duration = Duration::from_secs(6);
+
+/// A client for the group workload: every node, retrying by itself within its deadline.
+pub async fn group_client(nodes: &Nodes) -> anyhow::Result<ordo_client::Client> {
+    let endpoints: Vec<String> = nodes
+        .nodes
+        .iter()
+        .map(|node| format!("http://{}", node.address))
+        .collect();
+    let options = ordo_client::ClientOptions {
+        request_timeout: Duration::from_secs(5),
+        deadline_grace: CLIENT_GRACE,
+        connect_timeout: Duration::from_secs(1),
+        ..ordo_client::ClientOptions::default()
+    };
+    Ok(ordo_client::Client::connect_with_options(endpoints, options).await?)
+}
+
+/// One consumer group member until `stop_consuming`: consumes the topic as member `member` of
+/// [`GROUP`], logs what it gets, commits after every batch and logs each acked commit. A member
+/// whose consumer fails joins again.
+pub async fn group_member(shared: Arc<Shared>, member: usize, client: ordo_client::Client) -> u64 {
+    let stopped = || shared.stop_consuming.load(Ordering::Relaxed);
+    while !stopped() {
+        let mut options = ordo_client::GroupConsumerOptions::new(GROUP, [shared.topic.clone()]);
+        options.member_id = Some(format!("member-{member}"));
+        options.session_timeout = GROUP_SESSION;
+        options.fetch_max_bytes = FETCH_BYTES_MAX;
+        // Positions last logged as committed, so a commit logs only what it moved.
+        let mut logged: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+        let mut consumer = match client.group_consumer(options).await {
+            Ok(consumer) => consumer,
+            Err(_) => {
+                sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        while !stopped() {
+            // next() is cancel-safe: the timeout only lets the loop look at the stop flag.
+            let event = match timeout(Duration::from_millis(500), consumer.next()).await {
+                Err(_) => continue,
+                Ok(Err(_)) => {
+                    sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Ok(Ok(event)) => event,
+            };
+            let change = |change: &str, partitions: Vec<(String, u32)>| Event::GroupAssignment {
+                member,
+                change: change.to_owned(),
+                partitions: partitions
+                    .into_iter()
+                    .map(|(_, partition)| partition)
+                    .collect(),
+            };
+            match event {
+                ordo_client::GroupEvent::Assigned(partitions) => {
+                    shared.history.log(change("assigned", partitions));
+                }
+                ordo_client::GroupEvent::Revoked(partitions) => {
+                    shared.history.log(change("revoked", partitions));
+                }
+                ordo_client::GroupEvent::Lost(partitions) => {
+                    shared.history.log(change("lost", partitions));
+                }
+                ordo_client::GroupEvent::Records {
+                    partition, records, ..
+                } => {
+                    shared.history.log(Event::GroupRecords {
+                        member,
+                        partition,
+                        records: records
+                            .iter()
+                            .map(|record| Read {
+                                offset: record.offset,
+                                key: record
+                                    .key
+                                    .as_ref()
+                                    .map(|key| String::from_utf8_lossy(key).into_owned()),
+                                value: String::from_utf8_lossy(&record.value).into_owned(),
+                            })
+                            .collect(),
+                    });
+                    let t_invoke = shared.history.now();
+                    let offsets: Vec<(u32, u64)> = consumer
+                        .assignment()
+                        .into_iter()
+                        .filter_map(|(topic, partition)| {
+                            Some((partition, consumer.position(&topic, partition)?))
+                        })
+                        .filter(|(partition, offset)| logged.get(partition) != Some(offset))
+                        .collect();
+                    if consumer.commit().await.is_ok() {
+                        logged.extend(offsets.iter().copied());
+                        shared.history.log(Event::GroupCommit {
+                            member,
+                            t_invoke,
+                            offsets,
+                        });
+                    }
+                }
+            }
+        }
+        let _ = timeout(Duration::from_secs(5), consumer.close()).await;
+    }
+    0
+}
+
+/// The group's committed offsets as FetchOffsets returns them now, logged; `None` when the call
+/// failed.
+pub async fn group_offsets(
+    shared: &Shared,
+    client: &ordo_client::Client,
+    last: bool,
+) -> Option<Vec<(u32, u64)>> {
+    let t_invoke = shared.history.now();
+    let offsets: Vec<(u32, u64)> = client
+        .fetch_offsets(GROUP, &std::collections::BTreeSet::new())
+        .await
+        .ok()?
+        .into_iter()
+        .map(|offset| (offset.partition, offset.offset))
+        .collect();
+    shared.history.log(Event::GroupOffsets {
+        t_invoke,
+        offsets: offsets.clone(),
+        last,
+    });
+    Some(offsets)
+}
+
+/// Reads the group's committed offsets twice a second until `stop_consuming`.
+pub async fn group_observer(shared: Arc<Shared>, client: ordo_client::Client) -> u64 {
+    while !shared.stop_consuming.load(Ordering::Relaxed) {
+        let _ = group_offsets(&shared, &client, false).await;
+        sleep(Duration::from_millis(500)).await;
+    }
+    0
+}
