@@ -1,6 +1,6 @@
 //! Background loops of a node's broker, owned by the caller's `JoinSet` and stopped by the
 //! shutdown watch: reconcile this node's Raft groups with the metadata (partitions and consumer
-//! group coordinator shards, which the metadata leader creates once), hand leadership back to
+//! group coordinator shards, created by the first group call), hand leadership back to
 //! preferred leaders, expire silent group members (`coordinator`), and the Raft layer's
 //! watchdog (node-level failure detection).
 
@@ -49,9 +49,6 @@ impl Broker {
         }
         loop {
             let state = meta.borrow_and_update().clone();
-            if state.coordinators.is_none() && self.state.node.meta_leader() == Some(me) {
-                self.create_coordinators().await;
-            }
             let mut wanted = std::collections::HashSet::new();
             let coordinators = state.coordinators.iter().map(|topic| (topic, true));
             for (topic, is_coordinator) in state
@@ -112,18 +109,6 @@ impl Broker {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
             }
-        }
-    }
-
-    /// Creates the consumer group coordinator shards (on the metadata leader, once).
-    async fn create_coordinators(&self) {
-        let deadline = std::time::Instant::now() + self.state.options.groups.call_timeout();
-        match self
-            .meta_command(self.create_coordinators_command(), deadline)
-            .await
-        {
-            Ok(answer) => tracing::info!(?answer, "group coordinators created"),
-            Err(error) => tracing::warn!(%error, "cannot create the group coordinators yet"),
         }
     }
 

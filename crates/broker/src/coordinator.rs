@@ -5,11 +5,17 @@
 //! On the leader:
 //! - Changes go through the shard's Raft group (`coordinator_state`, applied on every replica),
 //!   so a commit is acked only once a quorum has it on disk. A heartbeat that changes nothing (the
-//!   common case) is answered from the leader's applied state without a write, once the leader
-//!   has caught up with everything committed before its term (a read barrier per term).
-//! - Liveness is the leader's alone: it records when each member last heartbeated, and the
-//!   expiry loop proposes [`GroupCommand::Expire`] for members silent past their session timeout.
-//!   A new leader starts every member's timer afresh (like Kafka's coordinator failover).
+//!   common case) is answered from the leader's applied state without a write, after a read
+//!   barrier (a quorum confirms the leadership and the state holds everything committed): a
+//!   deposed leader never answers from stale state.
+//! - Liveness is the leader's alone: each heartbeat restarts its member's session timer when it
+//!   arrives, and the expiry loop proposes [`GroupCommand::Expire`] for members silent past their
+//!   session timeout. The decision and a heartbeat's arrival exclude each other: once a member is
+//!   being expired, its heartbeats wait for the outcome (then `UNKNOWN_MEMBER`), so no member is
+//!   told it owns partitions that an expiry is about to give away. A new leader starts every
+//!   member's timer afresh (like Kafka's coordinator failover). The member itself gives its
+//!   partitions up a session after it sent its last answered heartbeat, which is no later than
+//!   the coordinator's timer ends.
 //! - Reads (offsets, describe, list) pass a read barrier first: linearizable.
 
 use std::collections::BTreeMap;
@@ -207,16 +213,29 @@ pub enum ResetTarget {
 pub(crate) struct Coordinators {
     /// Each hosted shard's state, shared with its Raft group.
     shards: Mutex<HashMap<GroupId, SharedShard>>,
-    /// Per shard led here: the term of the timers, and each `(group, member)`'s session end.
+    /// Per shard led here: the term of the timers, each `(group, member)`'s session end, and
+    /// the members being expired.
     sessions: Mutex<HashMap<GroupId, ShardSessions>>,
-    /// Per shard: the term in which this node, leading, passed a read barrier.
-    fresh: Mutex<HashMap<GroupId, u64>>,
 }
 
 #[derive(Default)]
 struct ShardSessions {
     term: u64,
     deadlines: HashMap<(String, String), Instant>,
+    expiring: std::collections::HashSet<(String, String)>,
+}
+
+impl ShardSessions {
+    /// The sessions of `term`: a new term starts afresh.
+    fn of_term(&mut self, term: u64) -> &mut Self {
+        if self.term != term {
+            *self = ShardSessions {
+                term,
+                ..ShardSessions::default()
+            };
+        }
+        self
+    }
 }
 
 impl Coordinators {
@@ -248,21 +267,44 @@ impl Coordinators {
         shard
     }
 
-    /// Restarts a member's session timer.
-    fn touch(&self, shard: GroupId, term: u64, group: &str, member: &str, timeout_ms: u64) {
+    /// A member's heartbeat arrived: restarts its session timer, unless the member is being
+    /// expired (then false: the heartbeat must wait for the expiry's outcome).
+    fn arrive(
+        &self,
+        shard: GroupId,
+        term: u64,
+        group: &str,
+        member: &str,
+        timeout_ms: u64,
+    ) -> bool {
         let mut sessions = self
             .sessions
             .lock()
             .expect("session lock is never poisoned");
-        let sessions = sessions.entry(shard).or_default();
-        if sessions.term != term {
-            sessions.term = term;
-            sessions.deadlines.clear();
+        let sessions = sessions.entry(shard).or_default().of_term(term);
+        let key = (group.to_owned(), member.to_owned());
+        if sessions.expiring.contains(&key) {
+            return false;
         }
-        sessions.deadlines.insert(
-            (group.to_owned(), member.to_owned()),
-            Instant::now() + Duration::from_millis(timeout_ms),
-        );
+        sessions
+            .deadlines
+            .insert(key, Instant::now() + Duration::from_millis(timeout_ms));
+        true
+    }
+
+    /// The expiry of `members` of `group` was decided: they are no longer being expired.
+    fn expired(&self, shard: GroupId, group: &str, members: &[(String, u32)]) {
+        let mut sessions = self
+            .sessions
+            .lock()
+            .expect("session lock is never poisoned");
+        if let Some(sessions) = sessions.get_mut(&shard) {
+            for (member, _) in members {
+                sessions
+                    .expiring
+                    .remove(&(group.to_owned(), member.clone()));
+            }
+        }
     }
 }
 
@@ -499,6 +541,21 @@ impl Broker {
                 owned,
                 session_timeout_ms,
             } => {
+                // The session restarts when the heartbeat arrives; a member being expired waits
+                // for the expiry's outcome.
+                let arrived = Instant::now();
+                while !self.state.coordinators.arrive(
+                    shard,
+                    term,
+                    &group,
+                    &member_id,
+                    session_timeout_ms,
+                ) {
+                    if arrived.elapsed() >= timeout {
+                        return CoordinatorOutcome::NotLeader(None);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 let topics = self.partition_counts(&state, &group, &subscriptions);
                 let heartbeat = GroupCommand::Heartbeat {
                     member_id,
@@ -508,22 +565,17 @@ impl Broker {
                     topics,
                     session_timeout_ms,
                 };
-                // Answered without a write when it changes nothing, from a state that has
-                // everything committed before this term.
-                if self.fresh(shard, term, timeout).await {
-                    let (answer, changed) = state.read(|state| state.dry_run(&group, &heartbeat));
-                    if !changed {
-                        self.touch_if_assigned(shard, term, &group, &answer, session_timeout_ms);
-                        return CoordinatorOutcome::Answer(ShardAnswer::Group(answer));
-                    }
+                // Answered without a write when it changes nothing, from a state a quorum
+                // confirmed current.
+                if let Err(outcome) = self.barrier(shard, timeout).await {
+                    return outcome;
                 }
-                let outcome = self
-                    .propose_shard(shard, &command(group.clone(), heartbeat), timeout)
-                    .await;
-                if let CoordinatorOutcome::Answer(ShardAnswer::Group(answer)) = &outcome {
-                    self.touch_if_assigned(shard, term, &group, answer, session_timeout_ms);
+                let (answer, changed) = state.read(|state| state.dry_run(&group, &heartbeat));
+                if !changed {
+                    return CoordinatorOutcome::Answer(ShardAnswer::Group(answer));
                 }
-                outcome
+                self.propose_shard(shard, &command(group, heartbeat), timeout)
+                    .await
             }
             CoordinatorRequest::Leave {
                 group,
@@ -595,52 +647,11 @@ impl Broker {
         (status.leader == Some(self.node_id())).then_some(status.term)
     }
 
-    /// Whether this node, leading `shard` in `term`, has applied everything committed before
-    /// the term (a read barrier, passed once per term).
-    async fn fresh(&self, shard: GroupId, term: u64, timeout: Duration) -> bool {
-        let known = self
-            .state
-            .coordinators
-            .fresh
-            .lock()
-            .expect("coordinator lock is never poisoned")
-            .get(&shard)
-            .copied();
-        if known == Some(term) {
-            return true;
-        }
-        if self.state.node.read_barrier(shard, timeout).await.is_err() {
-            return false;
-        }
-        self.state
-            .coordinators
-            .fresh
-            .lock()
-            .expect("coordinator lock is never poisoned")
-            .insert(shard, term);
-        true
-    }
-
     async fn barrier(&self, shard: GroupId, timeout: Duration) -> Result<(), CoordinatorOutcome> {
         match self.state.node.read_barrier(shard, timeout).await {
             Ok(()) => Ok(()),
             Err(WriteError::NotLeader { leader, .. }) => Err(CoordinatorOutcome::NotLeader(leader)),
             Err(_) => Err(CoordinatorOutcome::NotLeader(None)),
-        }
-    }
-
-    fn touch_if_assigned(
-        &self,
-        shard: GroupId,
-        term: u64,
-        group: &str,
-        answer: &GroupAnswer,
-        session_timeout_ms: u64,
-    ) {
-        if let GroupAnswer::Assignment { member_id, .. } = answer {
-            self.state
-                .coordinators
-                .touch(shard, term, group, member_id, session_timeout_ms);
         }
     }
 
@@ -694,44 +705,59 @@ impl Broker {
         }
     }
 
-    /// On each shard this node leads: expires members silent past their session timeout.
+    /// On each shard this node leads: expires members silent past their session timeout. Shards
+    /// are handled side by side, so one without a quorum does not hold up the others.
     pub(crate) async fn expiry_loop(self, mut shutdown: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(EXPIRY_INTERVAL) => {}
             }
-            let shards = self.state.coordinators.all();
-            for (shard, state) in shards {
-                let Some(term) = self.leading_term(shard) else {
-                    self.state
-                        .coordinators
-                        .sessions
-                        .lock()
-                        .expect("session lock is never poisoned")
-                        .remove(&shard);
-                    continue;
-                };
-                let expired = self.expired_members(shard, term, &state);
-                for (group, members) in expired {
-                    let topics = self.partition_counts(&state, &group, &BTreeSet::new());
-                    tracing::info!(%group, ?members, "session timed out: expiring members");
-                    let command = ShardCommand::Group {
-                        group: group.clone(),
-                        command: GroupCommand::Expire { members, topics },
-                        limits: ShardLimits {
-                            groups_max: self.state.options.groups.groups_per_shard_max,
-                            members_max: self.state.options.groups.members_per_group_max,
-                        },
-                    };
-                    let outcome = self
-                        .propose_shard(shard, &command, self.state.options.groups.call_timeout())
-                        .await;
-                    if !matches!(outcome, CoordinatorOutcome::Answer(_)) {
-                        tracing::warn!(%group, ?outcome, "expiring members");
-                    }
-                }
+            let rounds = self
+                .state
+                .coordinators
+                .all()
+                .into_iter()
+                .map(|(shard, state)| self.expire_in(shard, state));
+            futures::future::join_all(rounds).await;
+        }
+    }
+
+    /// Expires the silent members of one shard, if this node leads it.
+    async fn expire_in(&self, shard: GroupId, state: SharedShard) {
+        let Some(term) = self.leading_term(shard) else {
+            self.state
+                .coordinators
+                .sessions
+                .lock()
+                .expect("session lock is never poisoned")
+                .remove(&shard);
+            return;
+        };
+        for (group, members) in self.expired_members(shard, term, &state) {
+            let topics = self.partition_counts(&state, &group, &BTreeSet::new());
+            tracing::info!(%group, ?members, "session timed out: expiring members");
+            let command = ShardCommand::Group {
+                group: group.clone(),
+                command: GroupCommand::Expire {
+                    members: members.clone(),
+                    topics,
+                },
+                limits: ShardLimits {
+                    groups_max: self.state.options.groups.groups_per_shard_max,
+                    members_max: self.state.options.groups.members_per_group_max,
+                },
+            };
+            let outcome = self
+                .propose_shard(shard, &command, self.state.options.groups.call_timeout())
+                .await;
+            if !matches!(outcome, CoordinatorOutcome::Answer(_)) {
+                tracing::warn!(%group, ?outcome, "expiring members");
             }
+            // Applied or not, the waiting heartbeats go on and find the outcome in the state
+            // after their read barrier (which also settles a leadership an unknown outcome put
+            // in doubt).
+            self.state.coordinators.expired(shard, &group, &members);
         }
     }
 
@@ -765,11 +791,7 @@ impl Broker {
             .sessions
             .lock()
             .expect("session lock is never poisoned");
-        let sessions = sessions.entry(shard).or_default();
-        if sessions.term != term {
-            sessions.term = term;
-            sessions.deadlines.clear();
-        }
+        let sessions = sessions.entry(shard).or_default().of_term(term);
         let mut live = std::collections::HashSet::new();
         let mut expired: BTreeMap<String, Vec<(String, u32)>> = BTreeMap::new();
         for (group, member, epoch, timeout_ms) in members {
@@ -778,7 +800,8 @@ impl Broker {
                 .deadlines
                 .entry(key.clone())
                 .or_insert_with(|| now + Duration::from_millis(timeout_ms));
-            if deadline <= now {
+            if deadline <= now && !sessions.expiring.contains(&key) {
+                sessions.expiring.insert(key.clone());
                 expired.entry(group).or_default().push((member, epoch));
             }
             live.insert(key);
@@ -868,13 +891,23 @@ impl Broker {
             crate::names::validate_topic_name(topic)?;
         }
         crate::Limits::check(
-            "subscribed topics",
+            "groups.topics_per_member_max",
             heartbeat.subscriptions.len() as u64,
-            u64::from(self.limits().partitions_per_topic_max),
+            u64::from(config.topics_per_member_max),
         )?;
+        // A join without an id gets one here, so the coordinator sees the same id on every
+        // retry of the call (one member, not one per attempt).
+        let member_id = if heartbeat.member_id.is_empty() && heartbeat.epoch == 0 {
+            use std::hash::BuildHasher;
+            let seed = std::collections::hash_map::RandomState::new()
+                .hash_one((crate::broker::now_ms(), self.node_id()));
+            format!("m-{seed:016x}")
+        } else {
+            heartbeat.member_id
+        };
         let request = CoordinatorRequest::Heartbeat {
             group: heartbeat.group.clone(),
-            member_id: heartbeat.member_id,
+            member_id,
             epoch: heartbeat.epoch,
             subscriptions: heartbeat.subscriptions,
             owned: heartbeat.owned,

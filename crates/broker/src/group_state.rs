@@ -79,6 +79,10 @@ pub struct GroupState {
     pub partitions: BTreeMap<String, u32>,
     /// The next given member id's number (given ids are `m-<n>`, unique in the group).
     next_member: u64,
+    /// The last member epoch handed out: epochs come from this one counter, so no epoch is ever
+    /// handed out twice in a group (a removed member that joins again cannot meet an epoch its
+    /// old instance holds).
+    last_epoch: u32,
 }
 
 /// Commands of a group, as proposed.
@@ -299,18 +303,21 @@ impl GroupState {
         let member_id = if epoch == 0 {
             // A join, or a member joining again with its id: it owns nothing now.
             let id = if member_id.is_empty() {
-                let id = format!("m-{}", self.next_member);
-                self.next_member += 1;
-                id
+                loop {
+                    let id = format!("m-{}", self.next_member);
+                    self.next_member += 1;
+                    if !self.members.contains_key(&id) {
+                        break id;
+                    }
+                }
             } else {
                 member_id
             };
-            let epoch = self.members.get(&id).map_or(0, |member| member.epoch);
             self.members.insert(
                 id.clone(),
                 Member {
-                    epoch,
-                    previous_epoch: epoch,
+                    epoch: 0,
+                    previous_epoch: 0,
                     subscriptions: BTreeSet::new(),
                     owned: BTreeSet::new(),
                     assigned: BTreeSet::new(),
@@ -351,8 +358,14 @@ impl GroupState {
         let assigned = self.assignable(&member_id);
         let member = self.members.get_mut(&member_id).expect("still a member");
         if assigned != member.assigned || joined {
-            member.previous_epoch = member.epoch;
-            member.epoch += 1;
+            self.last_epoch += 1;
+            // After a join no earlier epoch is the member's: an old instance's is fenced.
+            member.previous_epoch = if joined {
+                self.last_epoch
+            } else {
+                member.epoch
+            };
+            member.epoch = self.last_epoch;
         }
         member.assigned = assigned.clone();
         GroupAnswer::Assignment {
@@ -702,6 +715,20 @@ mod tests {
         assert!(epoch > stale);
         assert!(matches!(
             state.apply(commit(stale, &mine)),
+            GroupAnswer::FencedMember { .. }
+        ));
+        // The old instance's heartbeat and leave are fenced too: no earlier epoch is accepted.
+        assert!(matches!(
+            state.apply(heartbeat(&a.id, stale, &a.owned, 2)),
+            GroupAnswer::FencedMember { .. }
+        ));
+        let leave = GroupCommand::Leave {
+            member_id: a.id.clone(),
+            epoch: stale,
+            topics: topics(2),
+        };
+        assert!(matches!(
+            state.apply(leave),
             GroupAnswer::FencedMember { .. }
         ));
     }

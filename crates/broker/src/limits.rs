@@ -125,6 +125,8 @@ pub struct GroupsConfig {
     pub groups_per_shard_max: u32,
     /// Most members of one group (RESOURCE_EXHAUSTED, TOO_MANY_MEMBERS). Default 1,000.
     pub members_per_group_max: u32,
+    /// Most topics one member subscribes to (INVALID_ARGUMENT, LIMIT_EXCEEDED). Default 100.
+    pub topics_per_member_max: u32,
     /// Most offsets in one CommitOffsets. Default 10,000.
     pub offsets_per_commit_max: u32,
     /// Largest metadata string of one committed offset, bytes. Default 4 KiB.
@@ -144,6 +146,7 @@ impl Default for GroupsConfig {
             heartbeat_interval_ms: 1_000,
             groups_per_shard_max: 10_000,
             members_per_group_max: 1_000,
+            topics_per_member_max: 100,
             offsets_per_commit_max: 10_000,
             commit_metadata_bytes_max: 4096,
             call_timeout_ms: 10_000,
@@ -171,6 +174,7 @@ impl GroupsConfig {
         if self.heartbeat_interval_ms == 0
             || self.groups_per_shard_max == 0
             || self.members_per_group_max == 0
+            || self.topics_per_member_max == 0
             || self.offsets_per_commit_max == 0
             || self.call_timeout_ms == 0
         {

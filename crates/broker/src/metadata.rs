@@ -30,10 +30,19 @@ pub struct Topic {
     pub config: BTreeMap<String, String>,
 }
 
+/// Topic config key: whose clock record timestamps are (`create`: the producer's, or the
+/// receiving node's when a record has none; `append`: the receiving node's, always).
+pub const TIMESTAMP_TYPE: &str = "timestamp.type";
+
 impl Topic {
     /// The Raft group of a partition.
     pub fn group(&self, partition: u32) -> u64 {
         group_of(self.id, partition)
+    }
+
+    /// Whether records get the receiving node's clock as their timestamp, always.
+    pub fn append_time(&self) -> bool {
+        self.config.get(TIMESTAMP_TYPE).map(String::as_str) == Some("append")
     }
 }
 

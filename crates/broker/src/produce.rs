@@ -131,12 +131,15 @@ impl Broker {
             entry.1.push(record);
         }
         let now = now_ms();
+        let append_time = topic.append_time();
         let mut appends = Vec::with_capacity(by_partition.len());
         for (partition, (positions, records)) in by_partition {
+            let (encoded, max_timestamp_ms) = encode_batch(&records, now, append_time)?;
             let batch = StampedBatch {
                 count: records.len() as u32,
-                batch: encode_batch(&records, now)?,
+                batch: encoded,
                 producer,
+                max_timestamp_ms,
             };
             let broker = self.clone();
             let topic = topic.clone();
@@ -280,11 +283,12 @@ impl Broker {
         timeout: Duration,
     ) -> Result<ForwardOutcome, BrokerError> {
         let group = GroupId(group);
-        validate_batch(&batch, count, &self.state.options.limits)?;
+        let max_timestamp_ms = validate_batch(&batch, count, &self.state.options.limits)?;
         let batch = StampedBatch {
             count,
             batch,
             producer,
+            max_timestamp_ms,
         };
         match self.state.node.append(group, batch, timeout).await {
             Ok(Appended {

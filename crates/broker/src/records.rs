@@ -25,20 +25,35 @@ struct StoredForm {
     timestamp_ms: i64,
 }
 
-/// Encodes records for one log entry, stamping `now_ms` on those without a timestamp.
-pub(crate) fn encode_batch(records: &[Record], now_ms: i64) -> Result<Bytes, BrokerError> {
+/// Encodes records for one log entry, stamping `now_ms` on those without a timestamp (and on
+/// every record when `append_time`: the topic's `timestamp.type` is `append`). Returns the batch
+/// and its records' largest timestamp.
+pub(crate) fn encode_batch(
+    records: &[Record],
+    now_ms: i64,
+    append_time: bool,
+) -> Result<(Bytes, i64), BrokerError> {
     let forms: Vec<StoredForm> = records
         .iter()
         .map(|record| StoredForm {
             key: record.key.clone(),
             value: record.value.clone(),
             headers: record.headers.clone(),
-            timestamp_ms: record.timestamp_ms.unwrap_or(now_ms),
+            timestamp_ms: match record.timestamp_ms {
+                Some(timestamp) if !append_time => timestamp,
+                _ => now_ms,
+            },
         })
         .collect();
-    postcard::to_stdvec(&forms)
+    let max_timestamp = forms
+        .iter()
+        .map(|form| form.timestamp_ms)
+        .max()
+        .unwrap_or(now_ms);
+    let batch = postcard::to_stdvec(&forms)
         .map(Bytes::from)
-        .map_err(|error| BrokerError::Internal(format!("encoding a record batch: {error}")))
+        .map_err(|error| BrokerError::Internal(format!("encoding a record batch: {error}")))?;
+    Ok((batch, max_timestamp))
 }
 
 /// A stored record borrowed from its batch: decoding it copies nothing.
@@ -49,14 +64,17 @@ struct BorrowedForm<'a> {
     value: &'a [u8],
     #[serde(borrow)]
     headers: Vec<(&'a str, &'a [u8])>,
-    #[allow(dead_code)]
     timestamp_ms: i64,
 }
 
 /// Checks a batch that another node forwarded before it is proposed: it must decode, hold
 /// exactly `count` records (the partition state machine numbers offsets by `count`), and stay
-/// within the same limits a produce request is held to.
-pub(crate) fn validate_batch(batch: &[u8], count: u32, limits: &Limits) -> Result<(), BrokerError> {
+/// within the same limits a produce request is held to. Returns its records' largest timestamp.
+pub(crate) fn validate_batch(
+    batch: &[u8],
+    count: u32,
+    limits: &Limits,
+) -> Result<i64, BrokerError> {
     Limits::check(
         "batch_bytes_max",
         batch.len() as u64,
@@ -93,7 +111,12 @@ pub(crate) fn validate_batch(batch: &[u8], count: u32, limits: &Limits) -> Resul
         Limits::check("record_bytes_max", size, limits.record_bytes_max)?;
         total += size;
     }
-    Limits::check("batch_bytes_max", total, limits.batch_bytes_max)
+    Limits::check("batch_bytes_max", total, limits.batch_bytes_max)?;
+    Ok(forms
+        .iter()
+        .map(|form| form.timestamp_ms)
+        .max()
+        .unwrap_or(i64::MIN))
 }
 
 /// Decodes a batch of `count` records whose first record has `base_offset`, keeping records at
@@ -146,7 +169,8 @@ mod tests {
                 headers: vec![("h".into(), Bytes::from_static(b"v"))],
                 timestamp_ms: (i % 3 == 0).then_some(5),
             }).collect();
-            let encoded = encode_batch(&records, 77).unwrap();
+            let (encoded, max_timestamp) = encode_batch(&records, 77, false).unwrap();
+            prop_assert_eq!(max_timestamp, records.iter().map(|record| record.timestamp_ms.unwrap_or(77)).max().unwrap());
             let count = records.len() as u32;
             let decoded = decode_batch(&encoded, base, count, base, u64::MAX).unwrap();
             prop_assert_eq!(decoded.len(), records.len());

@@ -228,8 +228,14 @@ async fn consume_group(
                         .await
                         .context("cannot commit");
                 }
-                if let Err(error) = consumer.commit().await {
-                    break Err(anyhow::Error::new(error).context("cannot commit"));
+                match consumer.commit().await {
+                    Ok(()) => {}
+                    // Expired or replaced: the member joins again by itself, and what was not
+                    // committed goes to the partitions' next owners.
+                    Err(ClientError::FailedPrecondition { message, .. }) => {
+                        tracing::warn!(%message, "commit refused; carrying on");
+                    }
+                    Err(error) => break Err(anyhow::Error::new(error).context("cannot commit")),
                 }
             }
         }

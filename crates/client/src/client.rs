@@ -429,6 +429,11 @@ impl Client {
         Ok(ClusterStatus::from(response.into_inner()))
     }
 
+    /// The channel of endpoint `index`.
+    pub(crate) fn channel(&self, index: usize) -> Channel {
+        self.inner.nodes[index].channel.clone()
+    }
+
     pub(crate) fn log(&self, channel: Channel) -> LogClient<Channel> {
         LogClient::new(channel).max_decoding_message_size(self.inner.options.response_bytes_max)
     }

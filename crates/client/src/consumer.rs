@@ -113,16 +113,24 @@ pub enum GroupEvent {
 struct Membership {
     member_id: String,
     epoch: u32,
-    /// What the consumer owns now, as the next heartbeat reports it.
+    /// What the consumer owns now.
     owned: BTreeSet<TopicPartition>,
+    /// The latest answer's assignment, until the consumer applied it. A heartbeat reports
+    /// `owned` and this: a partition given counts as owned from the answer on (the consumer may
+    /// be starting on it), and one taken away until the consumer released it.
+    unapplied: Option<BTreeSet<TopicPartition>>,
+    /// Losses the consumer applied (dropped everything): the member joins again only after.
+    losses_applied: u64,
 }
 
-/// What the heartbeat task tells the consumer: the latest assignment, and how many times the
-/// member lost everything (fenced, expired, or silent past its session).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// What the heartbeat task tells the consumer: the latest assignment, how many times the member
+/// lost everything (fenced, expired, or silent past its session), and an error it cannot get
+/// past by retrying (the consumer's `next()` returns it once).
+#[derive(Debug, Clone, Default)]
 struct Assignment {
     losses: u64,
     assigned: Option<BTreeSet<TopicPartition>>,
+    error: Option<ClientError>,
 }
 
 /// A partition this member owns.
@@ -203,16 +211,20 @@ impl Client {
             owned: BTreeSet::new(),
             session_timeout: options.session_timeout,
         };
+        let sent = Instant::now();
         let first = self.group_heartbeat(&join).await?;
         join.member_id = first.member_id.clone();
         let membership = Arc::new(Mutex::new(Membership {
             member_id: first.member_id.clone(),
             epoch: first.member_epoch,
             owned: BTreeSet::new(),
+            unapplied: Some(first.assigned.clone()),
+            losses_applied: 0,
         }));
         let (sender, mut assignment) = watch::channel(Assignment {
             losses: 0,
             assigned: Some(first.assigned.clone()),
+            error: None,
         });
         // The first assignment is news to the consumer.
         assignment.mark_changed();
@@ -223,8 +235,11 @@ impl Client {
             Arc::clone(&membership),
             sender,
             Arc::clone(&wake_heartbeat),
-            first.heartbeat_interval,
-            first.session_timeout,
+            Session {
+                last_sent: sent,
+                interval: first.heartbeat_interval,
+                timeout: first.session_timeout,
+            },
         ));
         let next_auto_commit = options
             .auto_commit_interval
@@ -248,73 +263,149 @@ impl Client {
     }
 }
 
+/// The timing of a member's session, as the heartbeat task keeps it.
+#[derive(Debug, Clone, Copy)]
+struct Session {
+    /// When the last heartbeat that was answered was sent.
+    last_sent: Instant,
+    /// When to heartbeat next.
+    interval: Duration,
+    /// The session timeout.
+    timeout: Duration,
+}
+
+impl Session {
+    /// When the member must consider itself expired: a session after it sent its last answered
+    /// heartbeat (the coordinator's timer started later, when that heartbeat arrived), less a
+    /// tenth for safety.
+    fn end(&self) -> Instant {
+        self.last_sent + self.timeout - self.timeout / 10
+    }
+}
+
+/// Errors a heartbeat cannot get past by being retried: the consumer hears of them.
+fn is_terminal(error: &ClientError) -> bool {
+    matches!(
+        error,
+        ClientError::InvalidArgument { .. }
+            | ClientError::NotFound { .. }
+            | ClientError::ResourceExhausted { .. }
+            | ClientError::FailedPrecondition { .. }
+    )
+}
+
 /// Heartbeats until the consumer is dropped: reports what it owns, publishes each assignment,
-/// and joins again (same id) after a loss.
+/// and joins again (same id) after a loss, once the consumer dropped everything.
 async fn heartbeat_loop(
     client: Client,
     mut heartbeat: GroupHeartbeat,
     membership: Arc<Mutex<Membership>>,
     assignment: watch::Sender<Assignment>,
     wake: Arc<Notify>,
-    mut interval: Duration,
-    mut session_timeout: Duration,
+    mut session: Session,
 ) {
-    let mut last_answer = Instant::now();
     let mut losses = 0;
+    let mut failures = 0u32;
+    let mut interval = session.interval;
     loop {
+        let member = membership
+            .lock()
+            .expect("membership lock is never poisoned")
+            .epoch
+            != 0;
+        let session_end = member.then(|| session.end());
         tokio::select! {
             () = wake.notified() => {}
             () = tokio::time::sleep(interval) => {}
+            () = sleep_until(session_end) => {}
             () = assignment.closed() => return,
-        }
-        {
-            let membership = membership
-                .lock()
-                .expect("membership lock is never poisoned");
-            heartbeat.member_epoch = membership.epoch;
-            heartbeat.owned = membership.owned.clone();
         }
         let lose = |losses: &mut u64| {
             *losses += 1;
-            membership
+            let mut membership = membership
                 .lock()
-                .expect("membership lock is never poisoned")
-                .epoch = 0;
-            assignment.send_replace(Assignment {
-                losses: *losses,
-                assigned: None,
+                .expect("membership lock is never poisoned");
+            membership.epoch = 0;
+            membership.unapplied = None;
+            drop(membership);
+            assignment.send_modify(|current| {
+                current.losses = *losses;
+                current.assigned = None;
             });
         };
-        match client.group_heartbeat(&heartbeat).await {
+        let (epoch, owned, applied) = {
+            let membership = membership
+                .lock()
+                .expect("membership lock is never poisoned");
+            let mut owned = membership.owned.clone();
+            owned.extend(membership.unapplied.iter().flatten().cloned());
+            (membership.epoch, owned, membership.losses_applied)
+        };
+        if applied < losses {
+            // The consumer has not dropped its partitions yet: joining again now would let the
+            // group give them away while they are still being read.
+            interval = Duration::from_millis(20);
+            continue;
+        }
+        let budget = if epoch == 0 {
+            client.options().request_timeout
+        } else {
+            match session.end().checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left,
+                _ => {
+                    tracing::warn!(group = %heartbeat.group, "no heartbeat answered for a session timeout; dropping every partition");
+                    lose(&mut losses);
+                    interval = Duration::ZERO;
+                    continue;
+                }
+            }
+        };
+        heartbeat.member_epoch = epoch;
+        heartbeat.owned = owned;
+        let sent = Instant::now();
+        match client.group_heartbeat_within(&heartbeat, budget).await {
             Ok(answer) => {
-                last_answer = Instant::now();
+                failures = 0;
+                session = Session {
+                    last_sent: sent,
+                    interval: answer.heartbeat_interval,
+                    timeout: answer.session_timeout,
+                };
                 interval = answer.heartbeat_interval;
-                session_timeout = answer.session_timeout;
                 {
                     let mut membership = membership
                         .lock()
                         .expect("membership lock is never poisoned");
                     membership.member_id = answer.member_id.clone();
                     membership.epoch = answer.member_epoch;
+                    membership.unapplied = Some(answer.assigned.clone());
                 }
                 heartbeat.member_id = answer.member_id;
                 assignment.send_if_modified(|current| {
                     let assigned = Some(answer.assigned);
                     let changed = current.assigned != assigned;
                     current.assigned = assigned;
+                    current.error = None;
                     changed
                 });
             }
             Err(error) if lost_membership(&error) => {
-                tracing::warn!(group = %heartbeat.group, %error, "member fenced or expired; joining again");
+                tracing::warn!(group = %heartbeat.group, %error, "member fenced or expired; joining again once its partitions are dropped");
                 lose(&mut losses);
                 interval = Duration::ZERO;
             }
             Err(error) => {
-                tracing::warn!(group = %heartbeat.group, %error, "heartbeat failed");
-                if last_answer.elapsed() >= session_timeout && heartbeat.member_epoch != 0 {
-                    // The group has given our partitions away by now.
-                    lose(&mut losses);
+                failures += 1;
+                // Back off: 50 ms doubling, at most the heartbeat interval (terminal errors: 5 s).
+                interval = Duration::from_millis(50)
+                    .saturating_mul(1 << failures.min(10))
+                    .min(session.interval.max(Duration::from_millis(50)));
+                if is_terminal(&error) {
+                    tracing::warn!(group = %heartbeat.group, %error, "heartbeat refused");
+                    interval = Duration::from_secs(5);
+                    assignment.send_modify(|current| current.error = Some(error));
+                } else {
+                    tracing::warn!(group = %heartbeat.group, %error, "heartbeat failed");
                 }
             }
         }
@@ -376,7 +467,7 @@ impl GroupConsumer {
                     .map(|interval| Instant::now() + interval);
             }
             if self.assignment.has_changed().unwrap_or(false) {
-                self.unapplied = Some(self.assignment.borrow_and_update().clone());
+                self.take_assignment()?;
                 continue;
             }
             self.start_fetches();
@@ -408,8 +499,20 @@ impl GroupConsumer {
                 Some((partition, generation, result)) => {
                     self.fetched(partition, generation, result)?;
                 }
-                None => self.unapplied = Some(self.assignment.borrow_and_update().clone()),
+                None => self.take_assignment()?,
             }
+        }
+    }
+
+    /// Takes the latest assignment from the heartbeat task, to apply; its error, if any, is
+    /// returned (once).
+    fn take_assignment(&mut self) -> Result<(), ClientError> {
+        let mut assignment = self.assignment.borrow_and_update().clone();
+        let error = assignment.error.take();
+        self.unapplied = Some(assignment);
+        match error {
+            Some(error) => Err(error),
+            None => Ok(()),
         }
     }
 
@@ -419,7 +522,13 @@ impl GroupConsumer {
             self.seen_losses = assignment.losses;
             let lost: Vec<TopicPartition> = self.owned.keys().cloned().collect();
             self.owned.clear();
-            self.lock().owned.clear();
+            self.fetches.abort_all();
+            {
+                let mut membership = self.lock();
+                membership.owned.clear();
+                membership.losses_applied = assignment.losses;
+            }
+            self.wake_heartbeat.notify_one();
             if !lost.is_empty() {
                 self.pending.push_back(GroupEvent::Lost(lost));
             }
@@ -466,11 +575,18 @@ impl GroupConsumer {
                     },
                 );
             }
-            self.lock().owned = self.owned.keys().cloned().collect();
-            self.wake_heartbeat.notify_one();
             self.pending
                 .push_back(GroupEvent::Assigned(added.into_iter().collect()));
         }
+        // Applied: what the consumer owns is what the heartbeats report from now on.
+        let owned: BTreeSet<TopicPartition> = self.owned.keys().cloned().collect();
+        let mut membership = self.lock();
+        membership.owned = owned;
+        if membership.unapplied.as_ref() == Some(&assigned) {
+            membership.unapplied = None;
+        }
+        drop(membership);
+        self.wake_heartbeat.notify_one();
         Ok(())
     }
 
@@ -564,6 +680,27 @@ impl GroupConsumer {
         owned.fetching = false;
         let fetched = match result {
             Ok(fetched) => fetched,
+            // The position is outside the log (a reset past the end, records deleted): the reset
+            // policy decides, as for a partition without a committed offset.
+            Err(ClientError::OutOfRange { start, end, .. })
+                if self.options.reset != OffsetReset::Error =>
+            {
+                let (start, end) = (start.unwrap_or(0), end.unwrap_or(0));
+                let position = owned.position;
+                owned.position = match self.options.reset {
+                    OffsetReset::Latest => end,
+                    _ => start,
+                };
+                tracing::warn!(
+                    topic = %partition.0,
+                    partition = partition.1,
+                    position,
+                    start,
+                    end,
+                    "position outside the log; moved by the reset policy"
+                );
+                return Ok(());
+            }
             Err(error)
                 if error.is_retryable()
                     || matches!(error, ClientError::DeadlineExceeded { .. }) =>

@@ -195,6 +195,17 @@ impl Client {
         &self,
         heartbeat: &GroupHeartbeat,
     ) -> Result<GroupAssignment, ClientError> {
+        self.group_heartbeat_within(heartbeat, self.options().request_timeout)
+            .await
+    }
+
+    /// [`Client::group_heartbeat`], retries included, within `budget` (a member caps it at what
+    /// is left of its session).
+    pub(crate) async fn group_heartbeat_within(
+        &self,
+        heartbeat: &GroupHeartbeat,
+        budget: Duration,
+    ) -> Result<GroupAssignment, ClientError> {
         let request = proto::HeartbeatRequest {
             group: heartbeat.group.clone(),
             member_id: heartbeat.member_id.clone(),
@@ -204,14 +215,11 @@ impl Client {
             session_timeout_ms: millis(heartbeat.session_timeout),
         };
         let (response, _) = self
-            .call(
-                Effect::IdempotentWrite,
-                Duration::ZERO,
-                |channel, timeout| {
-                    let request = timed(request.clone(), timeout);
-                    async move { self.groups(channel).heartbeat(request).await }
-                },
-            )
+            .call_indexed(None, Effect::IdempotentWrite, budget, |index, timeout| {
+                let request = timed(request.clone(), timeout);
+                let channel = self.channel(index);
+                async move { self.groups(channel).heartbeat(request).await }
+            })
             .await?;
         let response = response.into_inner();
         Ok(GroupAssignment {

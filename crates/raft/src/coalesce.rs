@@ -206,7 +206,7 @@ impl<P: Propose> Coalescer<P> {
                 .map(|pending| pending.deadline)
                 .max()
                 .expect("take returns at least one");
-            let command = Command::Produce(ProduceEntry {
+            let command = Command::ProduceTimed(ProduceEntry {
                 at_ms: now_ms(),
                 limits: self.limits.producers,
                 batches: taken.iter().map(|pending| pending.batch.clone()).collect(),
@@ -405,6 +405,7 @@ mod tests {
                 count,
                 batch: Bytes::from(vec![tag; bytes]),
                 producer: None,
+                max_timestamp_ms: 0,
             };
             let caller = tokio::spawn(async move {
                 let appended = coalescer.append(batch, timeout).await?;
@@ -441,8 +442,8 @@ mod tests {
         let mut fixture = fixture(2, 1 << 20);
         let caller = fixture.append(1, 3, 10, PATIENT).await;
         let proposal = fixture.next();
-        let Command::Produce(entry) = &proposal.command else {
-            panic!("an append is proposed as Command::Produce");
+        let Command::ProduceTimed(entry) = &proposal.command else {
+            panic!("an append is proposed as Command::ProduceTimed");
         };
         assert_eq!(
             entry.batches,
@@ -450,6 +451,7 @@ mod tests {
                 count: 3,
                 batch: Bytes::from(vec![1; 10]),
                 producer: None,
+                max_timestamp_ms: 0,
             }]
         );
         assert_eq!(proposal.timeout, PATIENT);
@@ -692,6 +694,7 @@ mod tests {
                         epoch: 0,
                         sequence: u64::from(tag),
                     }),
+                    max_timestamp_ms: 0,
                 };
                 tokio::spawn(async move { coalescer.append(batch, PATIENT).await })
             })
@@ -700,8 +703,8 @@ mod tests {
         fixture.next().commit(0);
         settle().await;
         let proposal = fixture.next();
-        let Command::Produce(entry) = &proposal.command else {
-            panic!("an append is proposed as Command::Produce");
+        let Command::ProduceTimed(entry) = &proposal.command else {
+            panic!("an append is proposed as Command::ProduceTimed");
         };
         assert_eq!(entry.batches.len(), 3);
         assert_eq!(

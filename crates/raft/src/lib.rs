@@ -73,6 +73,8 @@ pub use types::AppendBatch;
 pub use types::Appended;
 pub use types::BatchOutcome;
 pub use types::Command;
+pub use types::LegacyProduceEntry;
+pub use types::LegacyStampedBatch;
 pub use types::ProduceEntry;
 pub use types::Response;
 pub use types::StampedBatch;

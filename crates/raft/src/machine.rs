@@ -262,6 +262,8 @@ const _: () = assert!(crate::producers::PRODUCER_ID_MAX == ordo_storage::ROW_ID_
 /// writes the offset index.
 pub(crate) struct PartitionLogic {
     next_offset: u64,
+    /// The largest record timestamp written so far (the time index's last key).
+    max_timestamp: Option<i64>,
     producers: Producers,
     /// The high watermark (next offset), published after each applied batch is readable.
     high_watermark: watch::Sender<u64>,
@@ -272,12 +274,21 @@ pub(crate) struct PartitionLogic {
 struct PartitionSnapshot {
     next_offset: u64,
     producers: Vec<(u64, ProducerState)>,
+    max_timestamp: Option<i64>,
+}
+
+/// A time index key: a timestamp, clamped to what a row id holds (negative ones are 0).
+pub(crate) fn time_key(timestamp_ms: i64) -> u64 {
+    u64::try_from(timestamp_ms)
+        .unwrap_or(0)
+        .min(ordo_storage::ROW_ID_MAX)
 }
 
 impl PartitionLogic {
     pub(crate) fn new(high_watermark: watch::Sender<u64>) -> Self {
         Self {
             next_offset: 0,
+            max_timestamp: None,
             producers: Producers::default(),
             high_watermark,
         }
@@ -294,6 +305,7 @@ impl PartitionLogic {
     ) -> Vec<BatchOutcome> {
         let (at_ms, limits) = match command {
             Command::Produce(entry) => (entry.at_ms, Some(entry.limits)),
+            Command::ProduceTimed(entry) => (entry.at_ms, Some(entry.limits)),
             _ => (0, None),
         };
         let base_offset = self.next_offset;
@@ -313,6 +325,21 @@ impl PartitionLogic {
                     self.next_offset = offset
                         .checked_add(u64::from(part.count))
                         .expect("offsets cannot overflow u64");
+                    // The time index: a row each time the largest timestamp so far grows (by a
+                    // row key), to the batch that made it grow.
+                    if let Some(timestamp) = part.max_timestamp_ms
+                        && self
+                            .max_timestamp
+                            .is_none_or(|max| time_key(timestamp) > time_key(max))
+                    {
+                        self.max_timestamp = Some(timestamp);
+                        store.put_row(
+                            batch,
+                            Table::TimeIndex,
+                            time_key(timestamp),
+                            &offset.to_be_bytes(),
+                        );
+                    }
                     BatchOutcome::Written(offset)
                 }
                 Decision::Duplicate { base_offset } => BatchOutcome::Duplicate(base_offset),
@@ -371,11 +398,16 @@ impl Logic for PartitionLogic {
     }
 
     fn encode_state(&self) -> io::Result<Vec<u8>> {
-        encode(&self.next_offset)
+        encode(&(self.next_offset, self.max_timestamp))
     }
 
     fn restore(&mut self, store: &GroupStore, state: &[u8]) -> io::Result<()> {
-        let next_offset: u64 = decode(state)?;
+        // Written before the time index: the next offset alone.
+        let (next_offset, max_timestamp): (u64, Option<i64>) = match decode(state) {
+            Ok(state) => state,
+            Err(_) => (decode(state)?, None),
+        };
+        self.max_timestamp = max_timestamp;
         let mut producers = std::collections::BTreeMap::new();
         for (id, row) in store.rows(Table::Producers)? {
             producers.insert(id, decode(&row)?);
@@ -388,6 +420,7 @@ impl Logic for PartitionLogic {
     fn encode_snapshot(&self) -> io::Result<Vec<u8>> {
         encode(&PartitionSnapshot {
             next_offset: self.next_offset,
+            max_timestamp: self.max_timestamp,
             producers: self
                 .producers
                 .states()
@@ -407,6 +440,10 @@ impl Logic for PartitionLogic {
         // The high watermark never moves back, except when a fresh snapshot resets an empty
         // machine.
         self.next_offset = snapshot.next_offset;
+        // The time index covers the entries applied from now on (partitions never install a
+        // snapshot of records yet: see the module documentation).
+        self.max_timestamp = snapshot.max_timestamp;
+        store.clear_table(batch, Table::TimeIndex);
         store.clear_table(batch, Table::Producers);
         for (id, state) in &snapshot.producers {
             store.put_row(batch, Table::Producers, *id, &encode(state)?);
@@ -447,7 +484,10 @@ impl Logic for MetadataLogic {
     ) -> Response {
         match command {
             Command::Meta(command) => Response::Meta(self.apply.apply(index, &command).into()),
-            Command::Append { .. } | Command::Appends(_) | Command::Produce(_) => {
+            Command::Append { .. }
+            | Command::Appends(_)
+            | Command::Produce(_)
+            | Command::ProduceTimed(_) => {
                 tracing::warn!(index, "record batch in the metadata log ignored");
                 Response::None
             }
@@ -506,7 +546,10 @@ impl Logic for StateLogic {
     ) -> Response {
         match command {
             Command::Meta(command) => Response::Meta(self.apply.apply(index, &command).into()),
-            Command::Append { .. } | Command::Appends(_) | Command::Produce(_) => {
+            Command::Append { .. }
+            | Command::Appends(_)
+            | Command::Produce(_)
+            | Command::ProduceTimed(_) => {
                 tracing::warn!(index, "record batch in a state group's log ignored");
                 Response::None
             }
@@ -671,6 +714,7 @@ mod tests {
                 epoch: 0,
                 sequence,
             }),
+            max_timestamp_ms: i64::from(count),
         }
     }
 
@@ -682,7 +726,7 @@ mod tests {
         index: u64,
         batches: Vec<StampedBatch>,
     ) -> Vec<BatchOutcome> {
-        let command = Command::Produce(ProduceEntry {
+        let command = Command::ProduceTimed(ProduceEntry {
             at_ms: index,
             limits: LIMITS,
             batches,

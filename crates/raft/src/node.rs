@@ -24,6 +24,7 @@ use openraft::impls::BasicNode;
 use ordo_proto::internal::RaftKind;
 use ordo_storage::GroupStore;
 use ordo_storage::Store;
+use ordo_storage::Table;
 use tokio::sync::watch;
 
 use crate::GroupError;
@@ -586,6 +587,34 @@ impl RaftNode {
             group,
             reason: error.to_string(),
         })?
+    }
+
+    /// The time index of a partition: the base offset of the first batch at which the largest
+    /// record timestamp so far reached `timestamp_ms` (every record before it is older), if any
+    /// committed batch did.
+    pub async fn time_index_lookup(
+        &self,
+        group: GroupId,
+        timestamp_ms: i64,
+    ) -> Result<Option<u64>, ReadError> {
+        let partition = self
+            .partition(group)
+            .ok_or(ReadError::GroupNotFound(group))?;
+        let high_watermark = *partition.high_watermark.borrow();
+        let store = partition.store.clone();
+        let key = crate::machine::time_key(timestamp_ms);
+        let row = tokio::task::spawn_blocking(move || store.row_at_or_after(Table::TimeIndex, key))
+            .await
+            .map_err(|error| ReadError::Task {
+                group,
+                reason: error.to_string(),
+            })?
+            .map_err(ReadError::Storage)?;
+        Ok(row.and_then(|(_, value)| {
+            let base = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+            // Written with its entry, possibly just before the high watermark moved past it.
+            (base < high_watermark).then_some(base)
+        }))
     }
 
     /// This node's view of a group.

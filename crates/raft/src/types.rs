@@ -30,10 +30,36 @@ pub enum Command {
     /// entry, see `coalesce`): they get consecutive offsets, in order. Written before producer
     /// stamps existed; still applied and read.
     Appends(Vec<AppendBatch>),
+    /// Batches stamped by their producers, written before batches carried their timestamps
+    /// (now every append is a [`Command::ProduceTimed`]); still applied and read.
+    Produce(LegacyProduceEntry),
     /// One or more batches proposed together (see `coalesce`), each maybe stamped by its
-    /// producer. The batches the partition's producer states let through (`producers`) get
-    /// consecutive offsets, in order; the others get none.
-    Produce(ProduceEntry),
+    /// producer and with its records' largest timestamp (for the time index). The batches the
+    /// partition's producer states let through (`producers`) get consecutive offsets, in order;
+    /// the others get none.
+    ProduceTimed(ProduceEntry),
+}
+
+/// The payload of a [`Command::Produce`] entry (the layout before timestamps).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyProduceEntry {
+    /// The proposing leader's clock.
+    pub at_ms: u64,
+    /// The proposing leader's bounds on producer states.
+    pub limits: ProducerLimits,
+    /// The batches, in order.
+    pub batches: Vec<LegacyStampedBatch>,
+}
+
+/// One batch of a [`LegacyProduceEntry`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyStampedBatch {
+    /// Records in the batch.
+    pub count: u32,
+    /// The encoded batch.
+    pub batch: Bytes,
+    /// The producer and sequence, for an idempotent produce.
+    pub producer: Option<ProducerStamp>,
 }
 
 /// One batch of an [`Command::Appends`] entry.
@@ -45,7 +71,7 @@ pub struct AppendBatch {
     pub batch: Bytes,
 }
 
-/// The payload of a [`Command::Produce`] entry.
+/// The payload of a [`Command::ProduceTimed`] entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProduceEntry {
     /// The proposing leader's clock (milliseconds since the Unix epoch): the time every replica
@@ -66,6 +92,8 @@ pub struct StampedBatch {
     pub batch: Bytes,
     /// The producer and sequence, for an idempotent produce.
     pub producer: Option<ProducerStamp>,
+    /// The largest timestamp of its records (milliseconds since the Unix epoch).
+    pub max_timestamp_ms: i64,
 }
 
 /// One batch of an entry, whatever the entry's variant.
@@ -77,6 +105,8 @@ pub struct BatchRef<'a> {
     pub batch: &'a Bytes,
     /// Its producer stamp, if any.
     pub producer: Option<ProducerStamp>,
+    /// Its records' largest timestamp, when the entry carries it.
+    pub max_timestamp_ms: Option<i64>,
 }
 
 impl Command {
@@ -86,6 +116,7 @@ impl Command {
             count,
             batch,
             producer: None,
+            max_timestamp_ms: None,
         };
         match self {
             Command::Append { count, batch } => vec![plain(*count, batch)],
@@ -100,6 +131,17 @@ impl Command {
                     count: part.count,
                     batch: &part.batch,
                     producer: part.producer,
+                    max_timestamp_ms: None,
+                })
+                .collect(),
+            Command::ProduceTimed(entry) => entry
+                .batches
+                .iter()
+                .map(|part| BatchRef {
+                    count: part.count,
+                    batch: &part.batch,
+                    producer: part.producer,
+                    max_timestamp_ms: Some(part.max_timestamp_ms),
                 })
                 .collect(),
             Command::Meta(_) => Vec::new(),
@@ -137,10 +179,10 @@ impl std::fmt::Display for Command {
                 self.record_count(),
                 self.payload_bytes()
             ),
-            Command::Produce(entry) => write!(
+            Command::Produce(_) | Command::ProduceTimed(_) => write!(
                 f,
                 "produce({} batches, {} records, {} bytes)",
-                entry.batches.len(),
+                self.batches().len(),
                 self.record_count(),
                 self.payload_bytes()
             ),

@@ -301,6 +301,9 @@ pub enum Table {
     /// A state group's rows (e.g. a consumer group coordinator's groups), ids chosen by its
     /// state machine.
     States = 2,
+    /// A partition's time index: the largest record timestamp so far (id) to the base offset of
+    /// the batch that first reached it.
+    TimeIndex = 3,
 }
 
 /// Row keys live in the meta column family: `group ++ (table << 56 | id)`. Meta keys are small
@@ -573,13 +576,34 @@ impl GroupStore {
 
     /// Every row of `table`, by id.
     pub fn rows(&self, table: Table) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        self.rows_from(table, 0, usize::MAX)
+    }
+
+    /// The row of `table` with the smallest id `>= id`, if any.
+    pub fn row_at_or_after(
+        &self,
+        table: Table,
+        id: u64,
+    ) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        Ok(self.rows_from(table, id, 1)?.into_iter().next())
+    }
+
+    /// At most `max` rows of `table` from id `from` on, by id.
+    fn rows_from(
+        &self,
+        table: Table,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let db = &self.shared.db;
         let mut options = ReadOptions::default();
         options.set_iterate_upper_bound(key(self.group, row_key(table, ROW_ID_MAX) + 1).to_vec());
         let mut iterator = db.raw_iterator_cf_opt(CfHandles.get(db, Cf::Meta), options);
-        iterator.seek(key(self.group, row_key(table, 0)));
+        iterator.seek(key(self.group, row_key(table, from.min(ROW_ID_MAX))));
         let mut rows = Vec::new();
-        while let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) {
+        while rows.len() < max
+            && let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value())
+        {
             let Some((_, n)) = split_key(raw_key) else {
                 break;
             };
