@@ -726,6 +726,7 @@ async fn zombies_and_bad_inputs_are_refused() {
                         partitions: Vec::new(),
                         to: ResetTo::Earliest.into(),
                         offset: 0,
+                        timestamp_ms: 0,
                     },
                     T,
                 ))
@@ -839,6 +840,7 @@ async fn zombies_and_bad_inputs_are_refused() {
                     partitions: vec![0],
                     to: ResetTo::Offset.into(),
                     offset: 3,
+                    timestamp_ms: 0,
                 },
                 T,
             ))
@@ -886,6 +888,115 @@ async fn zombies_and_bad_inputs_are_refused() {
             reason::GROUP_NOT_FOUND,
             "describe of a deleted group",
         )?;
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// OffsetsForTime finds the first record at or after a time through any node (leader, follower,
+/// or one that forwards), before all records (the first offset) and after all (none, with the
+/// end); ResetOffsets to a time commits what it finds; a topic with `timestamp.type = append`
+/// stamps records with the receiving node's clock, whatever the producer set; a bad value of it
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_for_time_and_resets_to_a_time() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let topic = "timed";
+        cluster.create_topic(topic, 1, 3).await?;
+        let client = client(&cluster).await?;
+        // Ten batches of ten records with timestamps 1000, 1010, ..., 1990 (create time), then a
+        // record with an older timestamp (not monotonic, as producers' clocks are).
+        for batch in 0..10i64 {
+            let records = (0..10i64)
+                .map(|index| {
+                    ordo_client::Record::new(Bytes::from(format!("r{}", batch * 10 + index)))
+                        .with_timestamp_ms(1000 + (batch * 10 + index) * 10)
+                })
+                .collect();
+            client.produce(topic, Some(0), records).await?;
+        }
+        client
+            .produce(
+                topic,
+                Some(0),
+                vec![ordo_client::Record::new("late").with_timestamp_ms(1500)],
+            )
+            .await?;
+        for node in cluster.node_ids() {
+            let via = Client::connect([cluster.endpoint(node)]).await?;
+            for (time, expected) in [
+                (0, Some((0, 1000))),
+                (1000, Some((0, 1000))),
+                (1001, Some((1, 1010))),
+                (1555, Some((56, 1560))),
+                (1990, Some((99, 1990))),
+                (1991, None),
+            ] {
+                let answer = via.offset_for_time(topic, 0, time).await?;
+                ensure!(
+                    answer.found == expected,
+                    "via node {node}: time {time}: {answer:?}, expected {expected:?}"
+                );
+                if expected.is_none() {
+                    ensure!(answer.high_watermark == 101, "{answer:?}");
+                }
+            }
+        }
+        let reset = client
+            .reset_offsets("timed-group", topic, &[], ordo_client::ResetTo::Time(1555))
+            .await?;
+        ensure!(
+            reset.len() == 1 && reset[0].offset == 56,
+            "reset to 1555: {reset:?}"
+        );
+        let reset = client
+            .reset_offsets("timed-group", topic, &[], ordo_client::ResetTo::Time(5000))
+            .await?;
+        ensure!(
+            reset.len() == 1 && reset[0].offset == 101,
+            "reset past every record: {reset:?}"
+        );
+        // Append time: the node's clock, not the producer's.
+        let mut admin = cluster.admin_client(cluster.node_ids()[0]);
+        let create = |value: &str| ordo_proto::v1::CreateTopicRequest {
+            name: format!("appended-{value}"),
+            partitions: 1,
+            replication_factor: 3,
+            config: Some(ordo_proto::v1::TopicConfig {
+                entries: [("timestamp.type".to_owned(), value.to_owned())].into(),
+            }),
+        };
+        expect_reason(
+            admin
+                .create_topic(with_timeout(create("sometimes"), T))
+                .await,
+            Code::InvalidArgument,
+            reason::INVALID_TOPIC_CONFIG,
+            "timestamp.type = sometimes",
+        )?;
+        admin
+            .create_topic(with_timeout(create("append"), T))
+            .await?;
+        let before = now_us() / 1000;
+        client
+            .produce(
+                "appended-append",
+                Some(0),
+                vec![ordo_client::Record::new("x").with_timestamp_ms(5)],
+            )
+            .await?;
+        let read = client
+            .fetch("appended-append", 0, 0, 1 << 20, Duration::ZERO)
+            .await?;
+        let stamped = read.records.first().context("the record")?.timestamp_ms;
+        ensure!(
+            stamped >= i64::try_from(before)? - 1000,
+            "append time: the record kept the producer's timestamp {stamped}"
+        );
         Ok(())
     }
     .await;

@@ -68,6 +68,17 @@ impl Broker {
             u64::from(replication_factor),
             u64::from(limits.replication_factor_max),
         )?;
+        if let Some(value) = config.get(crate::metadata::TIMESTAMP_TYPE)
+            && !matches!(value.as_str(), "create" | "append")
+        {
+            return Err(BrokerError::invalid(
+                reason::INVALID_TOPIC_CONFIG,
+                format!(
+                    "{} is {value:?}; use \"create\" (the producer's timestamps) or \"append\" (the receiving node's clock)",
+                    crate::metadata::TIMESTAMP_TYPE
+                ),
+            ));
+        }
         let nodes: Vec<NodeId> = self.state.options.nodes.keys().copied().collect();
         if replication_factor as usize > nodes.len() {
             return Err(BrokerError::FailedPrecondition(format!(

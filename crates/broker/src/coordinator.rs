@@ -206,6 +206,8 @@ pub enum ResetTarget {
     Latest,
     /// This offset.
     Offset(u64),
+    /// The first offset whose record timestamp is at or after this time (the end when none is).
+    Time(i64),
 }
 
 /// The coordinator shards this node hosts, and their leaders' session timers.
@@ -1170,6 +1172,19 @@ impl Broker {
             });
         }
         let ends = match to {
+            ResetTarget::Time(timestamp_ms) => {
+                let mut offsets = BTreeMap::new();
+                for partition in &chosen {
+                    let answer = self
+                        .offset_for_time(topic, *partition, timestamp_ms, false)
+                        .await?;
+                    let offset = answer
+                        .found
+                        .map_or(answer.high_watermark, |(offset, _)| offset);
+                    offsets.insert(*partition, offset);
+                }
+                offsets
+            }
             ResetTarget::Latest => {
                 let view = self.describe(&known).await;
                 let mut ends = BTreeMap::new();
@@ -1195,7 +1210,9 @@ impl Broker {
                 let offset = match to {
                     // Nothing is deleted yet: every log starts at 0.
                     ResetTarget::Earliest => 0,
-                    ResetTarget::Latest => ends.get(partition).copied().unwrap_or(0),
+                    ResetTarget::Latest | ResetTarget::Time(_) => {
+                        ends.get(partition).copied().unwrap_or(0)
+                    }
                     ResetTarget::Offset(offset) => offset,
                 };
                 (

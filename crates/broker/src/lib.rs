@@ -26,6 +26,7 @@
 //! - `broker`: [`Broker`] itself, its start and the state every service shares.
 //! - `produce`: append through the partition's leader, here or forwarded.
 //! - `fetch`: read committed records, locally or from the leader.
+//! - `time`: OffsetsForTime through each replica's time index.
 //! - `admin`: topics, and metadata commands run on the metadata leader.
 //! - `cluster`: status views merged from every node's report.
 //! - `coordinator`: consumer group calls, run on the leader of the group's coordinator shard
@@ -59,6 +60,7 @@ mod producer;
 mod records;
 mod route;
 pub mod rpc;
+mod time;
 
 pub use broker::Broker;
 pub use broker::BrokerOptions;
@@ -89,6 +91,7 @@ pub use ordo_raft::ProducerStamp;
 pub use produce::Produced;
 pub use records::Record;
 pub use records::StoredRecord;
+pub use time::TimeOffset;
 
 /// A node's id.
 pub type NodeId = u64;

@@ -190,6 +190,41 @@ impl Peer<'_> {
         )
     }
 
+    /// An offset-for-time lookup served by the remote's replica (public `Log/OffsetsForTime`,
+    /// marked as forwarded); the error says why it did not answer.
+    pub(crate) async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<crate::time::TimeOffset, String> {
+        let channel = self
+            .peers
+            .channel(self.node)
+            .ok_or_else(|| format!("node {} has no known address", self.node))?;
+        let mut client = ordo_proto::v1::log_client::LogClient::new(channel);
+        let mut request = tonic::Request::new(ordo_proto::v1::OffsetsForTimeRequest {
+            topic: topic.to_owned(),
+            partition,
+            timestamp_ms,
+        });
+        request.metadata_mut().insert(
+            FORWARDED_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        request.set_timeout(GROUP_STATUS_TIMEOUT * 5);
+        match client.offsets_for_time(request).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                Ok(crate::time::TimeOffset {
+                    found: response.offset.zip(response.timestamp_ms),
+                    high_watermark: response.high_watermark,
+                })
+            }
+            Err(status) => Err(format!("node {}: {}", self.node, status.message())),
+        }
+    }
+
     /// A fetch served by the remote (public `Log/Fetch`, marked as forwarded so it is not
     /// forwarded again).
     pub(crate) async fn fetch(

@@ -48,16 +48,43 @@ pub struct ResetArgs {
     /// To this offset.
     #[arg(long, group = "to", required = true)]
     pub to_offset: Option<u64>,
+    /// To the first record at or after this time: RFC 3339 (2026-12-07T08:00:00Z) or
+    /// milliseconds since the Unix epoch (the end of a partition with none).
+    #[arg(long, group = "to", required = true, value_parser = parse_time)]
+    pub to_time: Option<i64>,
+}
+
+/// A time as RFC 3339 or milliseconds since the Unix epoch.
+fn parse_time(text: &str) -> Result<i64, String> {
+    if let Ok(millis) = text.parse::<i64>() {
+        return Ok(millis);
+    }
+    let time = humantime::parse_rfc3339_weak(text)
+        .map_err(|error| format!("{text:?} is neither RFC 3339 nor milliseconds: {error}"))?;
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{text:?} is before 1970"))?;
+    i64::try_from(since.as_millis()).map_err(|_| format!("{text:?} is too far ahead"))
 }
 
 impl ResetArgs {
     fn to(&self) -> anyhow::Result<ResetTo> {
-        Ok(match (self.to_earliest, self.to_latest, self.to_offset) {
-            (true, _, _) => ResetTo::Earliest,
-            (_, true, _) => ResetTo::Latest,
-            (_, _, Some(offset)) => ResetTo::Offset(offset),
-            _ => bail!("say where to: --to-earliest, --to-latest or --to-offset N"),
-        })
+        Ok(
+            match (
+                self.to_earliest,
+                self.to_latest,
+                self.to_offset,
+                self.to_time,
+            ) {
+                (true, ..) => ResetTo::Earliest,
+                (_, true, ..) => ResetTo::Latest,
+                (_, _, Some(offset), _) => ResetTo::Offset(offset),
+                (_, _, _, Some(time)) => ResetTo::Time(time),
+                _ => {
+                    bail!("say where to: --to-earliest, --to-latest, --to-offset N or --to-time T")
+                }
+            },
+        )
     }
 }
 

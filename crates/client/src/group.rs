@@ -140,6 +140,19 @@ pub enum ResetTo {
     Latest,
     /// This offset.
     Offset(u64),
+    /// The first offset whose record timestamp is at or after this time, in milliseconds since
+    /// the Unix epoch (the end when none is).
+    Time(i64),
+}
+
+/// The answer of [`Client::offset_for_time`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TimeOffset {
+    /// The first offset whose record timestamp is at or after the time, and that timestamp;
+    /// `None` when no committed record is that recent.
+    pub found: Option<(u64, i64)>,
+    /// The partition's end as the answering replica knows it.
+    pub high_watermark: u64,
 }
 
 fn partitions_to_wire<'a>(
@@ -388,13 +401,15 @@ impl Client {
         partitions: &[u32],
         to: ResetTo,
     ) -> Result<Vec<CommittedOffset>, ClientError> {
-        let (to, offset) = match to {
-            ResetTo::Earliest => (proto::ResetTo::Earliest, 0),
-            ResetTo::Latest => (proto::ResetTo::Latest, 0),
+        let (to, offset, timestamp_ms) = match to {
+            ResetTo::Earliest => (proto::ResetTo::Earliest, 0, 0),
+            ResetTo::Latest => (proto::ResetTo::Latest, 0, 0),
             ResetTo::Offset(offset) => (
                 proto::ResetTo::Offset,
                 i64::try_from(offset).unwrap_or(i64::MAX),
+                0,
             ),
+            ResetTo::Time(timestamp_ms) => (proto::ResetTo::Time, 0, timestamp_ms),
         };
         let request = proto::ResetOffsetsRequest {
             group: group.to_owned(),
@@ -402,6 +417,7 @@ impl Client {
             partitions: partitions.to_vec(),
             to: to.into(),
             offset,
+            timestamp_ms,
         };
         let (response, _) = self
             .call(
@@ -419,6 +435,32 @@ impl Client {
             .into_iter()
             .map(committed_from_wire)
             .collect())
+    }
+
+    /// The first offset of `partition` of `topic` whose record timestamp is at or after
+    /// `timestamp_ms` (`Log/OffsetsForTime`).
+    pub async fn offset_for_time(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp_ms: i64,
+    ) -> Result<TimeOffset, ClientError> {
+        let request = proto::OffsetsForTimeRequest {
+            topic: topic.to_owned(),
+            partition,
+            timestamp_ms,
+        };
+        let (response, _) = self
+            .call(Effect::Read, Duration::ZERO, |channel, timeout| {
+                let request = timed(request.clone(), timeout);
+                async move { self.log(channel).offsets_for_time(request).await }
+            })
+            .await?;
+        let response = response.into_inner();
+        Ok(TimeOffset {
+            found: response.offset.zip(response.timestamp_ms),
+            high_watermark: response.high_watermark,
+        })
     }
 
     /// Deletes a group with no members, and its offsets.

@@ -53,7 +53,7 @@ pub use consumer::{GroupConsumer, GroupConsumerOptions, GroupEvent, OffsetReset}
 pub use error::{ClientError, Effect};
 pub use group::{
     CommittedOffset, GroupAssignment, GroupDescription, GroupHeartbeat, GroupMember,
-    GroupPartition, GroupSummary, ResetTo, TopicPartition,
+    GroupPartition, GroupSummary, ResetTo, TimeOffset, TopicPartition,
 };
 pub use subscribe::Subscription;
 pub use types::{

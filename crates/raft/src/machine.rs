@@ -833,4 +833,32 @@ mod tests {
             "a snapshot carries the producer states"
         );
     }
+
+    /// The time index gets a row each time the largest timestamp grows, to the batch's base
+    /// offset; a state persisted before the time index (the next offset alone) still restores.
+    #[tokio::test]
+    async fn the_time_index_follows_the_largest_timestamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let group = store.group(GroupId(9));
+        let (high_watermark, _) = watch::channel(0);
+        let mut logic = PartitionLogic::new(high_watermark);
+        // Batches of 2, 3 and 1 records: the test batches' largest timestamp is their count.
+        apply(
+            &group,
+            &mut logic,
+            1,
+            vec![batch("a", 2, None), batch("b", 3, None), batch("c", 1, None)],
+        )
+        .await;
+        assert_eq!(
+            group.rows(Table::TimeIndex).unwrap(),
+            vec![(2, 0u64.to_be_bytes().to_vec()), (3, 2u64.to_be_bytes().to_vec())],
+            "a row per growth of the largest timestamp, none for the older batch at offset 5"
+        );
+        let (high_watermark, _) = watch::channel(0);
+        let mut old = PartitionLogic::new(high_watermark);
+        old.restore(&group, &encode(&6u64).unwrap()).unwrap();
+        assert_eq!((old.next_offset, old.max_timestamp), (6, None));
+    }
 }

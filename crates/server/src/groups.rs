@@ -255,10 +255,11 @@ impl pb::consumer_group_server::ConsumerGroup for Services {
                 })?;
                 ResetTarget::Offset(offset)
             }
+            Ok(pb::ResetTo::Time) => ResetTarget::Time(request.timestamp_ms),
             _ => {
                 return Err(invalid(
                     reason::INVALID_RESET,
-                    "say where to reset: RESET_TO_EARLIEST, RESET_TO_LATEST or RESET_TO_OFFSET",
+                    "say where to reset: RESET_TO_EARLIEST, RESET_TO_LATEST, RESET_TO_OFFSET or RESET_TO_TIME",
                 ));
             }
         };

@@ -350,6 +350,29 @@ impl pb::log_server::Log for Services {
         }))
     }
 
+    async fn offsets_for_time(
+        &self,
+        request: Request<pb::OffsetsForTimeRequest>,
+    ) -> Result<Response<pb::OffsetsForTimeResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let request = request.into_inner();
+        let answer = self
+            .broker
+            .offset_for_time(
+                &request.topic,
+                request.partition,
+                request.timestamp_ms,
+                forwarded,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::OffsetsForTimeResponse {
+            offset: answer.found.map(|(offset, _)| offset),
+            timestamp_ms: answer.found.map(|(_, timestamp)| timestamp),
+            high_watermark: answer.high_watermark,
+        }))
+    }
+
     type SubscribeStream =
         Pin<Box<dyn Stream<Item = Result<pb::FetchResponse, Status>> + Send + 'static>>;
 
