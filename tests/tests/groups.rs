@@ -1002,3 +1002,97 @@ async fn offsets_for_time_and_resets_to_a_time() {
     .await;
     cluster.finish(result);
 }
+
+/// With auto-commit, a member commits on its interval while it reads and before it leaves: a
+/// second member that takes over after it closed starts where it stopped and gets nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_commit_commits_on_its_interval_and_before_leaving() {
+    let cluster = TestCluster::start_ready(NODES)
+        .await
+        .expect("cluster ready");
+    let result = async {
+        let (topic, group) = ("auto", "auto-group");
+        cluster.create_topic(topic, 2, 3).await?;
+        let client = client(&cluster).await?;
+        produce(&client, topic, "r", 200, 10).await?;
+        let mut options = GroupConsumerOptions::new(group, [topic]);
+        options.auto_commit_interval = Some(Duration::from_millis(100));
+        let mut first = client.group_consumer(options.clone()).await?;
+        let mut delivered = 0usize;
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        while delivered < 100 {
+            ensure!(Instant::now() < deadline, "read {delivered} of 100");
+            if let GroupEvent::Records { records, .. } =
+                tokio::time::timeout(SETTLE_TIMEOUT, first.next()).await??
+            {
+                delivered += records.len();
+            }
+        }
+        // The interval passes while it keeps reading: a commit lands without any call.
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let _ = tokio::time::timeout(Duration::from_millis(200), first.next()).await;
+            let committed: u64 = client
+                .fetch_offsets(group, &BTreeSet::new())
+                .await?
+                .iter()
+                .map(|offset| offset.offset)
+                .sum();
+            if committed > 0 {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "no automatic commit");
+        }
+        let positions: BTreeMap<(String, u32), u64> = first
+            .assignment()
+            .into_iter()
+            .filter_map(|(topic, partition)| {
+                let position = first.position(&topic, partition)?;
+                Some(((topic, partition), position))
+            })
+            .collect();
+        first.close().await?;
+        let committed: BTreeMap<(String, u32), u64> = client
+            .fetch_offsets(group, &BTreeSet::new())
+            .await?
+            .into_iter()
+            .map(|offset| ((offset.topic, offset.partition), offset.offset))
+            .collect();
+        for (partition, position) in &positions {
+            ensure!(
+                committed.get(partition) == Some(position),
+                "{partition:?}: closed at {position}, committed {:?}",
+                committed.get(partition)
+            );
+        }
+        // More records, so the second member has something to read in every partition.
+        produce(&client, topic, "s", 100, 10).await?;
+        let mut second = client.group_consumer(options).await?;
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let mut starts: BTreeMap<(String, u32), u64> = BTreeMap::new();
+        while starts.len() < positions.len() {
+            ensure!(Instant::now() < deadline, "the second member read {starts:?}");
+            if let GroupEvent::Records {
+                topic,
+                partition,
+                records,
+            } = tokio::time::timeout(SETTLE_TIMEOUT, second.next()).await??
+            {
+                starts
+                    .entry((topic, partition))
+                    .or_insert(records[0].offset);
+            }
+        }
+        for (partition, start) in &starts {
+            let expected = positions.get(partition).copied().unwrap_or(0);
+            ensure!(
+                *start == expected,
+                "{partition:?}: the second member started at {start}, the first closed at {expected}"
+            );
+        }
+        second.close().await?;
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}

@@ -801,6 +801,14 @@ impl GroupConsumer {
         })
     }
 
+    /// Stops without leaving the group, as a crashed process would: its partitions move only
+    /// once its session times out. Nothing is committed.
+    pub fn forget(mut self) {
+        self.closed = true;
+        self.heartbeat.abort();
+        self.fetches.abort_all();
+    }
+
     /// Commits (with auto-commit on) and leaves the group: its partitions move at once.
     pub async fn close(mut self) -> Result<(), ClientError> {
         if self.options.auto_commit_interval.is_some() {

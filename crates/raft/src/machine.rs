@@ -848,12 +848,19 @@ mod tests {
             &group,
             &mut logic,
             1,
-            vec![batch("a", 2, None), batch("b", 3, None), batch("c", 1, None)],
+            vec![
+                batch("a", 2, None),
+                batch("b", 3, None),
+                batch("c", 1, None),
+            ],
         )
         .await;
         assert_eq!(
             group.rows(Table::TimeIndex).unwrap(),
-            vec![(2, 0u64.to_be_bytes().to_vec()), (3, 2u64.to_be_bytes().to_vec())],
+            vec![
+                (2, 0u64.to_be_bytes().to_vec()),
+                (3, 2u64.to_be_bytes().to_vec())
+            ],
             "a row per growth of the largest timestamp, none for the older batch at offset 5"
         );
         let (high_watermark, _) = watch::channel(0);

@@ -3,6 +3,8 @@
 //! - `produce`: throughput and call-to-ack latency of produce calls.
 //! - `consume`: catch-up read throughput of one full partition, and produce-to-subscriber
 //!   latency at a fixed rate.
+//! - `group`: consumer group read throughput by group size, commit latency, and the time to a
+//!   balanced assignment after a join and after a member's death.
 //! - `failover`: SIGKILLs partition leaders of a local cluster under a steady load and reports
 //!   the longest gap between acks, the failed calls, and whether every acked record is still
 //!   readable.
@@ -14,6 +16,7 @@
 
 mod consume;
 mod failover;
+mod group;
 mod produce;
 
 use std::io::{IsTerminal, Write};
@@ -46,6 +49,8 @@ pub enum BenchCommand {
     Consume(consume::ConsumeBenchArgs),
     /// Kill -9 partition leaders of a local cluster under load; report gaps and losses.
     Failover(failover::FailoverBenchArgs),
+    /// Consumer groups: read throughput by group size, commit latency, rebalance times.
+    Group(group::GroupBenchArgs),
 }
 
 /// Where the benchmark runs: against `--endpoints`, or a cluster it starts (`--local`).
@@ -79,6 +84,13 @@ pub async fn run(command: BenchCommand, global: &GlobalArgs) -> anyhow::Result<(
             let local = args.local.clone();
             with_cluster(&local, global, async |endpoints, _| {
                 consume::run(&args, endpoints, global).await
+            })
+            .await
+        }
+        BenchCommand::Group(args) => {
+            let local = args.local.clone();
+            with_cluster(&local, global, async |endpoints, _| {
+                group::run(&args, endpoints, global).await
             })
             .await
         }
