@@ -182,6 +182,27 @@ impl Broker {
         self.topic(name)
     }
 
+    /// The topic (as [`Broker::topic_fresh`] finds it) and the Raft group of its `partition`,
+    /// or PARTITION_NOT_FOUND.
+    pub(crate) async fn partition_fresh(
+        &self,
+        name: &str,
+        partition: u32,
+        deadline: Instant,
+    ) -> Result<(Topic, GroupId), BrokerError> {
+        let topic = self.topic_fresh(name, deadline).await?;
+        let partitions = topic.partitions.len() as u32;
+        if partition >= partitions {
+            return Err(BrokerError::PartitionNotFound {
+                topic: topic.name.clone(),
+                partition,
+                partitions,
+            });
+        }
+        let group = GroupId(topic.group(partition));
+        Ok((topic, group))
+    }
+
     /// A node's advertised address.
     pub(crate) fn address(&self, node: NodeId) -> Option<String> {
         self.state.options.nodes.get(&node).cloned()

@@ -65,18 +65,13 @@ impl Broker {
             max_bytes.min(limits.fetch_bytes_max)
         };
         let max_wait = max_wait.min(Duration::from_millis(limits.fetch_wait_ms_max));
-        let topic = self
-            .topic_fresh(topic, Instant::now() + max_wait.max(TOPIC_LOOKUP_MIN))
-            .await?;
-        let partitions = topic.partitions.len() as u32;
-        if partition >= partitions {
-            return Err(BrokerError::PartitionNotFound {
-                topic: topic.name.clone(),
+        let (topic, group) = self
+            .partition_fresh(
+                topic,
                 partition,
-                partitions,
-            });
-        }
-        let group = GroupId(topic.group(partition));
+                Instant::now() + max_wait.max(TOPIC_LOOKUP_MIN),
+            )
+            .await?;
         let me = self.node_id();
         let leader = self
             .local_view_of_leader(group)

@@ -47,18 +47,9 @@ impl Broker {
         timestamp_ms: i64,
         forwarded: bool,
     ) -> Result<TimeOffset, BrokerError> {
-        let topic = self
-            .topic_fresh(topic, Instant::now() + TOPIC_LOOKUP_MIN)
+        let (topic, group) = self
+            .partition_fresh(topic, partition, Instant::now() + TOPIC_LOOKUP_MIN)
             .await?;
-        let partitions = topic.partitions.len() as u32;
-        if partition >= partitions {
-            return Err(BrokerError::PartitionNotFound {
-                topic: topic.name.clone(),
-                partition,
-                partitions,
-            });
-        }
-        let group = GroupId(topic.group(partition));
         let me = self.node_id();
         let leader = self
             .local_view_of_leader(group)
