@@ -12,6 +12,8 @@
 //! - `records`: the batch encoding stored in the log (record types from `ordo_proto::record`).
 //! - `group_state`: consumer groups, the pure state of one group (membership, sticky balanced
 //!   target assignment, incremental handoff, fencing, committed offsets).
+//! - `queue_state`: queues on the log (issue 14's first step, not wired yet): one queue over one
+//!   partition: leases, acks, redelivery, delays, key order, dead-lettering in two steps.
 //! - `coordinator_state`: a coordinator shard's groups, applied through the shard's Raft group
 //!   (`ordo_raft::StateApply`), one row per group.
 //! - `producer`: idempotent producers: InitProducer and the registry check of every stamped produce.
@@ -57,6 +59,7 @@ mod names;
 mod peer;
 mod produce;
 mod producer;
+pub mod queue_state;
 mod records;
 mod route;
 pub mod rpc;
