@@ -1130,8 +1130,9 @@ impl Broker {
                 })
                 .committed = Some(committed.clone());
         }
+        // The owner: the member that holds it, or was given it and has not said so yet.
         for (id, member) in &state.members {
-            for tp in &member.owned {
+            for tp in member.assigned.iter().chain(&member.owned) {
                 if let Some(partition) = partitions.get_mut(tp) {
                     partition.owner = id.clone();
                 }
@@ -1162,7 +1163,10 @@ impl Broker {
         let chosen: Vec<u32> = if partitions.is_empty() {
             (0..count).collect()
         } else {
-            partitions.to_vec()
+            let mut chosen = partitions.to_vec();
+            chosen.sort_unstable();
+            chosen.dedup();
+            chosen
         };
         if let Some(&partition) = chosen.iter().find(|partition| **partition >= count) {
             return Err(BrokerError::PartitionNotFound {
