@@ -164,7 +164,8 @@ impl Broker {
 
     /// The topic, making sure a "not found" is true cluster-wide: when this node does not know
     /// the topic, it first applies every metadata command committed so far (read index from the
-    /// metadata leader), so a topic just created through another node is found.
+    /// metadata leader), so a topic just created through another node is found. When it cannot
+    /// (no metadata leader reachable), it answers UNAVAILABLE, never a guessed NOT_FOUND.
     pub(crate) async fn topic_fresh(
         &self,
         name: &str,
@@ -176,10 +177,26 @@ impl Broker {
         let remaining = deadline
             .saturating_duration_since(Instant::now())
             .min(METADATA_CATCH_UP_MAX);
-        if let Some(index) = self.meta_read_index(remaining).await {
-            self.state.node.wait_meta_applied(index, remaining).await;
+        let caught_up = match self.meta_read_index(remaining).await {
+            Some(index) => self.state.node.wait_meta_applied(index, remaining).await,
+            None => false,
+        };
+        match self.topic(name) {
+            // Not known here, and this node could not catch up with the metadata leader (an
+            // election, a partition): the topic may exist, so "not found" would be a guess.
+            Err(BrokerError::TopicNotFound(_)) if !caught_up => {
+                let leader = self.state.node.meta_leader();
+                Err(BrokerError::Unavailable {
+                    message: format!(
+                        "node {} does not know topic {name:?} and could not reach the metadata leader to learn whether it exists; retry",
+                        self.node_id()
+                    ),
+                    leader,
+                    leader_address: leader.and_then(|leader| self.address(leader)),
+                })
+            }
+            found => found,
         }
-        self.topic(name)
     }
 
     /// The topic (as [`Broker::topic_fresh`] finds it) and the Raft group of its `partition`,
