@@ -14,6 +14,7 @@
 
 pub mod chaos;
 pub mod group_member;
+pub mod queue_consumer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};

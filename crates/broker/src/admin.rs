@@ -133,6 +133,7 @@ impl Broker {
         {
             MetaAnswer::Deleted => Ok(()),
             MetaAnswer::NotFound => Err(BrokerError::TopicNotFound(name.to_string())),
+            MetaAnswer::Rejected(reason) => Err(BrokerError::FailedPrecondition(reason)),
             other => Err(BrokerError::Internal(format!(
                 "unexpected answer {other:?}"
             ))),

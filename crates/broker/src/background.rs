@@ -21,6 +21,17 @@ const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 /// Leadership transfers one balance round may start, so a round never floods the cluster.
 const TRANSFERS_PER_ROUND_MAX: usize = 32;
 
+/// What a Raft group of the metadata holds.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A topic's partition: a log.
+    Log,
+    /// A consumer group coordinator shard.
+    Coordinator,
+    /// A queue partition's state.
+    Queue,
+}
+
 impl Broker {
     /// Spawns the background loops on `tasks`.
     pub(crate) fn spawn_background(
@@ -36,6 +47,7 @@ impl Broker {
                 .run_watchdog(self.state.options.nodes.clone(), shutdown.clone()),
         );
         tasks.spawn(self.clone().expiry_loop(shutdown.clone()));
+        tasks.spawn(self.clone().queue_loop(shutdown.clone()));
         tasks.spawn(self.clone().leader_balance_loop(shutdown));
     }
 
@@ -50,38 +62,58 @@ impl Broker {
         loop {
             let state = meta.borrow_and_update().clone();
             let mut wanted = std::collections::HashSet::new();
-            let coordinators = state.coordinators.iter().map(|topic| (topic, true));
-            for (topic, is_coordinator) in state
+            // Every group this node may host: (name, id, replicas per partition, kind).
+            let coordinators = state
+                .coordinators
+                .iter()
+                .map(|topic| (&topic.name, topic.id, &topic.partitions, Kind::Coordinator));
+            let queues = state
+                .queues
+                .values()
+                .map(|queue| (&queue.name, queue.id, &queue.partitions, Kind::Queue));
+            for (name, id, partitions, kind) in state
                 .topics
                 .values()
-                .map(|topic| (topic, false))
+                .map(|topic| (&topic.name, topic.id, &topic.partitions, Kind::Log))
                 .chain(coordinators)
+                .chain(queues)
             {
-                for (partition, replicas) in topic.partitions.iter().enumerate() {
+                for (partition, replicas) in partitions.iter().enumerate() {
                     if !replicas.contains(&me) {
                         continue;
                     }
-                    let group = GroupId(topic.group(partition as u32));
+                    let group = GroupId(crate::metadata::group_of(id, partition as u32));
                     wanted.insert(group);
                     let members: BTreeMap<NodeId, String> = replicas
                         .iter()
                         .filter_map(|node| self.address(*node).map(|address| (*node, address)))
                         .collect();
                     let span =
-                        tracing::info_span!("partition", node = me, topic = %topic.name, partition);
+                        tracing::info_span!("partition", node = me, topic = %name, partition);
                     let initialize = replicas[0] == me;
                     let node = &self.state.node;
-                    let started = if is_coordinator {
-                        let coordinators = &self.state.coordinators;
-                        node.ensure_state_group(group, &members, initialize, || {
-                            Box::new(coordinators.open(group))
-                        })
-                        .instrument(span)
-                        .await
-                    } else {
-                        node.ensure_partition(group, &members, initialize)
+                    let started = match kind {
+                        Kind::Coordinator => {
+                            let coordinators = &self.state.coordinators;
+                            node.ensure_state_group(group, &members, initialize, || {
+                                Box::new(coordinators.open(group))
+                            })
                             .instrument(span)
                             .await
+                        }
+                        Kind::Queue => {
+                            let queues = &self.state.queues;
+                            node.ensure_state_group(group, &members, initialize, || {
+                                Box::new(queues.open(group))
+                            })
+                            .instrument(span)
+                            .await
+                        }
+                        Kind::Log => {
+                            node.ensure_partition(group, &members, initialize)
+                                .instrument(span)
+                                .await
+                        }
                     };
                     if let Err(error) = started {
                         tracing::error!(%group, %error, "cannot start partition group");
@@ -89,12 +121,16 @@ impl Broker {
                 }
             }
             // Leader hints of deleted topics would otherwise stay forever.
-            let existing: std::collections::HashSet<u64> = state
-                .topics
-                .values()
-                .chain(state.coordinators.iter())
-                .flat_map(|topic| (0..topic.partitions.len() as u32).map(|p| topic.group(p)))
-                .collect();
+            let existing: std::collections::HashSet<u64> =
+                state
+                    .topics
+                    .values()
+                    .chain(state.coordinators.iter())
+                    .flat_map(|topic| (0..topic.partitions.len() as u32).map(|p| topic.group(p)))
+                    .chain(state.queues.values().flat_map(|queue| {
+                        (0..queue.partitions.len() as u32).map(|p| queue.group(p))
+                    }))
+                    .collect();
             self.retain_leader_hints(|group| existing.contains(&group.0));
             for group in self.state.node.partition_groups() {
                 if !wanted.contains(&group) {
@@ -102,6 +138,7 @@ impl Broker {
                     if let Err(error) = self.state.node.remove_partition(group).await {
                         tracing::error!(%group, %error, "cannot remove partition group");
                     }
+                    self.state.queues.forget(group);
                 }
             }
             tokio::select! {
@@ -124,13 +161,23 @@ impl Broker {
             }
             let state = self.metadata();
             let mut transfers = 0;
-            for topic in state.topics.values().chain(state.coordinators.iter()) {
-                for (partition, replicas) in topic.partitions.iter().enumerate() {
+            let queues = state
+                .queues
+                .values()
+                .map(|queue| (&queue.name, queue.id, &queue.partitions));
+            for (name, id, partitions) in state
+                .topics
+                .values()
+                .chain(state.coordinators.iter())
+                .map(|topic| (&topic.name, topic.id, &topic.partitions))
+                .chain(queues)
+            {
+                for (partition, replicas) in partitions.iter().enumerate() {
                     let preferred = replicas[0];
                     if preferred == me || transfers >= TRANSFERS_PER_ROUND_MAX {
                         continue;
                     }
-                    let group = GroupId(topic.group(partition as u32));
+                    let group = GroupId(crate::metadata::group_of(id, partition as u32));
                     let Some(status) = self.state.node.status(group) else {
                         continue;
                     };
@@ -139,7 +186,7 @@ impl Broker {
                     {
                         continue;
                     }
-                    tracing::info!(topic = %topic.name, partition, to = preferred, "handing leadership to the preferred leader");
+                    tracing::info!(topic = %name, partition, to = preferred, "handing leadership to the preferred leader");
                     if let Err(error) = self.state.node.transfer_leader(group, preferred).await {
                         tracing::warn!(%group, %error, "leader transfer failed");
                     }

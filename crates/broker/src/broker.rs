@@ -25,6 +25,7 @@ use crate::BrokerError;
 use crate::GroupsConfig;
 use crate::Limits;
 use crate::NodeId;
+use crate::QueuesConfig;
 use crate::coordinator::Coordinators;
 use crate::metadata::MetaMachine;
 use crate::metadata::MetaState;
@@ -48,6 +49,8 @@ pub struct BrokerOptions {
     pub leader_balance_interval: Duration,
     /// Consumer groups.
     pub groups: GroupsConfig,
+    /// Queues.
+    pub queues: QueuesConfig,
 }
 
 /// What every part of the broker shares.
@@ -64,6 +67,8 @@ pub(crate) struct BrokerState {
     pub(crate) produce_permits: Semaphore,
     /// The consumer group coordinator shards hosted here.
     pub(crate) coordinators: Coordinators,
+    /// The queue partitions hosted here.
+    pub(crate) queues: crate::queue::Queues,
 }
 
 /// The broker of one node. Cheap to clone.
@@ -97,6 +102,10 @@ impl Broker {
             .groups
             .validate()
             .map_err(|error| BrokerError::Internal(error.to_string()))?;
+        options
+            .queues
+            .validate()
+            .map_err(|error| BrokerError::Internal(error.to_string()))?;
         let (published, meta) = watch::channel(Arc::new(MetaState::default()));
         node.start_meta(&options.nodes, Box::new(MetaMachine::new(published)))
             .await
@@ -111,6 +120,7 @@ impl Broker {
                 round_robin: AtomicU32::new(0),
                 produce_permits,
                 coordinators: Coordinators::default(),
+                queues: crate::queue::Queues::default(),
             }),
         };
         broker.spawn_background(tasks, shutdown);
@@ -130,6 +140,11 @@ impl Broker {
     /// The consumer group settings in force.
     pub fn groups_config(&self) -> &GroupsConfig {
         &self.state.options.groups
+    }
+
+    /// The queue settings in force.
+    pub fn queues_config(&self) -> &QueuesConfig {
+        &self.state.options.queues
     }
 
     /// The metadata state as applied on this node.

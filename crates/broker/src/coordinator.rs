@@ -98,6 +98,8 @@ pub(crate) enum CoordinatorRequest {
     Read { group: String },
     /// Every group of the shard: `(name, members, committed partitions)`.
     List,
+    /// A call for a queue partition's leader (the "shard" is the queue partition's group).
+    Queue(crate::queue::QueueRequest),
 }
 
 /// What the coordinator's leader answers (forwarded encoded with postcard).
@@ -113,6 +115,8 @@ pub(crate) enum CoordinatorOutcome {
     NotLeader(Option<NodeId>),
     /// Proposed, then not confirmed (timeout, leader change): it may or may not be applied.
     Unknown(String),
+    /// A queue partition's answer.
+    Queue(crate::queue::QueueOutcome),
 }
 
 /// One group, as listed.
@@ -398,7 +402,7 @@ impl Broker {
     }
 
     /// Runs a request on its shard's leader until it answers or the deadline passes.
-    async fn on_coordinator(
+    pub(crate) async fn on_coordinator(
         &self,
         shard: GroupId,
         replicas: &[NodeId],
@@ -519,6 +523,9 @@ impl Broker {
         request: CoordinatorRequest,
         timeout: Duration,
     ) -> CoordinatorOutcome {
+        if let CoordinatorRequest::Queue(request) = request {
+            return self.serve_queue(shard, request, timeout).await;
+        }
         let Some(state) = self.state.coordinators.shard(shard) else {
             return CoordinatorOutcome::NotLeader(None);
         };
@@ -640,16 +647,22 @@ impl Broker {
                         .collect()
                 }))
             }
+            // Served above.
+            CoordinatorRequest::Queue(_) => CoordinatorOutcome::NotLeader(None),
         }
     }
 
     /// The term this node leads `shard` in, if it does.
-    fn leading_term(&self, shard: GroupId) -> Option<u64> {
+    pub(crate) fn leading_term(&self, shard: GroupId) -> Option<u64> {
         let status = self.state.node.status(shard)?;
         (status.leader == Some(self.node_id())).then_some(status.term)
     }
 
-    async fn barrier(&self, shard: GroupId, timeout: Duration) -> Result<(), CoordinatorOutcome> {
+    pub(crate) async fn barrier(
+        &self,
+        shard: GroupId,
+        timeout: Duration,
+    ) -> Result<(), CoordinatorOutcome> {
         match self.state.node.read_barrier(shard, timeout).await {
             Ok(()) => Ok(()),
             Err(WriteError::NotLeader { leader, .. }) => Err(CoordinatorOutcome::NotLeader(leader)),
@@ -690,20 +703,29 @@ impl Broker {
         command: &ShardCommand,
         timeout: Duration,
     ) -> CoordinatorOutcome {
-        let encoded = match encode(command) {
-            Ok(encoded) => encoded,
-            Err(error) => return CoordinatorOutcome::Unknown(error.to_string()),
-        };
-        match self.state.node.write_state(shard, encoded, timeout).await {
-            Ok(answer) => match postcard::from_bytes::<ShardAnswer>(&answer) {
-                Ok(answer) => CoordinatorOutcome::Answer(answer),
-                Err(error) => CoordinatorOutcome::Answer(ShardAnswer::Undecodable(format!(
-                    "undecodable coordinator answer: {error}"
-                ))),
-            },
-            Err(WriteError::NotLeader { leader, .. }) => CoordinatorOutcome::NotLeader(leader),
-            Err(WriteError::GroupNotFound(_)) => CoordinatorOutcome::NotLeader(None),
-            Err(error) => CoordinatorOutcome::Unknown(error.to_string()),
+        match self.propose_state(shard, command, timeout).await {
+            Ok(answer) => CoordinatorOutcome::Answer(answer),
+            Err(outcome) => outcome,
+        }
+    }
+
+    /// Proposes a command to a state group this node leads, and decodes its answer; a failure
+    /// as the outcome to return (not the leader, or not confirmed).
+    pub(crate) async fn propose_state<C: Serialize, A: serde::de::DeserializeOwned>(
+        &self,
+        group: GroupId,
+        command: &C,
+        timeout: Duration,
+    ) -> Result<A, CoordinatorOutcome> {
+        let encoded =
+            encode(command).map_err(|error| CoordinatorOutcome::Unknown(error.to_string()))?;
+        match self.state.node.write_state(group, encoded, timeout).await {
+            Ok(answer) => postcard::from_bytes::<A>(&answer).map_err(|error| {
+                CoordinatorOutcome::Unknown(format!("undecodable state group answer: {error}"))
+            }),
+            Err(WriteError::NotLeader { leader, .. }) => Err(CoordinatorOutcome::NotLeader(leader)),
+            Err(WriteError::GroupNotFound(_)) => Err(CoordinatorOutcome::NotLeader(None)),
+            Err(error) => Err(CoordinatorOutcome::Unknown(error.to_string())),
         }
     }
 
@@ -1251,6 +1273,6 @@ impl Broker {
     }
 }
 
-fn unexpected(outcome: &CoordinatorOutcome) -> BrokerError {
+pub(crate) fn unexpected(outcome: &CoordinatorOutcome) -> BrokerError {
     BrokerError::Internal(format!("unexpected coordinator answer {outcome:?}"))
 }

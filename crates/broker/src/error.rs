@@ -130,6 +130,18 @@ pub enum BrokerError {
         /// Longest allowed.
         max: u64,
     },
+    /// No such queue.
+    #[error("queue {0:?} does not exist; create it with CreateQueue (ordo queue create)")]
+    QueueNotFound(String),
+    /// The queue already exists.
+    #[error("queue {0:?} already exists")]
+    QueueExists(String),
+    /// The cluster holds as many queues as it may.
+    #[error("the cluster holds {max} queues (queues.queues_max); delete one or raise the limit")]
+    TooManyQueues {
+        /// The limit.
+        max: u32,
+    },
     /// A bug or a storage failure on the server.
     #[error("{0}")]
     Internal(String),

@@ -12,8 +12,9 @@
 //! - `records`: the batch encoding stored in the log (record types from `ordo_proto::record`).
 //! - `group_state`: consumer groups, the pure state of one group (membership, sticky balanced
 //!   target assignment, incremental handoff, fencing, committed offsets).
-//! - `queue_state`: queues on the log (issue 14's first step, not wired yet): one queue over one
-//!   partition: leases, acks, redelivery, delays, key order, dead-lettering in two steps.
+//! - `queue_state`: queues on the log, one queue over one partition (leases, receipts, acks,
+//!   redelivery, delays, key order, dead-lettering in two steps), applied through the queue
+//!   partition's own state group, one row per unfinished message.
 //! - `coordinator_state`: a coordinator shard's groups, applied through the shard's Raft group
 //!   (`ordo_raft::StateApply`), one row per group.
 //! - `producer`: idempotent producers: InitProducer and the registry check of every stamped produce.
@@ -33,6 +34,9 @@
 //! - `cluster`: status views merged from every node's report.
 //! - `coordinator`: consumer group calls, run on the leader of the group's coordinator shard
 //!   (here or forwarded); session expiry on the leader.
+//! - `queue`: queue calls, run on the leader of each queue partition's state group (beside the
+//!   topic's partition, on its replicas): receive streams with flow control, settles, the lease
+//!   expiry and dead-letter loop.
 //! - `background`: reconcile this node's groups with the metadata; leader balance.
 //! - `peer`: [`Peer`](peer::Peer), the only code that calls other nodes over gRPC.
 //!
@@ -59,6 +63,7 @@ mod names;
 mod peer;
 mod produce;
 mod producer;
+mod queue;
 pub mod queue_state;
 mod records;
 mod route;
@@ -87,11 +92,22 @@ pub use group_state::TopicPartition;
 pub use limits::GroupsConfig;
 pub use limits::InvalidLimits;
 pub use limits::Limits;
+pub use limits::QueuesConfig;
 pub use metadata::MetaState;
+pub use metadata::Queue;
+pub use metadata::QueueConfig;
 pub use metadata::Topic;
 /// An idempotent produce's producer id, epoch and sequence.
 pub use ordo_raft::ProducerStamp;
 pub use produce::Produced;
+pub use queue::DELIVER_AT_HEADER;
+pub use queue::QueueDelivery;
+pub use queue::QueuePartitionStatus;
+pub use queue::ReceiveOptions;
+pub use queue::ReceiveStream;
+pub use queue::SettleAction;
+pub use queue_state::Receipt;
+pub use queue_state::Settled;
 pub use records::Record;
 pub use records::StoredRecord;
 pub use time::TimeOffset;

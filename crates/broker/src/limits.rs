@@ -197,3 +197,100 @@ impl GroupsConfig {
         Duration::from_millis(self.call_timeout_ms)
     }
 }
+
+/// Queues: the defaults a queue is created with and the bounds on queues, leases, delays and
+/// consumers. Units are in the names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueuesConfig {
+    /// Most queues in the cluster (RESOURCE_EXHAUSTED, LIMIT_EXCEEDED). Default 1,000.
+    pub queues_max: u32,
+    /// A queue's lease length when it is created without one. Default 30 s.
+    pub visibility_timeout_ms: u64,
+    /// Shortest lease a queue or a receive may ask for. Default 100 ms.
+    pub visibility_timeout_min_ms: u64,
+    /// Longest lease a queue, a receive or an extension may ask for. Default 12 h.
+    pub visibility_timeout_max_ms: u64,
+    /// Deliveries before a message is dead-lettered, when a queue is created without a number.
+    /// Default 5.
+    pub max_deliveries: u32,
+    /// Largest `max_deliveries` a queue may ask for. Default 1,000.
+    pub max_deliveries_max: u32,
+    /// Longest delay: a queue's delay, a nack's delay, and how far ahead of its timestamp a
+    /// record's `ordo-deliver-at` may be (further is delivered at the horizon). Default 7 days.
+    pub delay_max_ms: u64,
+    /// Most messages leased at once per queue partition, and the default of a queue's own
+    /// bound. Default 10,000.
+    pub in_flight_per_partition_max: u32,
+    /// Most messages one receive stream holds at once (its `max_in_flight`). Default 10,000;
+    /// a stream that asks for none gets 100.
+    pub consumer_in_flight_max: u32,
+    /// Most bytes one receive stream holds at once (its `max_in_flight_bytes`). Default 64 MiB;
+    /// a stream that asks for none gets 4 MiB.
+    pub consumer_in_flight_bytes_max: u64,
+    /// Most unfinished messages a queue partition keeps in its state (in flight, delayed,
+    /// waiting behind a key); past it, newer records wait in the log. Default 100,000.
+    pub messages_per_partition_max: u32,
+    /// Most receipts in one Ack, Nack, ExtendLease or Reject. Default 1,000.
+    pub receipts_per_call_max: u32,
+    /// Longest a queue call waits for a partition's leader when the client sets no deadline.
+    /// Default 10 s.
+    pub call_timeout_ms: u64,
+}
+
+impl Default for QueuesConfig {
+    fn default() -> Self {
+        Self {
+            queues_max: 1_000,
+            visibility_timeout_ms: 30_000,
+            visibility_timeout_min_ms: 100,
+            visibility_timeout_max_ms: 12 * 3600 * 1000,
+            max_deliveries: 5,
+            max_deliveries_max: 1_000,
+            delay_max_ms: 7 * 24 * 3600 * 1000,
+            in_flight_per_partition_max: 10_000,
+            consumer_in_flight_max: 10_000,
+            consumer_in_flight_bytes_max: 64 << 20,
+            messages_per_partition_max: 100_000,
+            receipts_per_call_max: 1_000,
+            call_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl QueuesConfig {
+    /// Rejects inconsistent settings at start-up.
+    pub fn validate(&self) -> Result<(), InvalidLimits> {
+        if self.visibility_timeout_min_ms == 0
+            || self.visibility_timeout_min_ms > self.visibility_timeout_ms
+            || self.visibility_timeout_ms > self.visibility_timeout_max_ms
+        {
+            return Err(InvalidLimits(
+                "need 0 < queues.visibility_timeout_min_ms <= visibility_timeout_ms <= visibility_timeout_max_ms",
+            ));
+        }
+        if self.max_deliveries == 0 || self.max_deliveries > self.max_deliveries_max {
+            return Err(InvalidLimits(
+                "need 0 < queues.max_deliveries <= max_deliveries_max",
+            ));
+        }
+        if self.queues_max == 0
+            || self.in_flight_per_partition_max == 0
+            || self.consumer_in_flight_max == 0
+            || self.consumer_in_flight_bytes_max == 0
+            || self.messages_per_partition_max < self.in_flight_per_partition_max
+            || self.receipts_per_call_max == 0
+            || self.call_timeout_ms == 0
+        {
+            return Err(InvalidLimits(
+                "queues: queues_max, in_flight_per_partition_max, consumer_in_flight_max, consumer_in_flight_bytes_max, receipts_per_call_max and call_timeout_ms must be > 0, and messages_per_partition_max >= in_flight_per_partition_max",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The default deadline of a queue call.
+    pub fn call_timeout(&self) -> Duration {
+        Duration::from_millis(self.call_timeout_ms)
+    }
+}

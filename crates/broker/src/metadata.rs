@@ -65,6 +65,66 @@ pub struct MetaState {
     /// The consumer group coordinator shards, once created: an internal "topic" whose
     /// partitions are state groups (`coordinator`), never a log; not among `topics`.
     pub coordinators: Option<Topic>,
+    /// Queues by name.
+    pub queues: BTreeMap<String, Queue>,
+}
+
+/// A queue over a topic: per partition, a state group beside the topic's partition, on the same
+/// replicas (`queue_state`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queue {
+    /// Unique for the life of the cluster (from the topic ids): its groups are
+    /// `group_of(id, partition)`.
+    pub id: u64,
+    /// Name.
+    pub name: String,
+    /// The topic it reads.
+    pub topic: String,
+    /// The topic's id when the queue was created (a re-created topic does not inherit it).
+    pub topic_id: u64,
+    /// Per partition, its replicas: the topic's.
+    pub partitions: Vec<Vec<NodeId>>,
+    /// Settings.
+    pub config: QueueConfig,
+}
+
+/// A queue's settings (validated by the proposer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    /// Lease length of a receive that asks for none.
+    pub visibility_timeout_ms: u64,
+    /// Deliveries before a message goes to the dead-letter topic.
+    pub max_deliveries: u32,
+    /// One message per key at a time, in offset order.
+    pub key_ordered: bool,
+    /// Each record is delivered no earlier than its timestamp plus this.
+    pub delay_ms: u64,
+    /// Most messages leased at once per partition.
+    pub in_flight_max: u32,
+    /// Where messages go after `max_deliveries` or a reject.
+    pub dead_letter_topic: String,
+}
+
+impl Queue {
+    /// The state group of a partition.
+    pub fn group(&self, partition: u32) -> u64 {
+        group_of(self.id, partition)
+    }
+
+    /// The group of the topic's partition the queue reads.
+    pub fn log_group(&self, partition: u32) -> u64 {
+        group_of(self.topic_id, partition)
+    }
+}
+
+/// The metadata state as written before queues existed; still read.
+#[derive(Deserialize)]
+struct MetaStateBeforeQueues {
+    topics: BTreeMap<String, Topic>,
+    next_topic_id: u64,
+    applied_index: u64,
+    producers: ProducerRegistry,
+    coordinators: Option<Topic>,
 }
 
 /// The metadata state as written before the producer registry existed; still read.
@@ -94,6 +154,16 @@ impl MetaState {
             Ok(state) => return Ok(state),
             Err(error) => error,
         };
+        if let Ok(old) = postcard::from_bytes::<MetaStateBeforeQueues>(bytes) {
+            return Ok(MetaState {
+                topics: old.topics,
+                next_topic_id: old.next_topic_id,
+                applied_index: old.applied_index,
+                producers: old.producers,
+                coordinators: old.coordinators,
+                queues: BTreeMap::new(),
+            });
+        }
         if let Ok(old) = postcard::from_bytes::<MetaStateBeforeCoordinators>(bytes) {
             return Ok(MetaState {
                 topics: old.topics,
@@ -101,6 +171,7 @@ impl MetaState {
                 applied_index: old.applied_index,
                 producers: old.producers,
                 coordinators: None,
+                queues: BTreeMap::new(),
             });
         }
         match postcard::from_bytes::<MetaStateBeforeProducers>(bytes) {
@@ -110,6 +181,7 @@ impl MetaState {
                 applied_index: old.applied_index,
                 producers: ProducerRegistry::default(),
                 coordinators: None,
+                queues: BTreeMap::new(),
             }),
             Err(_) => Err(error),
         }
@@ -219,6 +291,22 @@ pub enum MetaCommand {
         /// The nodes to place replicas on.
         nodes: Vec<NodeId>,
     },
+    /// Create a queue over a topic.
+    CreateQueue {
+        /// Name (validated by the proposer).
+        name: String,
+        /// The topic.
+        topic: String,
+        /// Settings (validated by the proposer).
+        config: QueueConfig,
+        /// Most queues (the proposer's limit).
+        queues_max: u32,
+    },
+    /// Delete a queue.
+    DeleteQueue {
+        /// Name.
+        name: String,
+    },
 }
 
 /// Answers of metadata commands.
@@ -245,6 +333,13 @@ pub enum MetaAnswer {
     },
     /// The registry holds `names_max` names.
     TooManyProducerNames {
+        /// The limit.
+        max: u32,
+    },
+    /// The queue was created.
+    QueueCreated(Queue),
+    /// The cluster holds `max` queues.
+    TooManyQueues {
         /// The limit.
         max: u32,
     },
@@ -290,7 +385,54 @@ impl MetaState {
                 self.topics.insert(name, topic.clone());
                 MetaAnswer::Created(topic)
             }
-            MetaCommand::DeleteTopic { name } => match self.topics.remove(&name) {
+            MetaCommand::DeleteTopic { name } => {
+                if let Some(queue) = self
+                    .queues
+                    .values()
+                    .find(|queue| queue.config.dead_letter_topic == name && queue.topic != name)
+                {
+                    return MetaAnswer::Rejected(format!(
+                        "topic {name:?} is the dead-letter topic of queue {:?}; delete the queue first",
+                        queue.name
+                    ));
+                }
+                self.delete_topic(&name)
+            }
+            MetaCommand::CreateQueue {
+                name,
+                topic,
+                config,
+                queues_max,
+            } => {
+                if self.queues.contains_key(&name) {
+                    return MetaAnswer::AlreadyExists;
+                }
+                let Some(topic) = self.topics.get(&topic) else {
+                    return MetaAnswer::NotFound;
+                };
+                if !self.topics.contains_key(&config.dead_letter_topic) {
+                    return MetaAnswer::Rejected(format!(
+                        "dead-letter topic {:?} does not exist",
+                        config.dead_letter_topic
+                    ));
+                }
+                if self.queues.len() >= queues_max as usize {
+                    return MetaAnswer::TooManyQueues { max: queues_max };
+                }
+                self.next_topic_id = self.next_topic_id.max(1);
+                let queue = Queue {
+                    id: self.next_topic_id,
+                    name: name.clone(),
+                    topic: topic.name.clone(),
+                    topic_id: topic.id,
+                    partitions: topic.partitions.clone(),
+                    config,
+                };
+                self.next_topic_id += 1;
+                self.queues.insert(name, queue.clone());
+                MetaAnswer::QueueCreated(queue)
+            }
+            MetaCommand::DeleteQueue { name } => match self.queues.remove(&name) {
                 Some(_) => MetaAnswer::Deleted,
                 None => MetaAnswer::NotFound,
             },
@@ -329,6 +471,18 @@ impl MetaState {
                 self.coordinators = Some(coordinators.clone());
                 MetaAnswer::Created(coordinators)
             }
+        }
+    }
+
+    /// Deletes a topic and the queues over it.
+    fn delete_topic(&mut self, name: &str) -> MetaAnswer {
+        match self.topics.remove(name) {
+            Some(topic) => {
+                // A queue cannot outlive its log.
+                self.queues.retain(|_, queue| queue.topic_id != topic.id);
+                MetaAnswer::Deleted
+            }
+            None => MetaAnswer::NotFound,
         }
     }
 

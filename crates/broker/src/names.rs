@@ -57,6 +57,27 @@ pub fn validate_group_name(name: &str) -> Result<(), BrokerError> {
     )
 }
 
+/// Checks a queue name: the rules of a topic name.
+pub fn validate_queue_name(name: &str) -> Result<(), BrokerError> {
+    validate_topic_name(name).map_err(|error| match error {
+        BrokerError::InvalidArgument { message, .. } => BrokerError::invalid(
+            ordo_proto::errors::reason::INVALID_QUEUE_NAME,
+            message.replace("topic name", "queue name"),
+        ),
+        other => other,
+    })
+}
+
+/// Checks a consumer id: like a member id (empty: none).
+pub fn validate_consumer_id(id: &str) -> Result<(), BrokerError> {
+    validate_label(
+        "consumer id",
+        ordo_proto::errors::reason::INVALID_MEMBER_ID,
+        id,
+        true,
+    )
+}
+
 /// Checks a member id: up to 255 bytes, no control characters (empty: none).
 pub fn validate_member_id(id: &str) -> Result<(), BrokerError> {
     validate_label(

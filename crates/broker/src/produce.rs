@@ -81,10 +81,13 @@ impl Broker {
             limits.batch_records_max,
         )?;
         let mut total = 0u64;
+        let horizon =
+            (now_ms().max(0) as u64).saturating_add(self.state.options.queues.delay_max_ms);
         for record in &records {
             let size = record.size_bytes();
             Limits::check("record_bytes_max", size, limits.record_bytes_max)?;
             total += size;
+            check_deliver_at(record, horizon)?;
         }
         Limits::check("batch_bytes_max", total, limits.batch_bytes_max)?;
         if producer.is_some() && partition.is_none() {
@@ -391,6 +394,39 @@ fn combine_acks(
             ),
         }),
     }
+}
+
+/// A record's `ordo-deliver-at` header, when it has one, must be decimal milliseconds since the
+/// Unix epoch, no further ahead than `queues.delay_max_ms` (`horizon`).
+fn check_deliver_at(record: &Record, horizon: u64) -> Result<(), BrokerError> {
+    for (name, value) in &record.headers {
+        if name != crate::queue::DELIVER_AT_HEADER {
+            continue;
+        }
+        let at = std::str::from_utf8(value)
+            .ok()
+            .and_then(|text| text.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                BrokerError::invalid(
+                    reason::INVALID_DELIVER_AT,
+                    format!(
+                        "header {} must be decimal milliseconds since the Unix epoch, not {:?}",
+                        crate::queue::DELIVER_AT_HEADER,
+                        String::from_utf8_lossy(value)
+                    ),
+                )
+            })?;
+        if at > horizon {
+            return Err(BrokerError::invalid(
+                reason::INVALID_DELIVER_AT,
+                format!(
+                    "header {} is {at}, past the delay horizon {horizon} (now + queues.delay_max_ms)",
+                    crate::queue::DELIVER_AT_HEADER
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

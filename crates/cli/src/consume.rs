@@ -18,7 +18,7 @@ use clap::Args;
 use futures::StreamExt;
 use ordo_client::{
     Client, ClientError, GroupConsumerOptions, GroupEvent, OffsetReset, PartitionDescription,
-    StartAt, StoredRecord,
+    QueueConsumerOptions, SettleOutcome, StartAt, StoredRecord,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -34,11 +34,30 @@ const PRINT_QUEUE_CAPACITY: usize = 64;
 /// Arguments of `ordo consume`.
 #[derive(Debug, Args)]
 pub struct ConsumeArgs {
-    /// Topic to read.
+    /// Topic to read (not with --queue: a queue knows its topic).
+    #[arg(
+        required_unless_present = "queue",
+        conflicts_with = "queue",
+        default_value = ""
+    )]
     pub topic: String,
     /// Partition to read (default: every partition, concurrently).
-    #[arg(long, conflicts_with = "group")]
+    #[arg(long, conflicts_with_all = ["group", "queue"])]
     pub partition: Option<u32>,
+    /// Receive from this queue: each message leased to this consumer alone (follows until
+    /// Ctrl-C or --max-records). Without --ack, leases end unsettled and the messages go out
+    /// again after the visibility timeout.
+    #[arg(long, conflicts_with_all = ["group", "offset", "from_end", "from_beginning"])]
+    pub queue: Option<String>,
+    /// With --queue: ack each message once printed.
+    #[arg(long, requires = "queue")]
+    pub ack: bool,
+    /// With --queue: the lease length asked for (e.g. 30s; default: the queue's).
+    #[arg(long, requires = "queue", value_parser = humantime::parse_duration)]
+    pub visibility_timeout: Option<Duration>,
+    /// With --queue: most messages held unsettled at once.
+    #[arg(long, requires = "queue", default_value_t = 100)]
+    pub max_in_flight: u32,
     /// Read as a member of this consumer group (commits after printing; follows).
     #[arg(long)]
     pub group: Option<String>,
@@ -97,6 +116,9 @@ pub async fn run(args: ConsumeArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     // Installed before any task starts, so Ctrl-C always ends the command cleanly.
     let mut signals = Signals::new()?;
     let client = global.client().await?;
+    if let Some(queue) = &args.queue {
+        return consume_queue(&client, queue, &args, global.output, &mut signals).await;
+    }
     if let Some(group) = &args.group {
         return consume_group(&client, group, &args, global.output, &mut signals).await;
     }
@@ -242,6 +264,76 @@ async fn consume_group(
     };
     let closed = consumer.close().await.context("cannot leave the group");
     outcome.and(closed)
+}
+
+/// One received message as a JSON line.
+#[derive(Serialize)]
+struct QueueLine<'a> {
+    partition: u32,
+    delivery: u32,
+    #[serde(flatten)]
+    record: &'a StoredRecord,
+}
+
+/// Receives from `queue` until Ctrl-C or `--max-records`, acking each printed message with
+/// `--ack`.
+async fn consume_queue(
+    client: &Client,
+    queue: &str,
+    args: &ConsumeArgs,
+    format: OutputFormat,
+    signals: &mut Signals,
+) -> anyhow::Result<()> {
+    let options = QueueConsumerOptions {
+        max_in_flight: args.max_in_flight,
+        visibility_timeout: args.visibility_timeout.unwrap_or_default(),
+        ..QueueConsumerOptions::default()
+    };
+    let mut consumer = client
+        .queue_consumer(queue, options)
+        .await
+        .with_context(|| format!("cannot receive from queue {queue}"))?;
+    let mut printed: u64 = 0;
+    loop {
+        if args.max_records.is_some_and(|max| printed >= max) {
+            return Ok(());
+        }
+        let message = tokio::select! {
+            message = consumer.next() => message.context("receive failed")?,
+            _ = signals.recv() => return Ok(()),
+        };
+        let line = match format {
+            OutputFormat::Json => output::json_line(&QueueLine {
+                partition: message.receipt.partition,
+                delivery: message.receipt.delivery,
+                record: &message.record,
+            })?,
+            OutputFormat::Table => format!(
+                "{} {} #{} {} {}",
+                message.receipt.partition,
+                message.record.offset,
+                message.receipt.delivery,
+                message
+                    .record
+                    .key
+                    .as_ref()
+                    .map_or_else(|| "-".into(), |key| String::from_utf8_lossy(key)),
+                String::from_utf8_lossy(&message.record.value)
+            ),
+        };
+        output::print_line(&line)?;
+        printed += 1;
+        if args.ack {
+            match consumer.ack(message.receipt).await.context("cannot ack")? {
+                SettleOutcome::Done => {}
+                outcome => tracing::warn!(
+                    ?outcome,
+                    offset = message.record.offset,
+                    "ack did nothing: the lease had ended"
+                ),
+            }
+        }
+    }
 }
 
 /// Reads `partition` from `start` up to the high watermark it had when described.

@@ -55,7 +55,7 @@ pub struct ResetArgs {
 }
 
 /// A time as RFC 3339 or milliseconds since the Unix epoch.
-fn parse_time(text: &str) -> Result<i64, String> {
+pub(crate) fn parse_time(text: &str) -> Result<i64, String> {
     if let Ok(millis) = text.parse::<i64>() {
         return Ok(millis);
     }

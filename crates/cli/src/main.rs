@@ -18,6 +18,7 @@ mod dev;
 mod group;
 mod output;
 mod produce;
+mod queue;
 mod serve;
 mod signals;
 mod topic;
@@ -110,6 +111,9 @@ enum Command {
     /// List, describe, reset and delete consumer groups.
     #[command(subcommand)]
     Group(group::GroupCommand),
+    /// Create, list, describe and delete queues.
+    #[command(subcommand)]
+    Queue(queue::QueueCommand),
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
@@ -169,6 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Produce(args) => produce::run(args, &global).await,
         Command::Consume(args) => consume::run(args, &global).await,
         Command::Group(command) => group::run(command, &global).await,
+        Command::Queue(command) => queue::run(command, &global).await,
         Command::Cluster(command) => cluster::run(command, &global).await,
         Command::Bench(command) => bench::run(command, &global).await,
     }

@@ -45,6 +45,26 @@ pub struct ProduceArgs {
     /// one (its requests then fail with PRODUCER_FENCED).
     #[arg(long)]
     pub producer_name: Option<String>,
+    /// Queues deliver the records no earlier than this time: RFC 3339
+    /// (2026-12-07T08:00:00Z) or milliseconds since the Unix epoch (header ordo-deliver-at).
+    #[arg(long, value_parser = crate::group::parse_time, conflicts_with = "delay")]
+    pub deliver_at: Option<i64>,
+    /// Queues deliver the records no earlier than this long from now (e.g. 30s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub delay: Option<std::time::Duration>,
+}
+
+impl ProduceArgs {
+    /// The deliver-at time the records carry, if any.
+    fn deliver_at(&self) -> Option<i64> {
+        self.deliver_at.or_else(|| {
+            let delay = self.delay?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?;
+            i64::try_from((now + delay).as_millis()).ok()
+        })
+    }
 }
 
 /// Runs `ordo produce`.
@@ -65,7 +85,7 @@ pub async fn run(args: ProduceArgs, global: &GlobalArgs) -> anyhow::Result<()> {
     for chunk in args.values.chunks(batch) {
         let records = chunk
             .iter()
-            .map(|value| record(Bytes::from(value.clone()), key.as_ref()))
+            .map(|value| record(Bytes::from(value.clone()), key.as_ref(), args.deliver_at()))
             .collect();
         acks.extend(send(&client, &args, records).await?);
     }
@@ -115,7 +135,11 @@ async fn produce_stdin(
                 break;
             }
             bytes += line.len();
-            records.push(record(Bytes::copy_from_slice(&line), key.as_ref()));
+            records.push(record(
+                Bytes::copy_from_slice(&line),
+                key.as_ref(),
+                args.deliver_at(),
+            ));
         }
         if records.is_empty() {
             break;
@@ -140,12 +164,15 @@ async fn produce_stdin(
     Ok(())
 }
 
-fn record(value: Bytes, key: Option<&Bytes>) -> Record {
-    let record = Record::new(value);
-    match key {
-        Some(key) => record.with_key(key.clone()),
-        None => record,
+fn record(value: Bytes, key: Option<&Bytes>, deliver_at: Option<i64>) -> Record {
+    let mut record = Record::new(value);
+    if let Some(key) = key {
+        record = record.with_key(key.clone());
     }
+    if let Some(at) = deliver_at {
+        record = record.with_header(ordo_client::DELIVER_AT_HEADER, at.to_string());
+    }
+    record
 }
 
 async fn send(

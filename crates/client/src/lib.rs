@@ -44,6 +44,7 @@ mod group;
 mod idempotence;
 mod pipe;
 mod produce;
+mod queue;
 mod routing;
 mod subscribe;
 mod types;
@@ -54,6 +55,10 @@ pub use error::{ClientError, Effect};
 pub use group::{
     CommittedOffset, GroupAssignment, GroupDescription, GroupHeartbeat, GroupMember,
     GroupPartition, GroupSummary, ResetTo, TimeOffset, TopicPartition,
+};
+pub use queue::{
+    DELIVER_AT_HEADER, QueueAcker, QueueConsumer, QueueConsumerOptions, QueueDescription,
+    QueueInfo, QueueMessage, QueuePartitionInfo, QueueSettings, Receipt, SettleOutcome,
 };
 pub use subscribe::Subscription;
 pub use types::{

@@ -109,6 +109,22 @@ pub mod reason {
     pub const TOO_MANY_GROUPS: &str = "TOO_MANY_GROUPS";
     /// The group has as many members as it may (metadata `max`).
     pub const TOO_MANY_MEMBERS: &str = "TOO_MANY_MEMBERS";
+    /// A queue name that is empty, too long, or has characters outside `[A-Za-z0-9._-]`.
+    pub const INVALID_QUEUE_NAME: &str = "INVALID_QUEUE_NAME";
+    /// A queue setting outside its bounds (the message names it and the bounds).
+    pub const INVALID_QUEUE_CONFIG: &str = "INVALID_QUEUE_CONFIG";
+    /// A visibility timeout (lease length) outside the server's bounds (metadata `min`, `max`).
+    pub const INVALID_VISIBILITY_TIMEOUT: &str = "INVALID_VISIBILITY_TIMEOUT";
+    /// A receipt whose partition the queue does not have.
+    pub const INVALID_RECEIPT: &str = "INVALID_RECEIPT";
+    /// No such queue (metadata `queue`).
+    pub const QUEUE_NOT_FOUND: &str = "QUEUE_NOT_FOUND";
+    /// A queue of that name exists.
+    pub const QUEUE_EXISTS: &str = "QUEUE_EXISTS";
+    /// The cluster holds as many queues as it may (metadata `max`).
+    pub const TOO_MANY_QUEUES: &str = "TOO_MANY_QUEUES";
+    /// A record's `ordo-deliver-at` header is not a decimal number of milliseconds.
+    pub const INVALID_DELIVER_AT: &str = "INVALID_DELIVER_AT";
 }
 
 /// `ErrorInfo` metadata keys.
@@ -144,6 +160,8 @@ pub mod metadata {
     pub const GROUP: &str = "group";
     /// The smallest value allowed.
     pub const MIN: &str = "min";
+    /// The queue a failure is about.
+    pub const QUEUE: &str = "queue";
 }
 
 /// The `ErrorInfo` reason of an Ordo status, `None` when it carries none (a gRPC layer made it).

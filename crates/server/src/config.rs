@@ -14,6 +14,7 @@ use figment::providers::Serialized;
 use figment::providers::Toml;
 use ordo_broker::GroupsConfig;
 use ordo_broker::Limits;
+use ordo_broker::QueuesConfig;
 use serde::Deserialize;
 use serde::Serialize;
 
@@ -203,6 +204,8 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     /// Consumer groups.
     pub groups: GroupsConfig,
+    /// Queues.
+    pub queues: QueuesConfig,
 }
 
 impl Default for NodeConfig {
@@ -219,12 +222,13 @@ impl Default for NodeConfig {
             grpc: GrpcConfig::default(),
             storage: StorageConfig::default(),
             groups: GroupsConfig::default(),
+            queues: QueuesConfig::default(),
         }
     }
 }
 
 /// Top-level keys read from `ORDO_*`; other `ORDO_*` variables (the CLI's) are ignored.
-const ENV_KEYS: [&str; 11] = [
+const ENV_KEYS: [&str; 12] = [
     "node_id",
     "data_dir",
     "listen",
@@ -236,6 +240,7 @@ const ENV_KEYS: [&str; 11] = [
     "grpc",
     "storage",
     "groups",
+    "queues",
 ];
 
 impl NodeConfig {
@@ -324,6 +329,9 @@ impl NodeConfig {
             .validate()
             .map_err(|error| ServerError::Config(error.to_string()))?;
         self.groups
+            .validate()
+            .map_err(|error| ServerError::Config(error.to_string()))?;
+        self.queues
             .validate()
             .map_err(|error| ServerError::Config(error.to_string()))?;
         let raft = &self.raft;

@@ -15,6 +15,7 @@ pub mod config;
 mod deadline;
 mod groups;
 mod metrics;
+mod queues;
 mod services;
 pub mod status;
 
@@ -29,6 +30,7 @@ use ordo_proto::internal::internal_server::InternalServer;
 use ordo_proto::v1::admin_server::AdminServer;
 use ordo_proto::v1::consumer_group_server::ConsumerGroupServer;
 use ordo_proto::v1::log_server::LogServer;
+use ordo_proto::v1::queue_server::QueueServer;
 use ordo_raft::Peers;
 use ordo_raft::RaftNode;
 use ordo_storage::Store;
@@ -149,6 +151,7 @@ async fn serve_node(
             limits: config.limits.clone(),
             leader_balance_interval: Duration::from_millis(config.raft.leader_balance_interval_ms),
             groups: config.groups.clone(),
+            queues: config.queues.clone(),
         },
         &mut tasks,
         shutdown.clone(),
@@ -208,6 +211,7 @@ async fn serve_node(
     health.set_serving::<LogServer<Services>>().await;
     health.set_serving::<AdminServer<Services>>().await;
     health.set_serving::<ConsumerGroupServer<Services>>().await;
+    health.set_serving::<QueueServer<Services>>().await;
     // Reflection advertises the public services and health; the internal service is left out.
     let reflection = |own_name: &str| {
         tonic_reflection::server::Builder::configure()
@@ -217,6 +221,7 @@ async fn serve_node(
             .with_service_name("ordo.v1.Log")
             .with_service_name("ordo.v1.Admin")
             .with_service_name("ordo.v1.ConsumerGroup")
+            .with_service_name("ordo.v1.Queue")
             .with_service_name("grpc.health.v1.Health")
     };
     let reflection_v1 = reflection("grpc.reflection.v1.ServerReflection")
@@ -264,6 +269,11 @@ async fn serve_node(
         )
         .add_service(
             ConsumerGroupServer::new(services.clone())
+                .max_decoding_message_size(message_max)
+                .max_encoding_message_size(message_max),
+        )
+        .add_service(
+            QueueServer::new(services.clone())
                 .max_decoding_message_size(message_max)
                 .max_encoding_message_size(message_max),
         )

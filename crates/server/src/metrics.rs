@@ -42,6 +42,18 @@ pub struct GroupPartitionLabels {
     pub partition: u32,
 }
 
+/// Labels of a queue partition's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    /// The queue.
+    pub queue: String,
+    /// The partition.
+    pub partition: u32,
+    /// `available`, `in_flight`, `delayed`, `dead_lettering` (messages); `acked`,
+    /// `redelivered`, `lease_expired`, `dead_lettered` (events).
+    pub state: String,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -72,6 +84,8 @@ pub struct Metrics {
     group_rebalances: Family<GroupLabels, Gauge>,
     group_committed: Family<GroupPartitionLabels, Gauge>,
     group_lag: Family<GroupPartitionLabels, Gauge>,
+    queue_messages: Family<QueueLabels, Gauge>,
+    queue_events: Family<QueueLabels, Gauge>,
 }
 
 impl Metrics {
@@ -191,8 +205,22 @@ impl Metrics {
             "Records between each group's committed offset and the partition's end",
             group_lag.clone(),
         );
+        let queue_messages = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_messages",
+            "Messages of each queue partition this node leads, by state (available includes records not yet read from the log)",
+            queue_messages.clone(),
+        );
+        let queue_events = Family::<QueueLabels, Gauge>::default();
+        registry.register(
+            "queue_events",
+            "Events since each queue was created, per partition this node leads: acked, redelivered, lease_expired, dead_lettered",
+            queue_events.clone(),
+        );
         Arc::new(Metrics {
             registry,
+            queue_messages,
+            queue_events,
             group_members,
             group_rebalances,
             group_committed,
@@ -228,6 +256,36 @@ impl Metrics {
     /// Refreshes scrape-time values and encodes the text format. `groups` are the figures of
     /// the groups this node coordinates (`Broker::group_metrics`).
     pub fn render(&self, store: &Store, broker: &Broker, groups: &[GroupMetrics]) -> String {
+        self.queue_messages.clear();
+        self.queue_events.clear();
+        for (queue, status) in broker.queue_metrics() {
+            let labels = |state: &str| QueueLabels {
+                queue: queue.clone(),
+                partition: status.partition,
+                state: state.to_owned(),
+            };
+            let gauge = |value: u64| i64::try_from(value).unwrap_or(i64::MAX);
+            for (state, value) in [
+                ("available", status.available),
+                ("in_flight", status.in_flight),
+                ("delayed", status.delayed),
+                ("dead_lettering", status.dead_lettering),
+            ] {
+                self.queue_messages
+                    .get_or_create(&labels(state))
+                    .set(gauge(value));
+            }
+            for (event, value) in [
+                ("acked", status.acked),
+                ("redelivered", status.redeliveries),
+                ("lease_expired", status.lease_expiries),
+                ("dead_lettered", status.dead_lettered),
+            ] {
+                self.queue_events
+                    .get_or_create(&labels(event))
+                    .set(gauge(value));
+            }
+        }
         self.group_members.clear();
         self.group_rebalances.clear();
         self.group_committed.clear();

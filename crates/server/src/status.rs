@@ -259,6 +259,24 @@ pub fn to_status(error: BrokerError) -> Status {
                 (key::ACTUAL.into(), actual.to_string()),
             ]),
         ),
+        BrokerError::QueueNotFound(queue) => status(
+            Code::NotFound,
+            message,
+            reason::QUEUE_NOT_FOUND,
+            HashMap::from([(key::QUEUE.into(), queue)]),
+        ),
+        BrokerError::QueueExists(queue) => status(
+            Code::AlreadyExists,
+            message,
+            reason::QUEUE_EXISTS,
+            HashMap::from([(key::QUEUE.into(), queue)]),
+        ),
+        BrokerError::TooManyQueues { max } => status(
+            Code::ResourceExhausted,
+            message,
+            reason::TOO_MANY_QUEUES,
+            HashMap::from([(key::MAX.into(), max.to_string())]),
+        ),
         BrokerError::Internal(_) => status(Code::Internal, message, reason::INTERNAL, none()),
     }
 }

@@ -97,6 +97,12 @@ pub struct Stats {
     pub group_commits: usize,
     pub group_changes: usize,
     pub group_losses: usize,
+    /// Messages queue consumers got (redeliveries included), of which redeliveries; acks
+    /// answered done; messages dead-lettered.
+    pub queue_received: usize,
+    pub queue_redeliveries: usize,
+    pub queue_acked: usize,
+    pub queue_dead_letters: usize,
 }
 
 impl Report {
@@ -152,6 +158,11 @@ impl Report {
             out,
             "  consumer group: {} records delivered, {} commits acked, {} assignment changes ({} losses)",
             s.group_records, s.group_commits, s.group_changes, s.group_losses
+        );
+        let _ = writeln!(
+            out,
+            "  queue: {} messages delivered ({} redeliveries), {} acked, {} dead-lettered",
+            s.queue_received, s.queue_redeliveries, s.queue_acked, s.queue_dead_letters
         );
         let partition = s
             .longest_unavailable_partition
@@ -269,6 +280,19 @@ struct Checker {
     group_marks: BTreeMap<u32, Vec<(u64, u64, u64, String)>>,
     /// The group's committed offsets read after healing.
     group_last: Option<Vec<(u32, u64)>>,
+    /// Per queue message: deliveries `(t, delivery)`.
+    queue_received: BTreeMap<(u32, u64), Vec<(u64, u32)>>,
+    /// Per queue message: acks `(t_invoke, t_done, delivery, outcome)`.
+    queue_acks: BTreeMap<(u32, u64), Vec<(u64, u64, u32, String)>>,
+    /// The queue's state after healing.
+    queue_final: Option<QueueFinal>,
+}
+
+/// The queue's floors and ends after healing, and the dead-letter topic's sources.
+struct QueueFinal {
+    floors: Vec<(u32, u64)>,
+    ends: Vec<(u32, u64)>,
+    dead_letters: BTreeSet<(u32, u64)>,
 }
 
 /// Checks a history and returns the report.
@@ -412,6 +436,50 @@ impl Checker {
                 if *last {
                     self.group_last = Some(offsets.clone());
                 }
+            }
+            Event::QueueReceived {
+                consumer,
+                partition,
+                delivery,
+                record,
+            } => {
+                self.observe(*partition, record, &format!("queue consumer {consumer}"), true);
+                self.report.stats.queue_received += 1;
+                if *delivery > 1 {
+                    self.report.stats.queue_redeliveries += 1;
+                }
+                self.queue_received
+                    .entry((*partition, record.offset))
+                    .or_default()
+                    .push((t, *delivery));
+            }
+            Event::QueueAck {
+                t_invoke,
+                partition,
+                offset,
+                delivery,
+                outcome,
+                ..
+            } => {
+                if outcome == "done" {
+                    self.report.stats.queue_acked += 1;
+                }
+                self.queue_acks
+                    .entry((*partition, *offset))
+                    .or_default()
+                    .push((*t_invoke, t, *delivery, outcome.clone()));
+            }
+            Event::QueueFinal {
+                floors,
+                ends,
+                dead_letters,
+            } => {
+                self.report.stats.queue_dead_letters = dead_letters.len();
+                self.queue_final = Some(QueueFinal {
+                    floors: floors.clone(),
+                    ends: ends.clone(),
+                    dead_letters: dead_letters.iter().copied().collect(),
+                });
             }
             Event::GroupAssignment { change, .. } => {
                 self.report.stats.group_changes += 1;
@@ -751,6 +819,7 @@ impl Checker {
         self.check_replicas();
         self.check_order();
         self.check_group();
+        self.check_queue();
         self.count_availability();
         let mut report = std::mem::take(&mut self.report);
         for (kind, (count, examples)) in std::mem::take(&mut self.kinds) {
@@ -771,6 +840,10 @@ impl Checker {
                 "stale-end" => "OUT_OF_RANGE below records already served",
                 "group-backward" => "consumer group offset went backward",
                 "group-undelivered" => "record below the group's commit never delivered",
+                "queue-acked-twice" => "queue message acked twice",
+                "queue-after-ack" => "queue message delivered again after its ack was answered",
+                "queue-undrained" => "queue floor did not reach the partition's end after healing",
+                "queue-vanished" => "queue message finished without an ack or a dead letter",
                 "history" => "malformed history",
                 _ => kind,
             };
@@ -832,6 +905,74 @@ impl Checker {
                         "partition {partition}: the group committed {committed}, but no member got offset {missing}"
                     ),
                 );
+            }
+        }
+    }
+
+    /// Each queue message acked at most once, never delivered again after an ack answered
+    /// done; after healing every partition drained, and every message below the floor was
+    /// acked (or may have been: an ack whose answer was lost) or dead-lettered.
+    fn check_queue(&mut self) {
+        let acks = std::mem::take(&mut self.queue_acks);
+        let received = std::mem::take(&mut self.queue_received);
+        for (id, acks) in &acks {
+            let done: Vec<&(u64, u64, u32, String)> =
+                acks.iter().filter(|ack| ack.3 == "done").collect();
+            if done.len() > 1 {
+                self.violation(
+                    "queue-acked-twice",
+                    format!(
+                        "message {}/{} acked (done) {} times: {done:?}",
+                        id.0,
+                        id.1,
+                        done.len()
+                    ),
+                );
+            }
+            let Some((_, done_at, delivery, _)) = done.first() else {
+                continue;
+            };
+            if let Some((t, again)) = received
+                .get(id)
+                .and_then(|deliveries| deliveries.iter().find(|(t, d)| t > done_at && d > delivery))
+            {
+                self.violation(
+                    "queue-after-ack",
+                    format!(
+                        "message {}/{} acked (delivery {delivery}) at t={done_at}, delivered again (delivery {again}) at t={t}",
+                        id.0, id.1
+                    ),
+                );
+            }
+        }
+        let Some(last) = self.queue_final.take() else {
+            return;
+        };
+        for (partition, end) in &last.ends {
+            let floor = last
+                .floors
+                .iter()
+                .find(|(number, _)| number == partition)
+                .map_or(0, |(_, floor)| *floor);
+            if floor < *end {
+                self.violation(
+                    "queue-undrained",
+                    format!("partition {partition}: floor {floor} < end {end}"),
+                );
+            }
+            for offset in 0..floor.min(*end) {
+                let acked = acks.get(&(*partition, offset)).is_some_and(|acks| {
+                    acks.iter()
+                        .any(|ack| matches!(ack.3.as_str(), "done" | "unknown" | "error"))
+                });
+                if !acked && !last.dead_letters.contains(&(*partition, offset)) {
+                    self.violation(
+                        "queue-vanished",
+                        format!(
+                            "message {partition}/{offset} is below the floor {floor}, but no consumer acked it and it is not in the dead-letter topic"
+                        ),
+                    );
+                }
             }
         }
     }
@@ -1295,6 +1436,68 @@ mod tests {
         assert_violation(
             &good(false, true),
             "record below the group's commit never delivered",
+        );
+    }
+
+    /// Queue deliveries and acks that keep the contract pass; a second ack answered done, a
+    /// delivery after an ack answered done, and a message below the floor with neither an ack
+    /// nor a dead letter are caught.
+    #[test]
+    fn queue_double_acks_redeliveries_after_ack_and_vanished_messages_are_caught() {
+        let run = |twice: bool, after_ack: bool, vanished: bool| {
+            let mut h = Builder::new(1);
+            h.acked(&[("a", "v1"), ("b", "v2")], &[(0, 0), (0, 1)]);
+            let receive = |h: &mut Builder, consumer: usize, offset: u64, delivery: u32| {
+                let value = if offset == 0 { "v1" } else { "v2" };
+                let key = if offset == 0 { "a" } else { "b" };
+                h.push(Event::QueueReceived {
+                    consumer,
+                    partition: 0,
+                    delivery,
+                    record: reads(offset, &[(key, value)]).remove(0),
+                });
+            };
+            let ack = |h: &mut Builder, consumer: usize, offset: u64, delivery: u32| {
+                let t_invoke = h.t;
+                h.push(Event::QueueAck {
+                    consumer,
+                    t_invoke,
+                    partition: 0,
+                    offset,
+                    delivery,
+                    outcome: String::from("done"),
+                });
+            };
+            receive(&mut h, 0, 0, 1);
+            ack(&mut h, 0, 0, 1);
+            if twice {
+                ack(&mut h, 1, 0, 2);
+            }
+            if after_ack {
+                receive(&mut h, 1, 0, 2);
+            }
+            receive(&mut h, 1, 1, 1);
+            let dead_letters = if vanished { Vec::new() } else { vec![(0, 1)] };
+            h.push(Event::QueueFinal {
+                floors: vec![(0, 2)],
+                ends: vec![(0, 2)],
+                dead_letters,
+            });
+            h.replicas(0, &[("a", "v1"), ("b", "v2")]);
+            h.check()
+        };
+        let report = run(false, false, false);
+        assert!(report.passed(), "{}", report.render());
+        assert_eq!(report.stats.queue_acked, 1);
+        assert_eq!(report.stats.queue_dead_letters, 1);
+        assert_violation(&run(true, false, false), "queue message acked twice");
+        assert_violation(
+            &run(false, true, false),
+            "queue message delivered again after its ack was answered",
+        );
+        assert_violation(
+            &run(false, false, true),
+            "queue message finished without an ack or a dead letter",
         );
     }
 

@@ -141,6 +141,30 @@ pub enum Event {
         change: String,
         partitions: Vec<u32>,
     },
+    /// A queue consumer got a message (delivery 1 the first time).
+    QueueReceived {
+        consumer: usize,
+        partition: u32,
+        delivery: u32,
+        record: Read,
+    },
+    /// A queue consumer's ack answered (invoked at `t_invoke`): `done`, `not_held`, `unknown`
+    /// or `error` (the call failed; it may have been applied).
+    QueueAck {
+        consumer: usize,
+        t_invoke: u64,
+        partition: u32,
+        offset: u64,
+        delivery: u32,
+        outcome: String,
+    },
+    /// After healing, once the queue drained: each partition's floor and end, and every message
+    /// of the dead-letter topic as `(source partition, source offset)`.
+    QueueFinal {
+        floors: Vec<(u32, u64)>,
+        ends: Vec<(u32, u64)>,
+        dead_letters: Vec<(u32, u64)>,
+    },
     /// A fault, its healing, or something the harness observed.
     Nemesis {
         kind: String,

@@ -48,6 +48,8 @@ const REPLICATION_FACTOR: u32 = 3;
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long producers may take to finish their last call after the faults end.
 const PRODUCERS_STOP_TIMEOUT: Duration = Duration::from_secs(90);
+/// Consumers of the run's queue.
+const QUEUE_CONSUMERS: usize = 2;
 /// Members of the run's consumer group.
 const GROUP_MEMBERS: usize = 3;
 /// How long consumers may take to reach the end after healing.
@@ -407,6 +409,16 @@ async fn drive(
         Arc::clone(&shared),
         group_client.clone(),
     )));
+    // A queue over the topic and its consumers, each message acked one by one.
+    workload::create_queue(&group_client, TOPIC, Duration::from_secs(60)).await?;
+    for consumer in 0..QUEUE_CONSUMERS {
+        group_tasks.push(tasks.0.len());
+        tasks.0.push(tokio::spawn(workload::queue_consumer(
+            Arc::clone(&shared),
+            consumer,
+            group_client.clone(),
+        )));
+    }
 
     let mut nemesis = Nemesis::new(
         Arc::clone(nodes),
@@ -514,6 +526,46 @@ async fn drive(
                     "the consumer group did not commit every partition's end within {CONSUMERS_TIMEOUT:?} after healing"
                 ),
             );
+            break;
+        }
+        sleep(Duration::from_millis(500)).await;
+    }
+    // The queue drains too: every partition's floor reaches its end; then what was
+    // dead-lettered.
+    let deadline = Instant::now() + CONSUMERS_TIMEOUT;
+    let ends: Vec<(u32, u64)> = (0..partitions)
+        .map(|partition| {
+            (
+                partition,
+                shared.targets[partition as usize].load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    loop {
+        let floors = workload::queue_floors(&group_client).await;
+        let drained = floors.as_ref().is_some_and(|floors| {
+            ends.iter().all(|(partition, end)| {
+                floors
+                    .iter()
+                    .any(|(number, floor)| number == partition && floor >= end)
+            })
+        });
+        if drained || Instant::now() > deadline {
+            let dead_letters = match workload::dead_letters(&group_client).await {
+                Ok(dead_letters) => dead_letters,
+                Err(error) => {
+                    stuck(
+                        history,
+                        format!("cannot read the dead-letter topic: {error:#}"),
+                    );
+                    Vec::new()
+                }
+            };
+            history.log(Event::QueueFinal {
+                floors: floors.unwrap_or_default(),
+                ends: ends.clone(),
+                dead_letters,
+            });
             break;
         }
         sleep(Duration::from_millis(500)).await;

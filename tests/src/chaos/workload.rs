@@ -713,3 +713,148 @@ pub async fn group_observer(shared: Arc<Shared>, client: ordo_client::Client) ->
     }
     0
 }
+
+/// The queue every queue consumer of a run receives from (over the run's topic).
+pub const QUEUE: &str = "chaos-queue";
+/// Lease length of the chaos queue: long enough to ride out a short pause, short enough that a
+/// message held by a consumer cut off for good is delivered again within the run.
+const QUEUE_VISIBILITY: Duration = Duration::from_secs(4);
+
+/// Creates the run's queue (deliveries before dead-lettering: many, so a message dead-letters
+/// only when a fault keeps its acks from landing again and again).
+pub async fn create_queue(
+    client: &ordo_client::Client,
+    topic: &str,
+    deadline: Duration,
+) -> anyhow::Result<()> {
+    let settings = ordo_client::QueueSettings {
+        visibility_timeout_ms: QUEUE_VISIBILITY.as_millis() as u64,
+        max_deliveries: 20,
+        ..ordo_client::QueueSettings::default()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        match client.create_queue(QUEUE, topic, &settings).await {
+            Ok(_) | Err(ordo_client::ClientError::AlreadyExists { .. }) => return Ok(()),
+            Err(error) if started.elapsed() > deadline => {
+                return Err(anyhow::Error::new(error).context("creating the chaos queue"));
+            }
+            Err(_) => sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// One queue consumer until `stop_consuming`: receives from [`QUEUE`], logs each message, and
+/// acks it from a task of its own after a short pause ("processing"), logging the answer. A
+/// consumer whose stream fails opens a new one with the same consumer id.
+pub async fn queue_consumer(
+    shared: Arc<Shared>,
+    consumer: usize,
+    client: ordo_client::Client,
+) -> u64 {
+    let stopped = || shared.stop_consuming.load(Ordering::Relaxed);
+    let mut received = 0u64;
+    while !stopped() {
+        let options = ordo_client::QueueConsumerOptions {
+            consumer_id: format!("queue-consumer-{consumer}"),
+            max_in_flight: 50,
+            visibility_timeout: QUEUE_VISIBILITY,
+            ..ordo_client::QueueConsumerOptions::default()
+        };
+        let mut receiver = match client.queue_consumer(QUEUE, options).await {
+            Ok(receiver) => receiver,
+            Err(_) => {
+                sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        while !stopped() {
+            let message = match timeout(Duration::from_millis(500), receiver.next()).await {
+                Err(_) => continue,
+                Ok(Err(_)) => {
+                    sleep(Duration::from_millis(200)).await;
+                    break;
+                }
+                Ok(Ok(message)) => message,
+            };
+            received += 1;
+            let receipt = message.receipt;
+            shared.history.log(Event::QueueReceived {
+                consumer,
+                partition: receipt.partition,
+                delivery: receipt.delivery,
+                record: Read {
+                    offset: message.record.offset,
+                    key: message
+                        .record
+                        .key
+                        .as_ref()
+                        .map(|key| String::from_utf8_lossy(key).into_owned()),
+                    value: String::from_utf8_lossy(&message.record.value).into_owned(),
+                },
+            });
+            let (acker, shared) = (receiver.acker(), Arc::clone(&shared));
+            tokio::spawn(async move {
+                sleep(Duration::from_millis(2)).await;
+                let t_invoke = shared.history.now();
+                let outcome = match acker.ack(receipt).await {
+                    Ok(ordo_client::SettleOutcome::Done) => "done",
+                    Ok(ordo_client::SettleOutcome::NotHeld) => "not_held",
+                    Ok(ordo_client::SettleOutcome::Unknown) => "unknown",
+                    Err(_) => "error",
+                };
+                shared.history.log(Event::QueueAck {
+                    consumer,
+                    t_invoke,
+                    partition: receipt.partition,
+                    offset: receipt.offset,
+                    delivery: receipt.delivery,
+                    outcome: outcome.to_owned(),
+                });
+            });
+        }
+    }
+    received
+}
+
+/// The queue's floors now, if DescribeQueue answered.
+pub async fn queue_floors(client: &ordo_client::Client) -> Option<Vec<(u32, u64)>> {
+    let description = client.describe_queue(QUEUE).await.ok()?;
+    Some(
+        description
+            .partitions
+            .iter()
+            .map(|partition| (partition.partition, partition.floor))
+            .collect(),
+    )
+}
+
+/// Every message of the queue's dead-letter topic, as `(source partition, source offset)`.
+pub async fn dead_letters(client: &ordo_client::Client) -> anyhow::Result<Vec<(u32, u64)>> {
+    let topic = format!("{QUEUE}-dlq");
+    let mut sources = Vec::new();
+    let mut offset = 0;
+    loop {
+        let fetched = client
+            .fetch(&topic, 0, offset, FETCH_BYTES_MAX, Duration::ZERO)
+            .await?;
+        for record in &fetched.records {
+            let header = |name: &str| {
+                record
+                    .headers
+                    .iter()
+                    .find(|(key, _)| key == name)
+                    .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse::<u64>().ok())
+            };
+            if let (Some(partition), Some(source)) =
+                (header("ordo-dlq-partition"), header("ordo-dlq-offset"))
+            {
+                sources.push((partition as u32, source));
+            }
+            offset = record.offset + 1;
+        }
+        if fetched.records.is_empty() || offset >= fetched.high_watermark {
+            return Ok(sources);
+        }
+    }
+}

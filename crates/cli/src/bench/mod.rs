@@ -5,6 +5,8 @@
 //!   latency at a fixed rate.
 //! - `group`: consumer group read throughput by group size, commit latency, and the time to a
 //!   balanced assignment after a join and after a member's death.
+//! - `queue`: queue throughput (receive + ack) by consumer count, unordered and key-ordered, ack
+//!   latency, and how soon a message comes again after its lease ends.
 //! - `failover`: SIGKILLs partition leaders of a local cluster under a steady load and reports
 //!   the longest gap between acks, the failed calls, and whether every acked record is still
 //!   readable.
@@ -18,6 +20,7 @@ mod consume;
 mod failover;
 mod group;
 mod produce;
+mod queue;
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -51,6 +54,8 @@ pub enum BenchCommand {
     Failover(failover::FailoverBenchArgs),
     /// Consumer groups: read throughput by group size, commit latency, rebalance times.
     Group(group::GroupBenchArgs),
+    /// Queues: receive + ack throughput by consumer count, ack latency, redelivery accuracy.
+    Queue(queue::QueueBenchArgs),
 }
 
 /// Where the benchmark runs: against `--endpoints`, or a cluster it starts (`--local`).
@@ -91,6 +96,13 @@ pub async fn run(command: BenchCommand, global: &GlobalArgs) -> anyhow::Result<(
             let local = args.local.clone();
             with_cluster(&local, global, async |endpoints, _| {
                 group::run(&args, endpoints, global).await
+            })
+            .await
+        }
+        BenchCommand::Queue(args) => {
+            let local = args.local.clone();
+            with_cluster(&local, global, async |endpoints, _| {
+                queue::run(&args, endpoints, global).await
             })
             .await
         }
