@@ -220,6 +220,12 @@ async fn commit(consumer: &mut ordo_client::GroupConsumer) -> Result<()> {
 
 /// Reads a member's log; a torn last line (the member was killed mid-write) is ignored.
 pub fn read_member_log(path: &Path) -> Result<Vec<MemberLine>> {
+    read_json_lines(path)
+}
+
+/// Reads a process's JSON-lines log; a torn last line (the process was killed mid-write) is
+/// skipped, any other bad line is an error.
+pub fn read_json_lines<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let lines: Vec<&str> = text.lines().collect();

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use ordo_client::{Client, ClientOptions, QueueConsumerOptions, SettleOutcome};
 use rand::Rng;
 use serde::Deserialize;
@@ -193,18 +193,7 @@ pub async fn run_consumer(config: ConsumerConfig) -> Result<()> {
 
 /// Reads a consumer's log (a torn last line, from a kill, is skipped).
 pub fn read_consumer_log(path: &Path) -> Result<Vec<ConsumerLine>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let lines: Vec<&str> = text.lines().collect();
-    let mut parsed = Vec::new();
-    for (index, line) in lines.iter().enumerate() {
-        match serde_json::from_str(line) {
-            Ok(line) => parsed.push(line),
-            Err(_) if index + 1 == lines.len() => {}
-            Err(error) => bail!("{}: line {}: {error}", path.display(), index + 1),
-        }
-    }
-    Ok(parsed)
+    crate::group_member::read_json_lines(path)
 }
 
 /// What happened to one message, merged from every consumer's log.

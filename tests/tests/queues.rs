@@ -100,6 +100,17 @@ impl Drop for Consumer {
     }
 }
 
+/// Ends a test: its error with every consumer's stderr, the consumers killed, the cluster's
+/// verdict.
+fn finish(cluster: TestCluster, consumers: Vec<Consumer>, result: Result<()>) {
+    let result = result.map_err(|error| {
+        let stderr: String = consumers.iter().map(Consumer::stderr).collect();
+        error.context(stderr)
+    });
+    drop(consumers);
+    cluster.finish(result);
+}
+
 async fn client(cluster: &TestCluster) -> Result<Client> {
     cluster
         .client(ClientOptions {
@@ -307,12 +318,7 @@ async fn a_killed_consumers_messages_are_redelivered_after_their_lease() {
         Ok(())
     }
     .await;
-    let result = result.map_err(|error| {
-        let stderr: String = consumers.iter().map(Consumer::stderr).collect();
-        error.context(stderr)
-    });
-    drop(consumers);
-    cluster.finish(result);
+    finish(cluster, consumers, result);
 }
 
 /// Poison messages, always nacked, reach the dead-letter topic after max_deliveries with the
@@ -416,12 +422,7 @@ async fn poison_messages_are_dead_lettered_after_max_deliveries() {
         Ok(())
     }
     .await;
-    let result = result.map_err(|error| {
-        let stderr: String = consumers.iter().map(Consumer::stderr).collect();
-        error.context(stderr)
-    });
-    drop(consumers);
-    cluster.finish(result);
+    finish(cluster, consumers, result);
 }
 
 /// Delayed messages are not delivered before their time (the consumer's receive time against
@@ -568,12 +569,7 @@ async fn key_ordered_queue_hands_out_each_key_in_order_one_at_a_time() {
         Ok(())
     }
     .await;
-    let result = result.map_err(|error| {
-        let stderr: String = consumers.iter().map(Consumer::stderr).collect();
-        error.context(stderr)
-    });
-    drop(consumers);
-    cluster.finish(result);
+    finish(cluster, consumers, result);
 }
 
 /// SIGKILL of a queue partition's leader while four consumers receive and ack: no message acked
@@ -650,12 +646,7 @@ async fn a_queue_leader_kill_loses_no_ack_and_no_message() {
         Ok(())
     }
     .await;
-    let result = result.map_err(|error| {
-        let stderr: String = consumers.iter().map(Consumer::stderr).collect();
-        error.context(stderr)
-    });
-    drop(consumers);
-    cluster.finish(result);
+    finish(cluster, consumers, result);
 }
 
 fn expect_client_reason<T: std::fmt::Debug>(

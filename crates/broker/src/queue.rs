@@ -105,11 +105,23 @@ pub(crate) struct Queues {
     busy: Mutex<std::collections::HashSet<(Chore, GroupId)>>,
 }
 
+/// Marks a partition as being scanned while alive.
+struct Scanning<'a>(&'a Queues, GroupId);
+
+impl Drop for Scanning<'_> {
+    fn drop(&mut self) {
+        self.0.end(Chore::Scan, self.1);
+    }
+}
+
 /// A background chore of the queue loop on one partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Chore {
     Expire,
     DeadLetter,
+    /// A receive reading the log past the scan point: one at a time, so concurrent receives
+    /// do not all read (and propose) the same records.
+    Scan,
 }
 
 impl Queues {
@@ -142,6 +154,13 @@ impl Queues {
             .lock()
             .expect("queue chores lock is never poisoned")
             .insert((chore, group))
+    }
+
+    fn running(&self, chore: Chore, group: GroupId) -> bool {
+        self.busy
+            .lock()
+            .expect("queue chores lock is never poisoned")
+            .contains(&(chore, group))
     }
 
     fn end(&self, chore: Chore, group: GroupId) {
@@ -998,7 +1017,11 @@ impl Broker {
             )
         });
         let mut new = Vec::new();
-        if available < max && len < messages_max {
+        let scanning = (available < max
+            && len < messages_max
+            && self.state.queues.begin(Chore::Scan, part.group))
+        .then(|| Scanning(&self.state.queues, part.group));
+        if scanning.is_some() {
             let count = (max - available)
                 .clamp(64, SCAN_MAX)
                 .min((messages_max - len) as u32);
@@ -1032,7 +1055,13 @@ impl Broker {
             visibility_ms,
             settings: part.settings,
         };
-        let (deliveries, held) = match self.propose_state(part.group, &command, timeout).await {
+        let proposed = self.propose_state(part.group, &command, timeout).await;
+        // The scan point moved (or not): waits that held back for it look again.
+        if scanning.is_some() {
+            drop(scanning);
+            part.shared.touch();
+        }
+        let (deliveries, held) = match proposed {
             Ok(QueueAnswer::Received { deliveries, held }) => (deliveries, held),
             Ok(other) => {
                 return CoordinatorOutcome::Unknown(format!("unexpected answer {other:?}"));
@@ -1096,6 +1125,9 @@ impl Broker {
                     state.next_due_after(now),
                 )
             });
+            // Records past the scan point are ready unless a receive is reading them now: its
+            // apply wakes this wait.
+            let more = more && !self.state.queues.running(Chore::Scan, part.group);
             let is_ready = available || more;
             if (ready && is_ready) || held.messages < known_held || Instant::now() >= until {
                 return CoordinatorOutcome::Queue(QueueOutcome::Waited {
@@ -1160,7 +1192,7 @@ impl Broker {
                         .as_ref()
                         .map(|key| ordo_proto::partition::fnv1a64(key)),
                     deliver_at_ms: asked.min(timestamp_ms.saturating_add(delay_max_ms)),
-                    bytes: u32::try_from(record_size(&record)).unwrap_or(u32::MAX),
+                    bytes: u32::try_from(record.size_bytes()).unwrap_or(u32::MAX),
                     timestamp_ms,
                 }
             })
@@ -1194,7 +1226,7 @@ impl Broker {
                     decode_batch(batch, *base_offset, *batch_count, next, read.high_watermark)?
                 {
                     if records.len() < count && (records.is_empty() || bytes < bytes_max) {
-                        bytes += record_size(&record);
+                        bytes += record.size_bytes();
                         records.push(record);
                     }
                 }
@@ -1268,7 +1300,7 @@ impl Broker {
                 let (lease_ended, dead_letters) = shared.read(|state| {
                     (
                         state.next_lease_end().is_some_and(|end| end <= now),
-                        !state.dead_lettering().is_empty(),
+                        state.has_dead_letters(),
                     )
                 });
                 if lease_ended && self.state.queues.begin(Chore::Expire, group) {
@@ -1446,16 +1478,6 @@ impl Broker {
     }
 }
 
-/// The size a consumer's byte bound counts for a record.
-fn record_size(record: &StoredRecord) -> u64 {
-    let headers: usize = record
-        .headers
-        .iter()
-        .map(|(name, value)| name.len() + value.len())
-        .sum();
-    (record.key.as_ref().map_or(0, Bytes::len) + record.value.len() + headers) as u64
-}
-
 /// A queue partition as its leader serves it.
 struct Part {
     group: GroupId,
@@ -1487,6 +1509,12 @@ impl PartitionTask {
         let mut room = self.credit().room.subscribe();
         let mut pause = RETRY_PAUSE;
         let call_timeout = self.broker.state.options.queues.call_timeout();
+        // A leader wait still running, and whether it waits for readiness.
+        type Waiting = (
+            bool,
+            tokio::task::JoinHandle<Result<QueueOutcome, BrokerError>>,
+        );
+        let mut waiting: Option<Waiting> = None;
         loop {
             if self.tx.is_closed() {
                 return;
@@ -1530,34 +1558,51 @@ impl PartitionTask {
                 }
             }
             // Nothing to take now, or no room: park on the leader until something is ready or
-            // this consumer's holding there drops, or here until the stream has room again.
+            // this consumer's holding there drops, or here until the stream has room again. The
+            // leader's wait runs in a task of its own and is never cancelled: a burst of
+            // cancelled calls resets HTTP/2 streams between nodes, and past h2's limit the whole
+            // connection goes, answers of leases in flight with it. A wait left running when
+            // room came is picked up next time round (or, if it waits for the other thing, left
+            // to end by itself within WAIT_MAX).
             let ready = max > 0;
-            let known_held = self.credit().held[index].messages;
             room.borrow_and_update();
-            let request = QueueRequest::Wait {
-                target: Broker::target(&self.queue, self.partition),
-                consumer: self.consumer.clone(),
-                ready,
-                known_held,
-                wait_ms: WAIT_MAX.as_millis() as u64,
+            let mut handle = match waiting.take() {
+                Some((was_ready, handle)) if was_ready == ready => handle,
+                _ => {
+                    let request = QueueRequest::Wait {
+                        target: Broker::target(&self.queue, self.partition),
+                        consumer: self.consumer.clone(),
+                        ready,
+                        known_held: self.credit().held[index].messages,
+                        wait_ms: WAIT_MAX.as_millis() as u64,
+                    };
+                    let deadline = Instant::now() + WAIT_MAX + call_timeout;
+                    let (broker, queue, partition) =
+                        (self.broker.clone(), self.queue.clone(), self.partition);
+                    tokio::spawn(async move {
+                        broker
+                            .queue_call(&queue, partition, request, deadline)
+                            .await
+                    })
+                }
             };
-            let deadline = Instant::now() + WAIT_MAX + call_timeout;
             tokio::select! {
-                outcome = self.broker.queue_call(&self.queue, self.partition, request, deadline) => {
+                outcome = &mut handle => {
                     match outcome {
-                        Ok(QueueOutcome::Waited { held, .. }) => {
+                        Ok(Ok(QueueOutcome::Waited { held, .. })) => {
                             self.credit().update(index, Some(held));
                             pause = RETRY_PAUSE;
                         }
-                        Ok(other) => tracing::warn!(?other, "unexpected wait answer"),
-                        Err(error) => {
+                        Ok(Ok(other)) => tracing::warn!(?other, "unexpected wait answer"),
+                        Ok(Err(error)) => {
                             if !self.retry(error, &mut pause).await {
                                 return;
                             }
                         }
+                        Err(_) => tokio::time::sleep(pause).await,
                     }
                 }
-                _ = room.changed(), if !ready => {}
+                _ = room.changed(), if !ready => waiting = Some((ready, handle)),
                 () = self.tx.closed() => return,
             }
         }

@@ -260,6 +260,28 @@ pub struct QueueState {
     /// Messages changed since the last `take_changes` (rows to rewrite or delete).
     #[serde(skip)]
     changed: BTreeSet<u64>,
+    /// Indexes over `messages`, kept in step by [`QueueState::put`] and
+    /// [`QueueState::take`] (rebuilt on restore), so a lease, a wait and the queue loop cost
+    /// what they touch, not the whole state.
+    #[serde(skip)]
+    index: Index,
+}
+
+/// What `QueueState` derives from its messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Index {
+    /// Offsets of available messages (delayed ones included).
+    available: BTreeSet<u64>,
+    /// `(not before, offset)` of available messages.
+    available_times: BTreeSet<(u64, u64)>,
+    /// `(lease end, offset)` of leased messages.
+    leases: BTreeSet<(u64, u64)>,
+    /// What each consumer holds.
+    holders: BTreeMap<String, Held>,
+    /// Unfinished offsets per key.
+    keys: BTreeMap<u64, BTreeSet<u64>>,
+    /// Offsets waiting for the dead-letter topic.
+    dead_lettering: BTreeSet<u64>,
 }
 
 /// Depth of a queue partition at some time.
@@ -298,8 +320,7 @@ impl QueueState {
                 let deliveries = chosen
                     .into_iter()
                     .map(|offset| {
-                        self.changed.insert(offset);
-                        let message = self.messages.get_mut(&offset).expect("chosen from the map");
+                        let mut message = self.take(offset).expect("chosen from the map");
                         message.deliveries += 1;
                         if message.deliveries > 1 {
                             self.counters.redeliveries += 1;
@@ -308,9 +329,11 @@ impl QueueState {
                             consumer: consumer.clone(),
                             until_ms,
                         };
+                        let deliveries = message.deliveries;
+                        self.put(offset, message);
                         Delivery {
                             offset,
-                            deliveries: message.deliveries,
+                            deliveries,
                             lease_until_ms: until_ms,
                         }
                     })
@@ -374,19 +397,21 @@ impl QueueState {
             }
             QueueCommand::Expire { now_ms, settings } => {
                 let (mut redelivered, mut dead_lettered) = (0, 0);
-                for (offset, message) in self.messages.iter_mut() {
-                    let Standing::Leased { until_ms, .. } = &message.standing else {
-                        continue;
-                    };
-                    if *until_ms > now_ms {
-                        continue;
-                    }
-                    *message = Self::after_delivery(message, now_ms, settings);
-                    self.changed.insert(*offset);
+                let ended: Vec<u64> = self
+                    .index
+                    .leases
+                    .iter()
+                    .take_while(|(until_ms, _)| *until_ms <= now_ms)
+                    .map(|(_, offset)| *offset)
+                    .collect();
+                for offset in ended {
+                    let message = self.take(offset).expect("indexed leases are messages");
+                    let message = Self::after_delivery(&message, now_ms, settings);
                     match message.standing {
                         Standing::DeadLettering { .. } => dead_lettered += 1,
                         _ => redelivered += 1,
                     }
+                    self.put(offset, message);
                 }
                 self.counters.lease_expiries += u64::from(redelivered + dead_lettered);
                 QueueAnswer::Expired {
@@ -402,8 +427,7 @@ impl QueueState {
                             standing: Standing::DeadLettering { .. },
                             ..
                         }) => {
-                            self.messages.remove(offset);
-                            self.changed.insert(*offset);
+                            self.take(*offset);
                             self.counters.dead_lettered += 1;
                             Settled::Done
                         }
@@ -441,7 +465,7 @@ impl QueueState {
             if meta.offset != self.scanned {
                 continue;
             }
-            self.messages.insert(
+            self.put(
                 meta.offset,
                 Message {
                     key: meta.key,
@@ -453,7 +477,6 @@ impl QueueState {
                     },
                 },
             );
-            self.changed.insert(meta.offset);
             self.scanned += 1;
         }
     }
@@ -470,52 +493,114 @@ impl QueueState {
         now_ms: u64,
         settings: QueueSettings,
     ) -> Vec<u64> {
-        let leased = self
-            .messages
-            .values()
-            .filter(|message| matches!(message.standing, Standing::Leased { .. }))
-            .count() as u32;
+        let leased = self.index.leases.len() as u32;
         let room = settings.in_flight_max.saturating_sub(leased).min(max);
         let mut chosen = Vec::new();
         let mut bytes = 0u64;
-        let mut keys_seen = BTreeSet::new();
-        for (offset, message) in &self.messages {
-            if chosen.len() as u32 >= room || *offset >= below {
+        for offset in self.index.available.range(..below) {
+            if chosen.len() as u32 >= room {
                 break;
             }
-            let first_of_key = match message.key {
-                Some(key) if settings.key_ordered => keys_seen.insert(key),
-                _ => true,
+            let message = &self.messages[offset];
+            let Standing::Available { not_before_ms } = message.standing else {
+                continue;
             };
-            if let Standing::Available { not_before_ms } = message.standing
-                && not_before_ms <= now_ms
-                && first_of_key
-            {
-                let size = u64::from(message.bytes);
-                if !chosen.is_empty() && bytes + size > max_bytes {
-                    break;
-                }
-                bytes += size;
-                chosen.push(*offset);
+            if not_before_ms > now_ms {
+                continue;
             }
+            if settings.key_ordered
+                && let Some(key) = message.key
+                && self.index.keys[&key].first() != Some(offset)
+            {
+                continue;
+            }
+            let size = u64::from(message.bytes);
+            if !chosen.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            chosen.push(*offset);
         }
         chosen
     }
 
     /// What `consumer` holds.
     pub fn held(&self, consumer: &str) -> Held {
-        let mut held = Held::default();
-        for message in self.messages.values() {
-            if let Standing::Leased {
-                consumer: holder, ..
-            } = &message.standing
-                && holder == consumer
-            {
+        self.index
+            .holders
+            .get(consumer)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Sets a message (new, or taken out with [`QueueState::take`]) and indexes it.
+    fn put(&mut self, offset: u64, message: Message) {
+        let index = &mut self.index;
+        match &message.standing {
+            Standing::Available { not_before_ms } => {
+                index.available.insert(offset);
+                index.available_times.insert((*not_before_ms, offset));
+            }
+            Standing::Leased { consumer, until_ms } => {
+                index.leases.insert((*until_ms, offset));
+                let held = index.holders.entry(consumer.clone()).or_default();
                 held.messages += 1;
                 held.bytes += u64::from(message.bytes);
             }
+            Standing::DeadLettering { .. } => {
+                index.dead_lettering.insert(offset);
+            }
         }
-        held
+        if let Some(key) = message.key {
+            index.keys.entry(key).or_default().insert(offset);
+        }
+        self.changed.insert(offset);
+        self.messages.insert(offset, message);
+    }
+
+    /// Removes a message and its index entries.
+    fn take(&mut self, offset: u64) -> Option<Message> {
+        let message = self.messages.remove(&offset)?;
+        let index = &mut self.index;
+        match &message.standing {
+            Standing::Available { not_before_ms } => {
+                index.available.remove(&offset);
+                index.available_times.remove(&(*not_before_ms, offset));
+            }
+            Standing::Leased { consumer, until_ms } => {
+                index.leases.remove(&(*until_ms, offset));
+                if let Some(held) = index.holders.get_mut(consumer) {
+                    held.messages -= 1;
+                    held.bytes -= u64::from(message.bytes);
+                    if held.messages == 0 {
+                        index.holders.remove(consumer);
+                    }
+                }
+            }
+            Standing::DeadLettering { .. } => {
+                index.dead_lettering.remove(&offset);
+            }
+        }
+        if let Some(key) = message.key
+            && let Some(offsets) = index.keys.get_mut(&key)
+        {
+            offsets.remove(&offset);
+            if offsets.is_empty() {
+                index.keys.remove(&key);
+            }
+        }
+        self.changed.insert(offset);
+        Some(message)
+    }
+
+    /// Rebuilds the indexes from the messages (after a restore).
+    fn reindex(&mut self) {
+        let messages = std::mem::take(&mut self.messages);
+        self.index = Index::default();
+        for (offset, message) in messages {
+            self.put(offset, message);
+        }
+        self.changed.clear();
     }
 
     /// Applies `change` to each message whose current delivery the receipt names (`None`:
@@ -536,15 +621,11 @@ impl QueueState {
                 {
                     return Settled::NotHeld;
                 }
-                match change(message) {
-                    Some(changed) => {
-                        self.messages.insert(receipt.offset, changed);
-                    }
-                    None => {
-                        self.messages.remove(&receipt.offset);
-                    }
+                let changed = change(message);
+                self.take(receipt.offset);
+                if let Some(changed) = changed {
+                    self.put(receipt.offset, changed);
                 }
-                self.changed.insert(receipt.offset);
                 Settled::Done
             })
             .collect()
@@ -556,42 +637,49 @@ impl QueueState {
         self.floor = self.floor.max(lowest);
     }
 
-    /// Messages waiting for the dead-letter topic, with why.
+    /// Messages waiting for the dead-letter topic: `(offset, deliveries, why)`.
     pub fn dead_lettering(&self) -> Vec<(u64, u32, String)> {
-        self.messages
+        self.index
+            .dead_lettering
             .iter()
-            .filter_map(|(offset, message)| match &message.standing {
-                Standing::DeadLettering { reason } => {
-                    Some((*offset, message.deliveries, reason.clone()))
-                }
+            .filter_map(|offset| match &self.messages[offset] {
+                Message {
+                    standing: Standing::DeadLettering { reason },
+                    deliveries,
+                    ..
+                } => Some((*offset, *deliveries, reason.clone())),
                 _ => None,
             })
             .collect()
     }
 
+    /// Whether any message waits for the dead-letter topic.
+    pub fn has_dead_letters(&self) -> bool {
+        !self.index.dead_lettering.is_empty()
+    }
+
     /// The earliest time after `now_ms` a delayed message becomes available (`None`: none
     /// waits).
     pub fn next_due_after(&self, now_ms: u64) -> Option<u64> {
-        self.messages
-            .values()
-            .filter_map(|message| match message.standing {
-                Standing::Available { not_before_ms } if not_before_ms > now_ms => {
-                    Some(not_before_ms)
-                }
-                _ => None,
-            })
-            .min()
+        let after = now_ms.checked_add(1)?;
+        self.index
+            .available_times
+            .range((after, 0)..)
+            .next()
+            .map(|(not_before_ms, _)| *not_before_ms)
     }
 
     /// The earliest lease end, if any message is leased.
     pub fn next_lease_end(&self) -> Option<u64> {
-        self.messages
-            .values()
-            .filter_map(|message| match message.standing {
-                Standing::Leased { until_ms, .. } => Some(until_ms),
-                _ => None,
-            })
-            .min()
+        self.index.leases.first().map(|(until_ms, _)| *until_ms)
+    }
+
+    /// Whether the indexes agree with the messages (for tests).
+    #[cfg(test)]
+    fn index_is_consistent(&self) -> bool {
+        let mut rebuilt = self.clone();
+        rebuilt.reindex();
+        rebuilt.index == self.index
     }
 
     /// Where the messages stand at `now_ms`.
@@ -657,6 +745,11 @@ impl SharedQueue {
     /// Changes each time a command is applied.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Wakes whoever waits on [`SharedQueue::subscribe`] without a change of state.
+    pub fn touch(&self) {
+        self.changed.send_modify(|version| *version += 1);
     }
 }
 
@@ -739,7 +832,9 @@ impl ordo_raft::StateApply for SharedQueue {
                 messages,
                 counters: header.counters,
                 changed: BTreeSet::new(),
+                index: Index::default(),
             };
+            state.reindex();
         });
         self.changed.send_modify(|version| *version += 1);
         Ok(())
@@ -1082,6 +1177,7 @@ mod tests {
                     }
                 }
                 prop_assert!(state.floor >= floor, "the floor moved back");
+                prop_assert!(state.index_is_consistent(), "indexes out of step");
                 for offset in 0..state.floor {
                     prop_assert!(!state.messages.contains_key(&offset));
                 }

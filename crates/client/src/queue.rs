@@ -6,6 +6,7 @@
 //! finished), never a second effect.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ordo_proto::v1 as proto;
@@ -576,6 +577,8 @@ type AckSlot = (Receipt, oneshot::Sender<Result<SettleOutcome, ClientError>>);
 
 /// Most acks in one call of the batcher.
 const ACK_BATCH_MAX: usize = 500;
+/// Ack calls of one batcher in flight at once.
+const ACK_CALLS_MAX: usize = 4;
 /// How long the batcher waits for more acks after the first.
 const ACK_LINGER: Duration = Duration::from_millis(2);
 
@@ -591,6 +594,7 @@ type Acker = QueueAcker;
 impl Acker {
     fn start(client: Client, queue: String) -> Acker {
         let (tx, mut rx) = mpsc::channel::<AckSlot>(ACK_BATCH_MAX * 4);
+        let calls = Arc::new(tokio::sync::Semaphore::new(ACK_CALLS_MAX));
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -605,19 +609,28 @@ impl Acker {
                         () = &mut linger => break,
                     }
                 }
-                let receipts: Vec<Receipt> = batch.iter().map(|(receipt, _)| *receipt).collect();
-                match client.ack(&queue, &receipts).await {
-                    Ok(outcomes) => {
-                        for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
-                            let _ = reply.send(Ok(outcome));
+                // Up to ACK_CALLS_MAX calls in flight: a batch does not wait for the one before.
+                let Ok(permit) = Arc::clone(&calls).acquire_owned().await else {
+                    break;
+                };
+                let (client, queue) = (client.clone(), queue.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let receipts: Vec<Receipt> =
+                        batch.iter().map(|(receipt, _)| *receipt).collect();
+                    match client.ack(&queue, &receipts).await {
+                        Ok(outcomes) => {
+                            for ((_, reply), outcome) in batch.into_iter().zip(outcomes) {
+                                let _ = reply.send(Ok(outcome));
+                            }
+                        }
+                        Err(error) => {
+                            for (_, reply) in batch {
+                                let _ = reply.send(Err(error.clone()));
+                            }
                         }
                     }
-                    Err(error) => {
-                        for (_, reply) in batch {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                    }
-                }
+                });
             }
         });
         Acker { tx }

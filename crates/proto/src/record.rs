@@ -62,12 +62,7 @@ impl Record {
     /// Bytes this record counts against the size limits: key, value and headers.
     #[inline]
     pub fn size_bytes(&self) -> u64 {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(key, value)| key.len() + value.len())
-            .sum();
-        (self.key.as_ref().map_or(0, Bytes::len) + self.value.len() + headers) as u64
+        payload_size(self.key.as_ref(), &self.value, &self.headers)
     }
 }
 
@@ -87,6 +82,22 @@ pub struct StoredRecord {
     pub headers: Vec<(String, Bytes)>,
     /// Milliseconds since the Unix epoch, as produced or as stamped by the leader.
     pub timestamp_ms: i64,
+}
+
+/// Bytes of a record's key, value and headers.
+fn payload_size(key: Option<&Bytes>, value: &Bytes, headers: &[(String, Bytes)]) -> u64 {
+    let headers: usize = headers
+        .iter()
+        .map(|(key, value)| key.len() + value.len())
+        .sum();
+    (key.map_or(0, Bytes::len) + value.len() + headers) as u64
+}
+
+impl StoredRecord {
+    /// Bytes of key, value and headers: what the record limits count.
+    pub fn size_bytes(&self) -> u64 {
+        payload_size(self.key.as_ref(), &self.value, &self.headers)
+    }
 }
 
 #[inline]

@@ -18,11 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use bytes::Bytes;
 use clap::Args;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use ordo_client::{Client, GroupConsumerOptions, GroupEvent, Record};
+use ordo_client::{Client, GroupConsumerOptions, GroupEvent};
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -32,10 +29,6 @@ use super::{
 };
 use crate::GlobalArgs;
 
-/// Produce calls kept outstanding while filling the topic.
-const FILL_IN_FLIGHT: usize = 8;
-/// Records per produce call while filling.
-const FILL_BATCH: u64 = 500;
 /// Longest one phase (a read by a group, a rebalance) may take.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -108,7 +101,7 @@ pub async fn run(
     let run_id = super::seed_or_clock(None);
     let progress = progress_bar(Duration::from_secs(1));
     progress.set_message(format!("filling {} records", args.records));
-    fill(&client, args).await?;
+    super::fill(&client, &args.topic, args.records, args.record_size, None).await?;
     let total = end_sum(&client, &args.topic).await?;
 
     let mut throughput = Vec::new();
@@ -198,25 +191,6 @@ pub async fn run(
         spread(&summary.death_rebalance_ms),
     ));
     report(&summary, rows, args.output_file.as_deref(), global)
-}
-
-/// Writes `--records` records, spread over the partitions.
-async fn fill(client: &Client, args: &GroupBenchArgs) -> anyhow::Result<()> {
-    let value = Bytes::from(vec![b'g'; args.record_size as usize]);
-    let mut written = 0u64;
-    let mut calls = FuturesUnordered::new();
-    while written < args.records || !calls.is_empty() {
-        while written < args.records && calls.len() < FILL_IN_FLIGHT {
-            let count = FILL_BATCH.min(args.records - written);
-            written += count;
-            let records: Vec<Record> = (0..count).map(|_| Record::new(value.clone())).collect();
-            calls.push(client.produce(&args.topic, None, records));
-        }
-        if let Some(result) = calls.next().await {
-            result.context("filling the topic failed")?;
-        }
-    }
-    Ok(())
 }
 
 /// Records in the topic now (the sum of its partitions' ends).

@@ -195,6 +195,45 @@ async fn ensure_topic(
     }
 }
 
+/// Produce calls kept outstanding while filling a topic.
+const FILL_IN_FLIGHT: usize = 8;
+/// Records per produce call while filling.
+const FILL_BATCH: u64 = 500;
+
+/// Writes `records` records of `record_size` bytes to `topic`: spread over the partitions, or
+/// keyed `key-<i mod keys>` (so by key) when `keys` is given.
+async fn fill(
+    client: &Client,
+    topic: &str,
+    records: u64,
+    record_size: u32,
+    keys: Option<u64>,
+) -> anyhow::Result<()> {
+    let value = bytes::Bytes::from(vec![b'b'; record_size as usize]);
+    let mut written = 0u64;
+    let mut calls = futures::stream::FuturesUnordered::new();
+    while written < records || !calls.is_empty() {
+        while written < records && calls.len() < FILL_IN_FLIGHT {
+            let count = FILL_BATCH.min(records - written);
+            let batch: Vec<ordo_client::Record> = (written..written + count)
+                .map(|index| {
+                    let record = ordo_client::Record::new(value.clone());
+                    match keys {
+                        Some(keys) => record.with_key(format!("key-{}", index % keys.max(1))),
+                        None => record,
+                    }
+                })
+                .collect();
+            written += count;
+            calls.push(client.produce(topic, None, batch));
+        }
+        if let Some(result) = futures::StreamExt::next(&mut calls).await {
+            result.context("filling the topic failed")?;
+        }
+    }
+    Ok(())
+}
+
 /// Prints the table (unless JSON output was asked for) and the one JSON line, and appends the
 /// line to `output_file`.
 fn report<T: Serialize>(

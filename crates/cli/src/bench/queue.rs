@@ -17,12 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use bytes::Bytes;
 use clap::Args;
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
-use ordo_client::{Client, QueueConsumerOptions, QueueSettings, Record};
+use ordo_client::{Client, QueueConsumerOptions, QueueSettings};
 use serde::Serialize;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -32,10 +29,6 @@ use super::{
 };
 use crate::GlobalArgs;
 
-/// Produce calls kept outstanding while filling the topic.
-const FILL_IN_FLIGHT: usize = 8;
-/// Records per produce call while filling.
-const FILL_BATCH: u64 = 500;
 /// Longest one phase may take.
 const PHASE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -109,7 +102,14 @@ pub async fn run(
     let run_id = super::seed_or_clock(None);
     let progress = progress_bar(Duration::from_secs(1));
     progress.set_message(format!("filling {} records", args.records));
-    fill(&client, args).await?;
+    super::fill(
+        &client,
+        &args.topic,
+        args.records,
+        args.record_size,
+        Some(args.keys),
+    )
+    .await?;
     let total: u64 = client
         .describe_topic(&args.topic)
         .await?
@@ -198,29 +198,6 @@ pub async fn run(
     report(&summary, rows, args.output_file.as_deref(), global)
 }
 
-/// Writes `--records` keyed records, spread over the partitions by key.
-async fn fill(client: &Client, args: &QueueBenchArgs) -> anyhow::Result<()> {
-    let value = Bytes::from(vec![b'q'; args.record_size as usize]);
-    let mut written = 0u64;
-    let mut calls = FuturesUnordered::new();
-    while written < args.records || !calls.is_empty() {
-        while written < args.records && calls.len() < FILL_IN_FLIGHT {
-            let count = FILL_BATCH.min(args.records - written);
-            let records: Vec<Record> = (written..written + count)
-                .map(|index| {
-                    Record::new(value.clone()).with_key(format!("key-{}", index % args.keys))
-                })
-                .collect();
-            written += count;
-            calls.push(client.produce(&args.topic, None, records));
-        }
-        if let Some(result) = calls.next().await {
-            result.context("filling the topic failed")?;
-        }
-    }
-    Ok(())
-}
-
 /// `consumers` consumers drain `queue` of `total` messages, acking each as it comes. Returns
 /// the time from the start to the last ack, the ack latencies, and the redeliveries seen.
 async fn drain(
@@ -234,13 +211,15 @@ async fn drain(
     let acked = Arc::new(AtomicU64::new(0));
     let redelivered = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(new_histogram()));
+    let failures: Arc<Mutex<std::collections::BTreeMap<String, u64>>> = Arc::default();
     let mut tasks = JoinSet::new();
     for _ in 0..consumers {
         let (client, queue) = (client.clone(), queue.to_owned());
-        let (acked, redelivered, latencies) = (
+        let (acked, redelivered, latencies, failures) = (
             Arc::clone(&acked),
             Arc::clone(&redelivered),
             Arc::clone(&latencies),
+            Arc::clone(&failures),
         );
         let options = QueueConsumerOptions {
             max_in_flight: args.max_in_flight,
@@ -261,15 +240,35 @@ async fn drain(
                 }
                 let (acker, acked, latencies) =
                     (consumer.acker(), Arc::clone(&acked), Arc::clone(&latencies));
+                let failures = Arc::clone(&failures);
                 acks.spawn(async move {
                     let sent = Instant::now();
-                    let outcome = acker.ack(message.receipt).await;
-                    if let Ok(ordo_client::SettleOutcome::Done) = outcome {
-                        record_latency(
-                            &mut latencies.lock().expect("latency lock"),
-                            sent.elapsed(),
-                        );
-                        acked.fetch_add(1, Ordering::Relaxed);
+                    match acker.ack(message.receipt).await {
+                        Ok(ordo_client::SettleOutcome::Done) => {
+                            record_latency(
+                                &mut latencies.lock().expect("latency lock"),
+                                sent.elapsed(),
+                            );
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // A retried ack whose first attempt was applied.
+                        Ok(ordo_client::SettleOutcome::Unknown) => {
+                            acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(ordo_client::SettleOutcome::NotHeld) => {
+                            *failures
+                                .lock()
+                                .expect("failures lock")
+                                .entry("not_held".to_owned())
+                                .or_insert(0) += 1;
+                        }
+                        Err(error) => {
+                            *failures
+                                .lock()
+                                .expect("failures lock")
+                                .entry(error.kind().to_owned())
+                                .or_insert(0) += 1;
+                        }
                     }
                 });
                 while acks.try_join_next().is_some() {}
@@ -281,12 +280,25 @@ async fn drain(
     let deadline = Instant::now() + PHASE_TIMEOUT;
     while let Some(joined) = tokio::time::timeout_at(deadline, tasks.join_next())
         .await
-        .context("the queue was not drained in time")?
+        .with_context(|| {
+            format!(
+                "the queue was not drained in time: {} of {total} acked; failed acks {:?}",
+                acked.load(Ordering::Relaxed),
+                failures.lock().expect("failures lock")
+            )
+        })?
     {
         joined.context("a consumer panicked")??;
     }
     let elapsed = began.elapsed();
     let latencies = latencies.lock().expect("latency lock").clone();
+    let failures = failures.lock().expect("failures lock").clone();
+    if !failures.is_empty() {
+        tracing::warn!(
+            ?failures,
+            "acks that did not settle (their messages came again)"
+        );
+    }
     Ok((elapsed, latencies, redelivered.load(Ordering::Relaxed)))
 }
 
@@ -301,7 +313,19 @@ async fn redelivery_delays(
         visibility_timeout_ms: u64::try_from(args.visibility.as_millis()).unwrap_or(u64::MAX),
         ..QueueSettings::default()
     };
-    client.create_queue(queue, &args.topic, &settings).await?;
+    // A topic of its own holding only the messages to leave unsettled, so their second
+    // delivery waits for nothing but the lease's end.
+    let topic = format!("{queue}-topic");
+    ensure_topic(client, &topic, args.partitions, 3).await?;
+    super::fill(
+        client,
+        &topic,
+        u64::from(args.redeliveries),
+        args.record_size,
+        None,
+    )
+    .await?;
+    client.create_queue(queue, &topic, &settings).await?;
     let options = QueueConsumerOptions {
         max_in_flight: args.redeliveries,
         ..QueueConsumerOptions::default()
@@ -317,6 +341,9 @@ async fn redelivery_delays(
             message.lease_until_ms,
         );
     }
+    // The first consumer goes away holding its leases (a crash): its stream would otherwise
+    // take the messages again itself once their leases end.
+    drop(first);
     let mut second = client.queue_consumer(queue, options).await?;
     let mut delays = new_histogram();
     let mut seen = 0;
@@ -335,9 +362,11 @@ async fn redelivery_delays(
             record_latency(&mut delays, Duration::from_millis(late_ms));
             seen += 1;
         }
-        second.ack(message.receipt).await?;
+        // Acked in the background: the next message's time must not wait for this ack.
+        let acker = second.acker();
+        tokio::spawn(async move { acker.ack(message.receipt).await });
     }
-    drop(first);
     client.delete_queue(queue).await.ok();
+    client.delete_topic(&topic).await.ok();
     Ok(delays)
 }
