@@ -1,7 +1,7 @@
 //! Fault injection against real processes, Jepsen style (issue 5).
 //!
 //! A run starts N `ordo serve` processes, each in its own network namespace wired to a bridge
-//! in a namespace of the run's own (`net.rs`), with one node's data dir on a 64 MiB tmpfs
+//! in a namespace of the run's own (`net.rs`), with one node's data dir on a 192 MiB tmpfs
 //! (`nodes.rs`). Producers and consumers (`workload.rs`) run against random nodes while the
 //! nemesis (`nemesis.rs`) kills, pauses, partitions, drops packets, restarts everything, fills
 //! the small disk and restarts the metadata leader, one fault at a time, chosen by the seed.
@@ -349,7 +349,7 @@ async fn drive(
         .context("cluster not ready at start")?;
     create_topic(nodes, partitions).await?;
     println!(
-        "ordo-chaos: cluster ready, topic {TOPIC} ({partitions} partitions, rf {REPLICATION_FACTOR}); node {} has the 64 MiB disk",
+        "ordo-chaos: cluster ready, topic {TOPIC} ({partitions} partitions, rf {REPLICATION_FACTOR}); node {} has the 192 MiB disk",
         small_disk + 1
     );
 

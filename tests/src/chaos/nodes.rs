@@ -21,8 +21,11 @@ use super::net::{Net, run};
 const PORT: u16 = 7000;
 /// Metrics port of every node.
 const METRICS_PORT: u16 = 9100;
-/// Size of the disk-full node's filesystem.
-pub const SMALL_DISK: &str = "size=64m";
+/// Size of the disk-full node's filesystem. 192 MiB: a 10-minute run's own data (about 120,000
+/// records, each also leased and acked through a queue partition, none ever deleted until
+/// retention and log compaction exist) outgrew 64 MiB and left the node unable to start; the
+/// disk-full fault fills whatever is free, so the size does not change the fault.
+pub const SMALL_DISK: &str = "size=192m";
 
 /// A node's process state as the harness sees it.
 struct Process {
@@ -277,7 +280,7 @@ impl Nodes {
         let mut file = File::create(mount.join("fill")).context("create the filler")?;
         let chunk = vec![0x55u8; 256 * 1024];
         let mut written = 0u64;
-        // 64 MiB / 256 KiB = 256 chunks; the bound leaves room for a bigger disk.
+        // 192 MiB / 256 KiB = 768 chunks; the bound leaves room for a bigger disk.
         for _ in 0..4096 {
             match file.write(&chunk) {
                 Ok(0) => break,
