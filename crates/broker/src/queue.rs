@@ -1441,8 +1441,15 @@ impl Broker {
                                     Bytes::from(record.value.len().to_string()),
                                 ));
                                 stripped.value = Bytes::new();
-                                self.produce(topic, None, vec![stripped], None, timeout)
-                                    .await?;
+                                // What was written before must still be finished.
+                                if let Err(error) = self
+                                    .produce(topic, None, vec![stripped], None, timeout)
+                                    .await
+                                {
+                                    return self
+                                        .finish_dead_letters(group, written, Err(error))
+                                        .await;
+                                }
                                 written.push(*offset);
                             }
                             Err(error) => {
