@@ -81,6 +81,8 @@ pub struct TestCluster {
     binary: PathBuf,
     initial_cluster: String,
     nodes: Vec<Node>,
+    /// A config file every node is started with (`--config`), if any.
+    config: Option<PathBuf>,
     /// Declared last so it is removed after the processes are gone.
     root: tempfile::TempDir,
 }
@@ -95,12 +97,33 @@ impl TestCluster {
 
     /// Starts `size` nodes (ids 1..=size) without waiting for them; see [`Self::wait_ready`].
     pub fn start(size: usize) -> Result<Self> {
+        Self::start_with_config(size, None)
+    }
+
+    /// Like [`Self::start_ready`], every node started with the config file `toml` (TOML text,
+    /// e.g. `"[retention]\ncheck_interval_ms = 200\n"`).
+    pub async fn start_ready_with_config(size: usize, toml: &str) -> Result<Self> {
+        let cluster = Self::start_with_config(size, Some(toml))?;
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    /// Starts `size` nodes, with the config file `toml` when given.
+    pub fn start_with_config(size: usize, toml: Option<&str>) -> Result<Self> {
         ensure!(size > 0, "a cluster needs at least one node");
         let binary = ordo_binary()?;
         let root = tempfile::Builder::new()
             .prefix("ordo-test-")
             .tempdir()
             .context("create the cluster's temp dir")?;
+        let config = match toml {
+            Some(toml) => {
+                let path = root.path().join("ordo.toml");
+                fs::write(&path, toml).context("write the nodes' config file")?;
+                Some(path)
+            }
+            None => None,
+        };
         // Every listener stays bound until all ports are picked, so no two ports coincide.
         let listeners = (0..size * 2)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
@@ -137,6 +160,7 @@ impl TestCluster {
             binary,
             initial_cluster,
             nodes,
+            config,
             root,
         };
         for node in &cluster.nodes {
@@ -225,6 +249,11 @@ impl TestCluster {
                 .with_context(|| format!("metric line {line:?}"))? as u64;
         }
         Ok(sum)
+    }
+
+    /// A node's data directory.
+    pub fn data_dir(&self, node: NodeId) -> PathBuf {
+        self.node(node).data_dir.clone()
     }
 
     /// The file a node's stdout and stderr go to.
@@ -584,6 +613,9 @@ impl TestCluster {
                 starter: "ordo-tests",
             },
         )?;
+        if let Some(config) = &self.config {
+            command.arg("--config").arg(config);
+        }
         let child = command
             .spawn()
             .with_context(|| format!("start {} for node {}", self.binary.display(), node.id))?;
@@ -978,12 +1010,24 @@ pub async fn read_partition(
     end_min: u64,
     source: Source,
 ) -> Result<Vec<StoredRecord>> {
+    read_partition_from(client, topic, partition, 0, end_min, source).await
+}
+
+/// [`read_partition`] from offset `from` (a log start retention moved), dense from there.
+pub async fn read_partition_from(
+    client: &mut LogClient<Channel>,
+    topic: &str,
+    partition: u32,
+    from: u64,
+    end_min: u64,
+    source: Source,
+) -> Result<Vec<StoredRecord>> {
     let deadline = Instant::now() + READ_TIMEOUT;
     let mut records: Vec<StoredRecord> = Vec::new();
     let mut last_error = None;
     let mut high_watermark = None;
     loop {
-        let next = records.len() as u64;
+        let next = from + records.len() as u64;
         let mut progressed = false;
         let request = FetchRequest {
             topic: topic.to_owned(),
@@ -1009,7 +1053,11 @@ pub async fn read_partition(
                     response.partition
                 );
                 for record in response.records {
-                    let expected = records.len() as u64;
+                    let expected = from + records.len() as u64;
+                    // The first batch may start before the offset asked for.
+                    if record.offset < expected && records.is_empty() {
+                        continue;
+                    }
                     ensure!(
                         record.offset == expected,
                         "offsets not dense: expected offset {expected}, got {}",
@@ -1025,7 +1073,7 @@ pub async fn read_partition(
                     progressed = true;
                 }
                 high_watermark = Some(response.high_watermark);
-                let end = records.len() as u64;
+                let end = from + records.len() as u64;
                 if end >= response.high_watermark && end >= end_min {
                     return Ok(records);
                 }

@@ -68,17 +68,7 @@ impl Broker {
             u64::from(replication_factor),
             u64::from(limits.replication_factor_max),
         )?;
-        if let Some(value) = config.get(crate::metadata::TIMESTAMP_TYPE)
-            && !matches!(value.as_str(), "create" | "append")
-        {
-            return Err(BrokerError::invalid(
-                reason::INVALID_TOPIC_CONFIG,
-                format!(
-                    "{} is {value:?}; use \"create\" (the producer's timestamps) or \"append\" (the receiving node's clock)",
-                    crate::metadata::TIMESTAMP_TYPE
-                ),
-            ));
-        }
+        crate::retention::validate_topic_config(&config)?;
         let nodes: Vec<NodeId> = self.state.options.nodes.keys().copied().collect();
         if replication_factor as usize > nodes.len() {
             return Err(BrokerError::FailedPrecondition(format!(
@@ -132,6 +122,38 @@ impl Broker {
             .await?
         {
             MetaAnswer::Deleted => Ok(()),
+            MetaAnswer::NotFound => Err(BrokerError::TopicNotFound(name.to_string())),
+            MetaAnswer::Rejected(reason) => Err(BrokerError::FailedPrecondition(reason)),
+            other => Err(BrokerError::Internal(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Changes a topic's config: sets the keys of `set`, removes those of `remove` (back to the
+    /// cluster defaults). Returns the topic as it is then.
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+        timeout: Duration,
+    ) -> Result<TopicView, BrokerError> {
+        validate_topic_name(name)?;
+        crate::retention::validate_topic_config(&set)?;
+        if let Some(both) = remove.iter().find(|key| set.contains_key(*key)) {
+            return Err(BrokerError::invalid(
+                reason::INVALID_TOPIC_CONFIG,
+                format!("{both:?} is both set and removed; do one"),
+            ));
+        }
+        let command = MetaCommand::AlterTopicConfig {
+            name: name.to_string(),
+            set,
+            remove,
+        };
+        match self.meta_command(command, Instant::now() + timeout).await? {
+            MetaAnswer::Altered(topic) => Ok(self.describe(&topic).await),
             MetaAnswer::NotFound => Err(BrokerError::TopicNotFound(name.to_string())),
             MetaAnswer::Rejected(reason) => Err(BrokerError::FailedPrecondition(reason)),
             other => Err(BrokerError::Internal(format!(

@@ -51,6 +51,8 @@ pub struct BrokerOptions {
     pub groups: GroupsConfig,
     /// Queues.
     pub queues: QueuesConfig,
+    /// Retention defaults and checks.
+    pub retention: crate::RetentionConfig,
 }
 
 /// What every part of the broker shares.

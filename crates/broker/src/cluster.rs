@@ -21,6 +21,10 @@ pub struct PartitionView {
     pub replicas: Vec<NodeId>,
     /// Offset after the last committed record.
     pub high_watermark: u64,
+    /// The first offset the partition holds.
+    pub log_start_offset: u64,
+    /// About the bytes of records the partition holds.
+    pub bytes: u64,
     /// Raft term.
     pub term: u64,
     /// Entries each replica is behind the leader, when the leader reported.
@@ -193,6 +197,18 @@ fn merge_partition(partition: u32, replicas: &[NodeId], reports: &[&GroupStatus]
                 .max()
                 .unwrap_or(0)
         });
+    let (log_start_offset, bytes) = leader_report
+        .map(|report| (report.log_start_offset, report.bytes))
+        .unwrap_or_else(|| {
+            (
+                reports
+                    .iter()
+                    .map(|status| status.log_start_offset)
+                    .max()
+                    .unwrap_or(0),
+                reports.iter().map(|status| status.bytes).min().unwrap_or(0),
+            )
+        });
     let lag = replicas
         .iter()
         .map(|replica| {
@@ -210,6 +226,8 @@ fn merge_partition(partition: u32, replicas: &[NodeId], reports: &[&GroupStatus]
         leader: best.and_then(|best| best.leader),
         replicas: replicas.to_vec(),
         high_watermark,
+        log_start_offset,
+        bytes,
         term: best.map(|best| best.term).unwrap_or(0),
         lag,
     }

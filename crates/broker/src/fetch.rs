@@ -208,7 +208,23 @@ impl Broker {
             .node
             .read(group, offset, max_bytes as usize)
             .await
-            .map_err(|error| BrokerError::Internal(error.to_string()))?;
+            .map_err(|error| match error {
+                ordo_raft::ReadError::BelowStart { start, .. } => BrokerError::OffsetOutOfRange {
+                    offset,
+                    start,
+                    end: self
+                        .state
+                        .node
+                        .log_range(group)
+                        .map_or(start, |(_, end)| end),
+                },
+                error => BrokerError::Internal(error.to_string()),
+            })?;
+        let log_start_offset = self
+            .state
+            .node
+            .log_range(group)
+            .map_or(0, |(start, _)| start);
         let mut records = Vec::new();
         let mut bytes = 0u64;
         'batches: for (base_offset, count, batch) in &read.batches {
@@ -224,7 +240,7 @@ impl Broker {
         Ok(FetchOutcome {
             records,
             high_watermark: read.high_watermark,
-            log_start_offset: 0,
+            log_start_offset,
         })
     }
 

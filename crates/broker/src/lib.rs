@@ -66,6 +66,7 @@ mod producer;
 mod queue;
 pub mod queue_state;
 mod records;
+mod retention;
 mod route;
 pub mod rpc;
 mod time;
@@ -110,6 +111,8 @@ pub use queue_state::Receipt;
 pub use queue_state::Settled;
 pub use records::Record;
 pub use records::StoredRecord;
+pub use retention::RetentionConfig;
+pub use retention::TopicRetention;
 pub use time::TimeOffset;
 
 /// A node's id.

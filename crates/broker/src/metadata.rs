@@ -307,6 +307,15 @@ pub enum MetaCommand {
         /// Name.
         name: String,
     },
+    /// Change a topic's config (validated by the proposer).
+    AlterTopicConfig {
+        /// The topic.
+        name: String,
+        /// Keys to set.
+        set: BTreeMap<String, String>,
+        /// Keys to remove.
+        remove: Vec<String>,
+    },
 }
 
 /// Answers of metadata commands.
@@ -338,6 +347,8 @@ pub enum MetaAnswer {
     },
     /// The queue was created.
     QueueCreated(Queue),
+    /// The topic's config was changed: the topic now.
+    Altered(Topic),
     /// The cluster holds `max` queues.
     TooManyQueues {
         /// The limit.
@@ -436,6 +447,16 @@ impl MetaState {
                 Some(_) => MetaAnswer::Deleted,
                 None => MetaAnswer::NotFound,
             },
+            MetaCommand::AlterTopicConfig { name, set, remove } => {
+                let Some(topic) = self.topics.get_mut(&name) else {
+                    return MetaAnswer::NotFound;
+                };
+                for key in remove {
+                    topic.config.remove(&key);
+                }
+                topic.config.extend(set);
+                MetaAnswer::Altered(topic.clone())
+            }
             MetaCommand::InitProducer {
                 name,
                 token,

@@ -1212,12 +1212,16 @@ impl Broker {
         let mut next = from;
         let mut bytes = 0u64;
         while records.len() < count && (records.is_empty() || bytes < bytes_max) {
-            let read = self
-                .state
-                .node
-                .read(log, next, SCAN_BYTES_MAX)
-                .await
-                .map_err(|error| BrokerError::Internal(error.to_string()))?;
+            let read = match self.state.node.read(log, next, SCAN_BYTES_MAX).await {
+                Ok(read) => read,
+                // Retention deleted the records from `next` on to the start: go on from there
+                // (a scan skips the offsets it finds no record at).
+                Err(ordo_raft::ReadError::BelowStart { start, .. }) if start > next => {
+                    next = start;
+                    continue;
+                }
+                Err(error) => return Err(BrokerError::Internal(error.to_string())),
+            };
             if read.batches.is_empty() {
                 break;
             }

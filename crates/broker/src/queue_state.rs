@@ -458,13 +458,16 @@ impl QueueState {
         }
     }
 
-    /// Takes in new messages, in offset order from `scanned`; anything else (a stale or
-    /// repeated scan) is ignored.
+    /// Takes in new messages, in offset order from `scanned`; offsets below it (a stale or
+    /// repeated scan) are ignored. A scan that starts past `scanned` skips the offsets between:
+    /// the proposer found no records there (retention deleted them; offsets are otherwise
+    /// dense), and a proposal never starts past what it read as `scanned` otherwise.
     fn scan(&mut self, new: Vec<MessageMeta>) {
         for meta in new {
-            if meta.offset != self.scanned {
+            if meta.offset < self.scanned {
                 continue;
             }
+            self.scanned = meta.offset;
             self.put(
                 meta.offset,
                 Message {
@@ -908,6 +911,28 @@ mod tests {
 
     fn ack(state: &mut QueueState, receipts: Vec<Receipt>) -> QueueAnswer {
         state.apply(QueueCommand::Ack { receipts })
+    }
+
+    /// A scan that starts past `scanned` (retention deleted the records between) skips those
+    /// offsets; a stale or repeated scan is still ignored.
+    #[test]
+    fn scans_skip_offsets_retention_deleted() {
+        let mut state = QueueState::default();
+        let first = receive(&mut state, "a", 10, metas(0, 3, 0), 0, SETTINGS);
+        assert_eq!(offsets(&first), [0, 1, 2]);
+        let after_gap = receive(&mut state, "a", 10, metas(100, 2, 0), 0, SETTINGS);
+        assert_eq!(
+            offsets(&after_gap),
+            [100, 101],
+            "offsets 3..100 are skipped"
+        );
+        assert_eq!(state.scanned, 102);
+        let stale = receive(&mut state, "a", 10, metas(50, 10, 0), 0, SETTINGS);
+        assert!(
+            stale.is_empty(),
+            "a stale scan below scanned takes nothing in"
+        );
+        assert_eq!(state.scanned, 102);
     }
 
     /// Each message goes to one consumer; an ack finishes it and moves the floor; a lease that

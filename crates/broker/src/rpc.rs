@@ -263,9 +263,10 @@ pub fn group_status_into_wire(status: GroupStatus) -> wire::GroupState {
         leader: status.leader,
         term: status.term,
         high_watermark: status.high_watermark,
-        log_start_offset: 0,
+        log_start_offset: status.log_start_offset,
         matched: status.matched.into_iter().collect(),
         last_log_index: status.last_log_index,
+        bytes: status.bytes,
     }
 }
 
@@ -276,6 +277,8 @@ pub fn group_status_from_wire(state: wire::GroupState) -> GroupStatus {
         leader: state.leader,
         term: state.term,
         high_watermark: state.high_watermark,
+        log_start_offset: state.log_start_offset,
+        bytes: state.bytes,
         last_log_index: state.last_log_index,
         matched: state.matched.into_iter().collect(),
         voters: Vec::new(),

@@ -20,6 +20,21 @@ pub enum TopicCommand {
         /// Replicas per partition (at most the number of nodes).
         #[arg(long, default_value_t = 3)]
         replication_factor: u32,
+        /// A config entry KEY=VALUE (repeatable): retention.ms, retention.bytes,
+        /// cleanup.policy, timestamp.type.
+        #[arg(long = "config", value_parser = parse_entry)]
+        config: Vec<(String, String)>,
+    },
+    /// Change a topic's config, e.g. `ordo topic alter orders --config retention.ms=3600000`.
+    Alter {
+        /// Topic name.
+        name: String,
+        /// A config entry to set, KEY=VALUE (repeatable).
+        #[arg(long = "config", value_parser = parse_entry)]
+        config: Vec<(String, String)>,
+        /// A config key to remove, back to the cluster default (repeatable).
+        #[arg(long = "delete-config")]
+        delete_config: Vec<String>,
     },
     /// List topics.
     List,
@@ -43,9 +58,10 @@ pub async fn run(command: TopicCommand, global: &GlobalArgs) -> anyhow::Result<(
             name,
             partitions,
             replication_factor,
+            config,
         } => {
             let topic = client
-                .create_topic(&name, partitions, replication_factor)
+                .create_topic_with_config(&name, partitions, replication_factor, &config)
                 .await
                 .with_context(|| format!("cannot create topic {name}"))?;
             match global.output {
@@ -78,6 +94,26 @@ pub async fn run(command: TopicCommand, global: &GlobalArgs) -> anyhow::Result<(
                 }
             }
         }
+        TopicCommand::Alter {
+            name,
+            config,
+            delete_config,
+        } => {
+            if config.is_empty() && delete_config.is_empty() {
+                anyhow::bail!("nothing to change: give --config KEY=VALUE or --delete-config KEY");
+            }
+            let topic = client
+                .alter_topic_config(&name, &config, &delete_config)
+                .await
+                .with_context(|| format!("cannot alter topic {name}"))?;
+            match global.output {
+                OutputFormat::Json => output::print_json(&topic),
+                OutputFormat::Table => {
+                    output::print_line(&format!("altered topic {}", topic.name))?;
+                    print_config(&topic)
+                }
+            }
+        }
         TopicCommand::Describe { name } => {
             let topic = client
                 .describe_topic(&name)
@@ -90,6 +126,7 @@ pub async fn run(command: TopicCommand, global: &GlobalArgs) -> anyhow::Result<(
                         "topic {} (replication factor {})",
                         topic.name, topic.replication_factor
                     ))?;
+                    print_config(&topic)?;
                     print_partitions(&topic)
                 }
             }
@@ -107,6 +144,22 @@ pub async fn run(command: TopicCommand, global: &GlobalArgs) -> anyhow::Result<(
     }
 }
 
+/// Parses a `KEY=VALUE` config entry.
+fn parse_entry(entry: &str) -> Result<(String, String), String> {
+    match entry.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{entry:?} is not KEY=VALUE")),
+    }
+}
+
+/// The topic's config entries, one line each (nothing when it has none).
+fn print_config(topic: &TopicDescription) -> anyhow::Result<()> {
+    for (key, value) in &topic.config {
+        output::print_line(&format!("  {key}={value}"))?;
+    }
+    Ok(())
+}
+
 /// One table row per partition.
 fn print_partitions(topic: &TopicDescription) -> anyhow::Result<()> {
     let mut table = output::table([
@@ -115,6 +168,7 @@ fn print_partitions(topic: &TopicDescription) -> anyhow::Result<()> {
         "replicas",
         "high watermark",
         "log start",
+        "bytes",
         "term",
         "lag (node:entries)",
     ]);
@@ -137,6 +191,7 @@ fn print_partitions(topic: &TopicDescription) -> anyhow::Result<()> {
             replicas,
             partition.high_watermark.to_string(),
             partition.log_start_offset.to_string(),
+            partition.bytes.to_string(),
             partition.term.to_string(),
             lag,
         ]);

@@ -325,11 +325,26 @@ impl Client {
         partitions: u32,
         replication_factor: u32,
     ) -> Result<TopicDescription, ClientError> {
+        self.create_topic_with_config(name, partitions, replication_factor, &[])
+            .await
+    }
+
+    /// Creates a topic with config entries (`retention.ms`, `retention.bytes`, ... see the
+    /// proto's `TopicConfig`).
+    pub async fn create_topic_with_config(
+        &self,
+        name: &str,
+        partitions: u32,
+        replication_factor: u32,
+        config: &[(String, String)],
+    ) -> Result<TopicDescription, ClientError> {
         let request = proto::CreateTopicRequest {
             name: name.to_owned(),
             partitions,
             replication_factor,
-            config: None,
+            config: (!config.is_empty()).then(|| proto::TopicConfig {
+                entries: config.iter().cloned().collect(),
+            }),
         };
         let (response, _) = self
             .call(Effect::Write, Duration::ZERO, |channel, timeout| {
@@ -384,6 +399,28 @@ impl Client {
         })
         .await?;
         Ok(())
+    }
+
+    /// Changes a topic's config: sets the keys of `set`, removes those of `remove` (back to
+    /// the cluster default). Returns the topic as it is then.
+    pub async fn alter_topic_config(
+        &self,
+        name: &str,
+        set: &[(String, String)],
+        remove: &[String],
+    ) -> Result<TopicDescription, ClientError> {
+        let request = proto::AlterTopicConfigRequest {
+            name: name.to_owned(),
+            set: set.iter().cloned().collect(),
+            remove: remove.to_vec(),
+        };
+        let (response, _) = self
+            .call(Effect::Write, Duration::ZERO, |channel, timeout| {
+                let request = timed(request.clone(), timeout);
+                async move { self.admin(channel).alter_topic_config(request).await }
+            })
+            .await?;
+        convert::required_topic(response.into_inner().topic, "alter topic config")
     }
 
     /// Lists every topic.

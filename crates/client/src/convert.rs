@@ -74,6 +74,7 @@ impl From<proto::PartitionDescription> for PartitionDescription {
             replicas: partition.replicas,
             high_watermark: partition.high_watermark,
             log_start_offset: partition.log_start_offset,
+            bytes: partition.bytes,
             term: partition.term,
             replica_status: partition
                 .replica_status
@@ -266,6 +267,7 @@ mod tests {
             replicas: vec![1, 2, 3],
             high_watermark: 10,
             log_start_offset: 0,
+            bytes: 0,
             term: 4,
             replica_status: vec![
                 proto::ReplicaStatus {

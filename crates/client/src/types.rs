@@ -93,8 +93,10 @@ pub struct PartitionDescription {
     pub replicas: Vec<u64>,
     /// The offset after the last committed record.
     pub high_watermark: u64,
-    /// The first offset still in the log.
+    /// The first offset still in the log (retention moves it forward).
     pub log_start_offset: u64,
+    /// About the bytes of records the partition holds, as its leader reports them.
+    pub bytes: u64,
     /// The partition's raft term.
     pub term: u64,
     /// Per-replica replication progress, when the leader reports it.

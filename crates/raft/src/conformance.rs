@@ -26,7 +26,7 @@ impl StoreBuilder<C, LogStore, Machine<PartitionLogic>, tempfile::TempDir> for B
         let (high_watermark, _) = watch::channel(0);
         let machine = Machine::open(group.clone(), PartitionLogic::new(high_watermark))
             .expect("open machine");
-        Ok((dir, LogStore::new(group, 4096), machine))
+        Ok((dir, LogStore::new(group, 4096, None), machine))
     }
 }
 
@@ -77,7 +77,7 @@ async fn restart_does_not_resume_own_leadership() {
 
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path(), &StoreOptions::default()).expect("open store");
-    let mut log = LogStore::new(store.group(GroupId(7)), 4096);
+    let mut log = LogStore::new(store.group(GroupId(7)), 4096, None);
 
     log.save_vote(&crate::types::Vote::new_committed(5, 1))
         .await

@@ -77,6 +77,16 @@ pub enum ReadError {
         /// The decoder's message.
         reason: String,
     },
+    /// The offset is below the partition's log start: retention deleted it.
+    #[error("offset {offset} of group {group} is below the log start {start}")]
+    BelowStart {
+        /// The group.
+        group: GroupId,
+        /// The offset asked for.
+        offset: u64,
+        /// The first offset the partition holds.
+        start: u64,
+    },
     /// The blocking task that reads the store ended without an answer (it panicked, or the
     /// runtime is shutting down).
     #[error("read of group {group} did not finish: {reason}")]

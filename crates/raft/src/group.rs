@@ -68,6 +68,11 @@ pub struct GroupStatus {
     pub term: u64,
     /// The high watermark (partitions only).
     pub high_watermark: u64,
+    /// The first offset this replica holds (partitions only).
+    pub log_start_offset: u64,
+    /// About the bytes of records this replica holds (partitions only): from the log entry
+    /// holding the start to the end.
+    pub bytes: u64,
     /// This replica's last log index.
     pub last_log_index: u64,
     /// On the leader: each replica's matched log index.
@@ -197,6 +202,8 @@ pub(crate) enum InboundError {
     },
     #[error("raft request without a kind")]
     NoKind,
+    #[error("snapshot chunks are for partition groups only")]
+    NotAPartition,
     #[error("encoding the answer to a {kind:?} request: {source}")]
     Encode {
         kind: RaftKind,
@@ -244,6 +251,8 @@ where
                 .await,
         ),
         RaftKind::Unspecified => Err(InboundError::NoKind),
+        // Handled by the node, for partitions only (see `snapshot`).
+        RaftKind::SnapshotChunk => Err(InboundError::NotAPartition),
     }
 }
 
@@ -251,6 +260,8 @@ pub(crate) fn status_of<SM: RaftStateMachine<C>>(
     raft: &Raft<C, SM>,
     group: GroupId,
     high_watermark: u64,
+    log_start_offset: u64,
+    bytes: u64,
 ) -> GroupStatus {
     let metrics = raft.metrics();
     let metrics = metrics.borrow_watched();
@@ -269,6 +280,8 @@ pub(crate) fn status_of<SM: RaftStateMachine<C>>(
         leader: metrics.current_leader,
         term: metrics.current_term,
         high_watermark,
+        log_start_offset,
+        bytes,
         last_log_index: metrics.last_log_index.map(|index| index + 1).unwrap_or(0),
         matched,
         voters: metrics.membership_config.voter_ids().collect(),

@@ -19,6 +19,8 @@
 //!   replicated (the metadata, and state groups such as consumer group coordinators).
 //! - `producers`: idempotent producers' states per partition and the pure check that writes a
 //!   retried batch once ([`ProducerStamp`], [`Refusal`]), run by `PartitionLogic`.
+//! - `snapshot`: partition snapshots with their records, streamed in resumable, checksummed
+//!   chunks and staged beside the group until installed.
 //! - `coalesce`: per-partition coalescing of concurrent appends into one entry, with at most
 //!   [`RaftOptions::proposals_in_flight_max`] proposals in flight.
 //! - `network`: the peer connection pool ([`Peers`]) and the client side of the internal Raft
@@ -49,6 +51,7 @@ mod network;
 mod node;
 mod options;
 mod producers;
+mod snapshot;
 mod types;
 mod watchdog;
 

@@ -12,6 +12,9 @@
 //!   enter it only once RocksDB holds them (never replicate what this log does not hold);
 //!   truncations and purges cut it before they are written.
 //! - Restart reads the last entry and the purge marker only: no scan of the log.
+//! - A partition's log is its records: a purge deletes only the entries below the one holding
+//!   the log start (`machine::Retention`), so the rows between that and the purge marker stay
+//!   (openraft never reads them; fetches do).
 
 use std::fmt::Debug;
 use std::io;
@@ -31,6 +34,7 @@ use ordo_storage::MetaKey;
 use crate::codec::decode;
 use crate::codec::encode;
 use crate::entry_cache::EntryCache;
+use crate::machine::Retention;
 use crate::types::C;
 use crate::types::Entry;
 use crate::types::LogId;
@@ -42,14 +46,23 @@ pub(crate) struct LogStore {
     store: GroupStore,
     /// The tail of the log in memory, shared with the log readers (clones of this store).
     cache: Arc<Mutex<EntryCache>>,
+    /// A partition's retention (its log is its records): purges keep every entry from the one
+    /// holding the log start. `None` for other groups, whose purges delete what openraft says.
+    retention: Option<Arc<Retention>>,
 }
 
 impl LogStore {
-    /// A log store over `store`, keeping up to `cache_bytes` of its tail in memory.
-    pub(crate) fn new(store: GroupStore, cache_bytes: usize) -> Self {
+    /// A log store over `store`, keeping up to `cache_bytes` of its tail in memory; a
+    /// partition's purges keep what `retention` keeps.
+    pub(crate) fn new(
+        store: GroupStore,
+        cache_bytes: usize,
+        retention: Option<Arc<Retention>>,
+    ) -> Self {
         Self {
             store,
             cache: Arc::new(Mutex::new(EntryCache::new(cache_bytes))),
+            retention,
         }
     }
 
@@ -253,7 +266,17 @@ impl RaftLogStorage<C> for LogStore {
         let mut batch = self.store.batch();
         self.store
             .put_meta(&mut batch, MetaKey::LastPurged, &encode(&log_id)?);
-        self.store.delete_log_upto(&mut batch, log_id.index);
+        match &self.retention {
+            None => self.store.delete_log_upto(&mut batch, log_id.index),
+            // A partition's entries are its records: only those retention dropped go (openraft
+            // purges up to a snapshot's index when it installs one; the records below it stay).
+            Some(retention) => {
+                let below = log_id.index.saturating_add(1).min(retention.first_index());
+                if below > 0 {
+                    self.store.delete_log_below(&mut batch, below);
+                }
+            }
+        }
         Ok(self.store.write(batch, None).await?)
     }
 }

@@ -18,10 +18,18 @@
 //! (rewriting identical index entries). The journal is ordered, so a durable applied state implies
 //! the log entries before it are durable too.
 //!
-//! Partition snapshots carry only the applied state: partitions never purge their log
-//! (retention is a later feature), so a leader never sends a follower a snapshot of records.
+//! Retention: a [`Command::Trim`] moves a partition's log start forward at the same log
+//! position on every replica. Applying it deletes the offset index and time index rows below the
+//! entry holding the new start and publishes that entry's log index ([`Retention`]); the log
+//! entries below it are deleted by the log store once openraft purged them (see `log_store` and
+//! `RaftNode::compact_logs`). A partition's snapshot is its state plus its records: the log
+//! entries from the one holding the start, which the leader streams to a follower that needs
+//! them (see `network` and `snapshot`), staged in a sibling group and adopted at install.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 
 use futures::Stream;
 use futures::TryStreamExt;
@@ -81,12 +89,14 @@ pub(crate) trait Logic: Send + Sync + 'static {
     fn encode_snapshot(&self) -> io::Result<Vec<u8>> {
         self.encode_state()
     }
-    /// Replaces the state with a snapshot's, adding the writes that persist it to `batch`.
+    /// Replaces the state with a snapshot's (taken at log index `last_index`), adding the writes
+    /// that persist it to `batch`.
     fn install(
         &mut self,
         store: &GroupStore,
         _batch: &mut GroupBatch,
         snapshot: &[u8],
+        _last_index: u64,
     ) -> io::Result<()> {
         self.restore(store, snapshot)
     }
@@ -212,8 +222,9 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
         snapshot: SnapshotData,
     ) -> io::Result<()> {
         let mut batch = self.store.batch();
+        let last_index = meta.last_log_id.as_ref().map_or(0, |log_id| log_id.index);
         self.logic
-            .install(&self.store, &mut batch, snapshot.get_ref())?;
+            .install(&self.store, &mut batch, snapshot.get_ref(), last_index)?;
         self.last_applied = meta.last_log_id.clone();
         self.membership = meta.last_membership.clone();
         self.store
@@ -267,15 +278,93 @@ pub(crate) struct PartitionLogic {
     producers: Producers,
     /// The high watermark (next offset), published after each applied batch is readable.
     high_watermark: watch::Sender<u64>,
+    /// Bytes of the record batches written since offset 0 (the next index entry's position).
+    next_position: u64,
+    /// The log start and the first log entry kept, shared with readers and the log store.
+    retention: Arc<Retention>,
+    /// Index entries added by the entries applied since the last `persist`, not yet readable from
+    /// the store (a trim applied in the same run looks here first).
+    pending_index: Vec<IndexEntry>,
 }
 
-/// A partition's snapshot: everything its state machine holds.
+/// What retention has kept of a partition, published by its state machine once applied.
+#[derive(Debug, Default)]
+pub(crate) struct Retention {
+    /// The first offset a read may return.
+    pub(crate) start_offset: AtomicU64,
+    /// The log index of the entry holding `start_offset` (0 before any trim): the log below it
+    /// may be deleted.
+    pub(crate) first_index: AtomicU64,
+    /// The position (bytes of records since offset 0) of the end.
+    pub(crate) end_position: AtomicU64,
+    /// The position of the entry holding the start: `end_position - start_position` is about
+    /// the bytes the partition holds.
+    pub(crate) start_position: AtomicU64,
+}
+
+impl Retention {
+    pub(crate) fn start_offset(&self) -> u64 {
+        self.start_offset.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn first_index(&self) -> u64 {
+        self.first_index.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn end_position(&self) -> u64 {
+        self.end_position.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn start_position(&self) -> u64 {
+        self.start_position.load(Ordering::Acquire)
+    }
+}
+
+/// A partition's applied state beside its rows (producers, time index), written after every
+/// apply.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub(crate) struct PartitionState {
+    next_offset: u64,
+    max_timestamp: Option<i64>,
+    start_offset: u64,
+    next_position: u64,
+    first_index: u64,
+    start_position: u64,
+}
+
+/// A partition's snapshot: everything its state machine holds. Its records (the log entries
+/// `state.first_index..=` the snapshot's last index) travel beside it (see `snapshot`).
 #[derive(Serialize, Deserialize)]
 struct PartitionSnapshot {
-    next_offset: u64,
+    state: PartitionState,
     producers: Vec<(u64, ProducerState)>,
-    max_timestamp: Option<i64>,
 }
+
+/// The records a partition snapshot needs: the log entries from `first_index` (and the index
+/// and time index rows of the offsets from `start_offset`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SnapshotRecords {
+    pub(crate) first_index: u64,
+    pub(crate) next_offset: u64,
+}
+
+/// The records a snapshot's bytes say it needs; `None` for a snapshot of anything but a
+/// partition.
+pub(crate) fn snapshot_records(snapshot: &[u8]) -> Option<SnapshotRecords> {
+    let snapshot: PartitionSnapshot = decode(snapshot).ok()?;
+    Some(SnapshotRecords {
+        first_index: snapshot.state.first_index,
+        next_offset: snapshot.state.next_offset,
+    })
+}
+
+/// The group a partition stages a snapshot's records in while they arrive (see `snapshot`).
+pub(crate) fn staging_group(group: ordo_storage::GroupId) -> ordo_storage::GroupId {
+    ordo_storage::GroupId(group.0 | STAGING_BIT)
+}
+
+/// The bit that makes a staging group's id; no group the broker creates has it.
+pub(crate) const STAGING_BIT: u64 = 1 << 63;
 
 /// A time index key: a timestamp, clamped to what a row id holds (negative ones are 0).
 pub(crate) fn time_key(timestamp_ms: i64) -> u64 {
@@ -291,7 +380,86 @@ impl PartitionLogic {
             max_timestamp: None,
             producers: Producers::default(),
             high_watermark,
+            next_position: 0,
+            retention: Arc::new(Retention::default()),
+            pending_index: Vec::new(),
         }
+    }
+
+    /// The retention state readers and the log store share.
+    pub(crate) fn retention(&self) -> Arc<Retention> {
+        self.retention.clone()
+    }
+
+    fn state(&self) -> PartitionState {
+        PartitionState {
+            next_offset: self.next_offset,
+            max_timestamp: self.max_timestamp,
+            start_offset: self.retention.start_offset(),
+            next_position: self.next_position,
+            first_index: self.retention.first_index(),
+            start_position: self.retention.start_position(),
+        }
+    }
+
+    fn set_state(&mut self, state: PartitionState) {
+        self.next_offset = state.next_offset;
+        self.max_timestamp = state.max_timestamp;
+        self.next_position = state.next_position;
+        self.retention
+            .end_position
+            .store(state.next_position, Ordering::Release);
+        self.retention
+            .start_offset
+            .store(state.start_offset, Ordering::Release);
+        self.retention
+            .first_index
+            .store(state.first_index, Ordering::Release);
+        self.retention
+            .start_position
+            .store(state.start_position, Ordering::Release);
+    }
+
+    /// Moves the log start to `requested` (at most the end; never back) and deletes the index
+    /// rows below the entry holding it. Returns the start.
+    fn trim(&mut self, store: &GroupStore, batch: &mut GroupBatch, requested: u64) -> u64 {
+        let current = self.retention.start_offset();
+        let start = requested.min(self.next_offset);
+        if start <= current {
+            return current;
+        }
+        let pending = self
+            .pending_index
+            .iter()
+            .rev()
+            .find(|entry| entry.base_offset <= start)
+            .cloned();
+        let holding = match pending {
+            Some(entry) => Some(entry),
+            None => store.index_floor(start).unwrap_or_else(|error| {
+                // The logical start moves all the same; the rows stay until the next trim.
+                tracing::warn!(%error, start, "reading the index to trim");
+                None
+            }),
+        };
+        if let Some(entry) = holding {
+            store.delete_index_below(batch, entry.base_offset);
+            self.retention
+                .first_index
+                .store(entry.log_index, Ordering::Release);
+            self.retention
+                .start_position
+                .store(entry.position, Ordering::Release);
+        }
+        // The time index keeps its last row at or below the start: a lookup of an older time
+        // answers the start.
+        match time_rows_to_drop(store, start) {
+            Ok(Some(below)) => store.delete_rows_below(batch, Table::TimeIndex, below),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, start, "reading the time index to trim"),
+        }
+        self.retention.start_offset.store(start, Ordering::Release);
+        start
     }
 
     /// Assigns offsets to the batches of one entry at log `index`: each batch is written, or
@@ -309,6 +477,7 @@ impl PartitionLogic {
             _ => (0, None),
         };
         let base_offset = self.next_offset;
+        let mut written_bytes = 0u64;
         let mut outcomes = Vec::new();
         let mut skipped_batches = Vec::new();
         for (position, part) in command.batches().into_iter().enumerate() {
@@ -340,6 +509,7 @@ impl PartitionLogic {
                             &offset.to_be_bytes(),
                         );
                     }
+                    written_bytes += part.batch.len() as u64;
                     BatchOutcome::Written(offset)
                 }
                 Decision::Duplicate { base_offset } => BatchOutcome::Duplicate(base_offset),
@@ -352,15 +522,19 @@ impl PartitionLogic {
         }
         let count = self.next_offset - base_offset;
         if count > 0 {
-            store.put_index(
-                batch,
-                &IndexEntry {
-                    base_offset,
-                    log_index: index,
-                    count: u32::try_from(count).expect("coalescing keeps an entry's count in u32"),
-                    skipped_batches,
-                },
-            );
+            let entry = IndexEntry {
+                base_offset,
+                log_index: index,
+                count: u32::try_from(count).expect("coalescing keeps an entry's count in u32"),
+                position: self.next_position,
+                skipped_batches,
+            };
+            self.next_position += written_bytes;
+            self.retention
+                .end_position
+                .store(self.next_position, Ordering::Release);
+            store.put_index(batch, &entry);
+            self.pending_index.push(entry);
         }
         outcomes
     }
@@ -383,11 +557,15 @@ impl Logic for PartitionLogic {
                 tracing::warn!(index, "metadata command in a partition log ignored");
                 Response::None
             }
+            Command::Trim { start_offset } => {
+                Response::Trimmed(self.trim(store, batch, start_offset))
+            }
             command => Response::Appended(self.append(store, batch, index, &command)),
         }
     }
 
     fn persist(&mut self, store: &GroupStore, batch: &mut GroupBatch) -> io::Result<()> {
+        self.pending_index.clear();
         for (id, state) in self.producers.take_changes() {
             match state {
                 Some(state) => store.put_row(batch, Table::Producers, id, &encode(state)?),
@@ -398,29 +576,38 @@ impl Logic for PartitionLogic {
     }
 
     fn encode_state(&self) -> io::Result<Vec<u8>> {
-        encode(&(self.next_offset, self.max_timestamp))
+        encode(&self.state())
     }
 
     fn restore(&mut self, store: &GroupStore, state: &[u8]) -> io::Result<()> {
-        // Written before the time index: the next offset alone.
-        let (next_offset, max_timestamp): (u64, Option<i64>) = match decode(state) {
+        // Older layouts: before retention (next offset and largest timestamp), and before the
+        // time index (the next offset alone).
+        let state: PartitionState = match decode(state) {
             Ok(state) => state,
-            Err(_) => (decode(state)?, None),
+            Err(_) => {
+                let (next_offset, max_timestamp): (u64, Option<i64>) = match decode(state) {
+                    Ok(state) => state,
+                    Err(_) => (decode(state)?, None),
+                };
+                PartitionState {
+                    next_offset,
+                    max_timestamp,
+                    ..PartitionState::default()
+                }
+            }
         };
-        self.max_timestamp = max_timestamp;
+        self.set_state(state);
         let mut producers = std::collections::BTreeMap::new();
         for (id, row) in store.rows(Table::Producers)? {
             producers.insert(id, decode(&row)?);
         }
-        self.next_offset = next_offset;
         self.producers.replace(producers);
         Ok(())
     }
 
     fn encode_snapshot(&self) -> io::Result<Vec<u8>> {
         encode(&PartitionSnapshot {
-            next_offset: self.next_offset,
-            max_timestamp: self.max_timestamp,
+            state: self.state(),
             producers: self
                 .producers
                 .states()
@@ -435,15 +622,18 @@ impl Logic for PartitionLogic {
         store: &GroupStore,
         batch: &mut GroupBatch,
         snapshot: &[u8],
+        last_index: u64,
     ) -> io::Result<()> {
         let snapshot: PartitionSnapshot = decode(snapshot)?;
+        let staging = store.sibling(staging_group(store.group()));
+        check_staged(&staging, &snapshot.state, last_index)?;
+        // The records arrived in the staging group: they replace everything this replica held
+        // up to the snapshot (its log entries, offset index and time index).
+        store.adopt(batch, &staging, last_index, &[Table::TimeIndex])?;
         // The high watermark never moves back, except when a fresh snapshot resets an empty
         // machine.
-        self.next_offset = snapshot.next_offset;
-        // The time index covers the entries applied from now on (partitions never install a
-        // snapshot of records yet: see the module documentation).
-        self.max_timestamp = snapshot.max_timestamp;
-        store.clear_table(batch, Table::TimeIndex);
+        self.set_state(snapshot.state);
+        self.pending_index.clear();
         store.clear_table(batch, Table::Producers);
         for (id, state) in &snapshot.producers {
             store.put_row(batch, Table::Producers, *id, &encode(state)?);
@@ -457,6 +647,88 @@ impl Logic for PartitionLogic {
         let previous = self.high_watermark.send_replace(self.next_offset);
         assert!(previous <= self.next_offset, "high watermark moved back");
     }
+}
+
+/// The time index rows a trim to `start` may delete: every row before the last one whose offset
+/// is at or below `start` (its id, the first row kept); `None` when there is none to delete.
+fn time_rows_to_drop(
+    store: &GroupStore,
+    start: u64,
+) -> Result<Option<u64>, ordo_storage::StorageError> {
+    const CHUNK: usize = 1024;
+    let mut keep = None;
+    let mut from = 0;
+    loop {
+        let rows = store.rows_from(Table::TimeIndex, from, CHUNK)?;
+        let full = rows.len() == CHUNK;
+        for (id, value) in &rows {
+            let offset = value
+                .get(..8)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map_or(u64::MAX, u64::from_be_bytes);
+            if offset > start {
+                return Ok(keep.filter(|keep| *keep > 0));
+            }
+            keep = Some(*id);
+        }
+        match rows.last() {
+            Some((id, _)) if full && *id < ordo_storage::ROW_ID_MAX => from = id + 1,
+            _ => return Ok(keep.filter(|keep| *keep > 0)),
+        }
+    }
+}
+
+/// Checks that `staging` holds every record a partition snapshot with `state` at log index
+/// `last_index` needs: the entry holding the start, and the index entries to the end.
+pub(crate) fn check_staged(
+    staging: &GroupStore,
+    state: &PartitionState,
+    last_index: u64,
+) -> io::Result<()> {
+    if state.next_offset <= state.start_offset {
+        return Ok(());
+    }
+    let missing = |what: String| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "snapshot at index {last_index} of group {}: {what}",
+                staging.group().0 & !STAGING_BIT
+            ),
+        ))
+    };
+    let Some(first) = staging.index_floor(state.start_offset)? else {
+        return missing(format!(
+            "no index entry holds start offset {}",
+            state.start_offset
+        ));
+    };
+    let Some(last) = staging.index_floor(state.next_offset - 1)? else {
+        return missing(format!(
+            "no index entry holds offset {}",
+            state.next_offset - 1
+        ));
+    };
+    match staging.log_bounds()? {
+        Some((low, high)) if low <= first.log_index && last.log_index <= high.min(last_index) => {
+            Ok(())
+        }
+        bounds => missing(format!(
+            "staged log entries {bounds:?} do not cover {}..={}",
+            first.log_index, last.log_index
+        )),
+    }
+}
+
+/// Checks that `staging` holds every record the partition snapshot `snapshot` (bytes) at log
+/// index `last_index` needs. Blocking.
+pub(crate) fn check_snapshot(
+    staging: &GroupStore,
+    snapshot: &[u8],
+    last_index: u64,
+) -> io::Result<()> {
+    let snapshot: PartitionSnapshot = decode(snapshot)?;
+    check_staged(staging, &snapshot.state, last_index)
 }
 
 /// The metadata group's logic: the broker's commands, applied through [`MetaApply`].
@@ -487,7 +759,8 @@ impl Logic for MetadataLogic {
             Command::Append { .. }
             | Command::Appends(_)
             | Command::Produce(_)
-            | Command::ProduceTimed(_) => {
+            | Command::ProduceTimed(_)
+            | Command::Trim { .. } => {
                 tracing::warn!(index, "record batch in the metadata log ignored");
                 Response::None
             }
@@ -549,7 +822,8 @@ impl Logic for StateLogic {
             Command::Append { .. }
             | Command::Appends(_)
             | Command::Produce(_)
-            | Command::ProduceTimed(_) => {
+            | Command::ProduceTimed(_)
+            | Command::Trim { .. } => {
                 tracing::warn!(index, "record batch in a state group's log ignored");
                 Response::None
             }
@@ -587,6 +861,7 @@ impl Logic for StateLogic {
         store: &GroupStore,
         batch: &mut GroupBatch,
         snapshot: &[u8],
+        _last_index: u64,
     ) -> io::Result<()> {
         let snapshot: StateSnapshot = decode(snapshot)?;
         store.clear_table(batch, Table::States);
@@ -667,10 +942,11 @@ impl Logic for GroupLogic {
         store: &GroupStore,
         batch: &mut GroupBatch,
         snapshot: &[u8],
+        last_index: u64,
     ) -> io::Result<()> {
         match self {
-            GroupLogic::Log(logic) => logic.install(store, batch, snapshot),
-            GroupLogic::State(logic) => logic.install(store, batch, snapshot),
+            GroupLogic::Log(logic) => logic.install(store, batch, snapshot, last_index),
+            GroupLogic::State(logic) => logic.install(store, batch, snapshot, last_index),
         }
     }
 
@@ -822,15 +1098,197 @@ mod tests {
             [BatchOutcome::Duplicate(3), BatchOutcome::Written(4)]
         );
         let snapshot = restored.encode_snapshot().unwrap();
-        let (high_watermark, _) = watch::channel(0);
-        let mut installed = PartitionLogic::new(high_watermark);
-        let mut write = group.batch();
-        installed.install(&group, &mut write, &snapshot).unwrap();
-        group.write_durable(write).await.unwrap();
+        let follower_dir = tempfile::tempdir().unwrap();
+        let follower = Store::open(follower_dir.path(), &StoreOptions::default()).unwrap();
+        let follower = follower.group(GroupId(9));
+        let mut installed = transfer(&group, &follower, &snapshot, 4).await;
         assert_eq!(
-            apply(&group, &mut installed, 5, vec![batch("d", 1, Some((7, 3)))]).await,
+            apply(
+                &follower,
+                &mut installed,
+                5,
+                vec![batch("d", 1, Some((7, 3)))]
+            )
+            .await,
             [BatchOutcome::Duplicate(4)],
             "a snapshot carries the producer states"
+        );
+    }
+
+    /// Sends a partition snapshot taken at `last_index` from `from` to `to` as the network does
+    /// (chunks read from the leader's store, staged, installed), in chunks of one entry or so.
+    async fn transfer(
+        from: &GroupStore,
+        to: &GroupStore,
+        snapshot: &[u8],
+        last_index: u64,
+    ) -> PartitionLogic {
+        let records = snapshot_records(snapshot).expect("a partition snapshot");
+        let staging = to.sibling(staging_group(to.group()));
+        let (mut cursor, fresh) =
+            crate::snapshot::Transfers::cursor(&staging, records.first_index, last_index).unwrap();
+        assert!(fresh);
+        let transfers = crate::snapshot::Transfers::default();
+        let vote = crate::types::Vote::new(1, 1);
+        transfers.begin(&staging, vote.clone());
+        while let Some(chunk) =
+            crate::snapshot::read_chunk(from, &records, last_index, &mut cursor).unwrap()
+        {
+            let crate::snapshot::Message::Records { vote, chunk, crc } =
+                crate::snapshot::records_message(vote.clone(), chunk).unwrap()
+            else {
+                unreachable!()
+            };
+            transfers.stage(&staging, &vote, chunk, crc).await.unwrap();
+        }
+        check_snapshot(&staging, snapshot, last_index).unwrap();
+        let (high_watermark, _) = watch::channel(0);
+        let mut installed = PartitionLogic::new(high_watermark);
+        let mut write = to.batch();
+        installed
+            .install(to, &mut write, snapshot, last_index)
+            .unwrap();
+        to.write_durable(write).await.unwrap();
+        installed.publish();
+        assert_eq!(
+            staging.log_bounds().unwrap(),
+            None,
+            "the staging was adopted"
+        );
+        installed
+    }
+
+    /// A trim moves the start on, deletes the index and time index rows below the entry holding
+    /// it, and a snapshot sent to another store holds the same records from the start, with the
+    /// same offsets, positions and time index.
+    #[tokio::test]
+    async fn trims_and_snapshots_carry_the_retained_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let group = store.group(GroupId(3));
+        let (high_watermark, watermark) = watch::channel(0);
+        let mut logic = PartitionLogic::new(high_watermark);
+        for index in 1..=40u64 {
+            let count = 1 + (index % 3) as u32;
+            apply(
+                &group,
+                &mut logic,
+                index,
+                vec![batch(&format!("b{index}"), count, None)],
+            )
+            .await;
+        }
+        let end = *watermark.borrow();
+        let total = logic.retention.end_position();
+        assert_eq!(
+            total,
+            (1..=40u64)
+                .map(|index| format!("b{index}").len() as u64)
+                .sum::<u64>()
+        );
+        // Trim into the middle of an entry.
+        let target = group.index_floor(30).unwrap().unwrap();
+        let start = 30
+            .max(target.base_offset + 1)
+            .min(target.base_offset + u64::from(target.count) - 1);
+        let mut write = group.batch();
+        for index in 41..=43 {
+            group.put_log(&mut write, index, b"a trim entry (never read as records)");
+        }
+        let Response::Trimmed(trimmed) = logic.apply(
+            &group,
+            &mut write,
+            41,
+            Command::Trim {
+                start_offset: start,
+            },
+        ) else {
+            panic!("a trim answers its start");
+        };
+        logic.persist(&group, &mut write).unwrap();
+        group.write_durable(write).await.unwrap();
+        assert_eq!(trimmed, start);
+        assert_eq!(logic.retention.first_index(), target.log_index);
+        assert_eq!(
+            group.index_floor(start - 1).unwrap().unwrap().base_offset,
+            target.base_offset,
+            "the entry holding the start stays"
+        );
+        assert_eq!(
+            group.index_range(0, u64::MAX, usize::MAX).unwrap()[0].base_offset,
+            target.base_offset,
+            "entries below it are gone"
+        );
+        let time_rows = group.rows(Table::TimeIndex).unwrap();
+        assert!(time_rows.len() >= 1);
+        let first_time_offset = u64::from_be_bytes(time_rows[0].1[..8].try_into().unwrap());
+        assert!(
+            first_time_offset <= start,
+            "one time row at or below the start stays"
+        );
+        // A trim never moves back, nor past the end.
+        let mut write = group.batch();
+        assert_eq!(
+            logic.apply(&group, &mut write, 42, Command::Trim { start_offset: 3 }),
+            Response::Trimmed(start)
+        );
+        logic.persist(&group, &mut write).unwrap();
+        group.write_durable(write).await.unwrap();
+        // A snapshot at 41.
+        let state = PartitionState {
+            start_offset: start,
+            first_index: target.log_index,
+            ..logic.state()
+        };
+        let snapshot = encode(&PartitionSnapshot {
+            state,
+            producers: Vec::new(),
+        })
+        .unwrap();
+        let follower_dir = tempfile::tempdir().unwrap();
+        let follower_store = Store::open(follower_dir.path(), &StoreOptions::default()).unwrap();
+        let follower = follower_store.group(GroupId(3));
+        // The follower held an old, longer log of its own: the snapshot replaces it.
+        let mut write = follower.batch();
+        for index in 1..=50u64 {
+            follower.put_log(&mut write, index, b"stale");
+        }
+        follower.write_durable(write).await.unwrap();
+        let installed = transfer(&group, &follower, &snapshot, 41).await;
+        assert_eq!(installed.retention.start_offset(), start);
+        assert_eq!(installed.retention.end_position(), total);
+        let leader_read = read_committed(&group, start, end, usize::MAX)
+            .unwrap()
+            .batches;
+        let follower_read = read_committed(&follower, start, end, usize::MAX)
+            .unwrap()
+            .batches;
+        assert_eq!(leader_read, follower_read);
+        assert_eq!(
+            follower.rows(Table::TimeIndex).unwrap(),
+            group.rows(Table::TimeIndex).unwrap()
+        );
+        assert_eq!(
+            follower.log_bounds().unwrap(),
+            Some((target.log_index, 50)),
+            "entries above the snapshot stay for openraft to judge"
+        );
+        assert_eq!(follower.get_log(42).unwrap().unwrap(), b"stale".to_vec());
+        // Positions: the bytes the partition holds.
+        let held = total - follower.index_floor(start).unwrap().unwrap().position;
+        assert!(held > 0 && held < total);
+        // Never past the end.
+        let mut write = group.batch();
+        assert_eq!(
+            logic.apply(
+                &group,
+                &mut write,
+                43,
+                Command::Trim {
+                    start_offset: end + 100
+                }
+            ),
+            Response::Trimmed(end)
         );
     }
 

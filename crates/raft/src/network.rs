@@ -181,6 +181,8 @@ impl Peers {
 pub(crate) struct NetworkFactory {
     pub(crate) peers: Peers,
     pub(crate) group: GroupId,
+    /// A partition's store: its snapshots carry records, read from here (see `snapshot`).
+    pub(crate) records: Option<ordo_storage::GroupStore>,
 }
 
 impl RaftNetworkFactory<C> for NetworkFactory {
@@ -197,6 +199,7 @@ impl RaftNetworkFactory<C> for NetworkFactory {
                 }),
             group: self.group,
             target,
+            records: self.records.clone(),
         }
     }
 }
@@ -208,6 +211,7 @@ pub(crate) struct GroupNetwork {
     client: Result<InternalClient<Channel>, RpcFailure>,
     group: GroupId,
     target: NodeId,
+    records: Option<ordo_storage::GroupStore>,
 }
 
 /// Why a Raft RPC got no answer from its target's group. openraft sees each as `Unreachable`
@@ -285,6 +289,82 @@ impl GroupNetwork {
     }
 }
 
+impl GroupNetwork {
+    /// Sends a partition snapshot with its records (see `snapshot`).
+    async fn stream_snapshot(
+        &mut self,
+        store: ordo_storage::GroupStore,
+        vote: Vote,
+        snapshot: Snapshot,
+        records: crate::machine::SnapshotRecords,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        use crate::snapshot::Message;
+        let ttl = option.hard_ttl();
+        let last_index = snapshot
+            .meta
+            .last_log_id
+            .as_ref()
+            .map_or(0, |log_id| log_id.index);
+        let begin = Message::Begin {
+            vote: vote.clone(),
+            first_index: records.first_index,
+            last_index,
+        };
+        let mut cursor: crate::snapshot::Cursor =
+            self.call(RaftKind::SnapshotChunk, &begin, ttl).await?;
+        let (group, target) = (self.group, self.target);
+        let started = std::time::Instant::now();
+        let mut sent_bytes = 0usize;
+        loop {
+            let read_store = store.clone();
+            let mut next = cursor;
+            let chunk = tokio::task::spawn_blocking(move || {
+                crate::snapshot::read_chunk(&read_store, &records, last_index, &mut next)
+                    .map(|chunk| (chunk, next))
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|read| read);
+            let (chunk, next) = match chunk {
+                Ok(read) => read,
+                Err(error) => {
+                    tracing::warn!(%group, target, %error, "snapshot transfer given up");
+                    return Err(Unreachable::new(&error).into());
+                }
+            };
+            let Some(chunk) = chunk else {
+                break;
+            };
+            sent_bytes += chunk
+                .entries
+                .iter()
+                .map(|(_, bytes)| bytes.len())
+                .sum::<usize>();
+            let message = crate::snapshot::records_message(vote.clone(), chunk)
+                .map_err(|error| Unreachable::new(&RpcFailure::Encode(error)))?;
+            self.call::<_, ()>(RaftKind::SnapshotChunk, &message, ttl)
+                .await?;
+            cursor = next;
+        }
+        let finish = Message::Finish {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot.into_inner(),
+        };
+        let response = self.call(RaftKind::SnapshotChunk, &finish, ttl).await?;
+        tracing::info!(
+            %group,
+            target,
+            last_index,
+            bytes = sent_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "partition snapshot sent"
+        );
+        Ok(response)
+    }
+}
+
 impl RaftNetworkV2<C> for GroupNetwork {
     type SnapshotData = SnapshotData;
 
@@ -329,9 +409,18 @@ impl RaftNetworkV2<C> for GroupNetwork {
         &mut self,
         vote: Vote,
         snapshot: Snapshot,
-        _cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        if let Some(store) = self.records.clone()
+            && let Some(records) = crate::machine::snapshot_records(snapshot.snapshot.get_ref())
+        {
+            let stream = self.stream_snapshot(store, vote, snapshot, records, option);
+            return tokio::select! {
+                result = stream => result,
+                closed = cancel => Err(closed.into()),
+            };
+        }
         let request = (vote, snapshot.meta, snapshot.snapshot.into_inner());
         Ok(self
             .call(RaftKind::Snapshot, &request, option.hard_ttl())

@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::RwLock;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -53,6 +55,7 @@ use crate::machine::GroupLogic;
 use crate::machine::Machine;
 use crate::machine::MetadataLogic;
 use crate::machine::PartitionLogic;
+use crate::machine::Retention;
 use crate::machine::StateLogic;
 use crate::meta::MetaApply;
 use crate::meta::StateApply;
@@ -74,6 +77,10 @@ struct Partition {
     store: GroupStore,
     high_watermark: watch::Receiver<u64>,
     coalescer: Arc<Coalescer<PartitionRaft>>,
+    /// A partition's retention; `None` for a state group.
+    retention: Option<Arc<Retention>>,
+    /// The log entries below this index are deleted (see [`RaftNode::compact_logs`]).
+    deleted_below: Arc<AtomicU64>,
 }
 
 /// What every clone of a [`RaftNode`] shares: the groups this node hosts, and what it needs to
@@ -85,10 +92,18 @@ struct GroupHost {
     options: RaftOptions,
     /// The metadata group's config: ordinary heartbeats and elections.
     meta_config: Arc<Config>,
-    /// Partition groups' config: quiescent, no heartbeats, elections driven by the watchdog.
+    /// Partition groups' config: quiescent, no heartbeats, elections driven by the watchdog;
+    /// snapshots and purges only as retention asks (see [`RaftNode::compact_logs`]).
     partition_config: Arc<Config>,
+    /// State groups' config: as partitions', with snapshots and purges every
+    /// [`RaftOptions::snapshot_entries`].
+    state_config: Arc<Config>,
     meta: OnceLock<MetaRaft>,
     partitions: RwLock<HashMap<GroupId, Partition>>,
+    /// Partition snapshots being received (see `snapshot`).
+    transfers: crate::snapshot::Transfers,
+    /// When each metadata or state group last had its whole log purged (see `compact_logs`).
+    state_purges: std::sync::Mutex<HashMap<GroupId, std::time::Instant>>,
 }
 
 /// Every Raft group on this node. Cheap to clone.
@@ -149,23 +164,38 @@ impl RaftNode {
             election_timeout_min: options.election_timeout_min.as_millis() as u64,
             election_timeout_max: options.election_timeout_max.as_millis() as u64,
             max_payload_entries: options.append_entries_max,
-            // Partitions never purge: their Raft log is their data (see `machine`).
-            snapshot_policy: SnapshotPolicy::Never,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(options.snapshot_entries.max(1)),
+            max_in_snapshot_log_to_keep: options.snapshot_entries_kept,
+            // A purge is one range delete: no need to batch them.
+            purge_batch_size: 1,
             enable_pre_vote: Some(true),
+            // A replica whose data directory was wiped comes back with an empty log: its
+            // leader resets its progress and sends it everything again (a snapshot where the
+            // log was purged), instead of stopping replication to it. The wipe itself loses
+            // that copy; acked records live on the other replicas of the quorum.
+            allow_log_reversion: Some(true),
             ..Default::default()
         };
-        let partition_config = Config {
+        let state_config = Config {
             // No timers at all: heartbeats and elections are driven by the watchdog.
             enable_tick: false,
             enable_heartbeat: false,
             enable_elect: false,
             ..meta_config.clone()
         };
+        let partition_config = Config {
+            // A partition's log is its records: it is purged only below what retention keeps
+            // (see `compact_logs`), never by a snapshot policy.
+            snapshot_policy: SnapshotPolicy::Never,
+            max_in_snapshot_log_to_keep: u64::MAX,
+            ..state_config.clone()
+        };
         let invalid = |error: openraft::ConfigError| InvalidOptions {
             reason: error.to_string(),
         };
         let meta_config = Arc::new(meta_config.validate().map_err(invalid)?);
         let partition_config = Arc::new(partition_config.validate().map_err(invalid)?);
+        let state_config = Arc::new(state_config.validate().map_err(invalid)?);
         Ok(Self {
             host: Arc::new(GroupHost {
                 id,
@@ -174,8 +204,11 @@ impl RaftNode {
                 options: options.clone(),
                 meta_config,
                 partition_config,
+                state_config,
                 meta: OnceLock::new(),
                 partitions: RwLock::new(HashMap::new()),
+                transfers: crate::snapshot::Transfers::default(),
+                state_purges: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -236,10 +269,11 @@ impl RaftNode {
         }
         let store = self.host.store.group(META_GROUP);
         let machine = open_machine(store.clone(), MetadataLogic::new(apply)).await?;
-        let log_store = self.open_log_store(store).await?;
+        let log_store = self.open_log_store(store, None).await?;
         let network = NetworkFactory {
             peers: self.host.peers.clone(),
             group: META_GROUP,
+            records: None,
         };
         let fatal = stopped(META_GROUP);
         let raft = Raft::new(
@@ -266,9 +300,13 @@ impl RaftNode {
 
     /// Opens a group's log store and gives up any leadership restored from it (see
     /// `LogStore::give_up_restored_leadership`), before the group starts.
-    async fn open_log_store(&self, store: GroupStore) -> Result<LogStore, GroupError> {
+    async fn open_log_store(
+        &self,
+        store: GroupStore,
+        retention: Option<Arc<Retention>>,
+    ) -> Result<LogStore, GroupError> {
         let group = store.group();
-        let mut log_store = LogStore::new(store, self.host.options.entry_cache_bytes);
+        let mut log_store = LogStore::new(store, self.host.options.entry_cache_bytes, retention);
         log_store
             .give_up_restored_leadership(self.host.id)
             .await
@@ -347,22 +385,27 @@ impl RaftNode {
         high_watermark: watch::Receiver<u64>,
     ) -> Result<(), GroupError> {
         let store = self.host.store.group(group);
+        let retention = match &logic {
+            GroupLogic::Log(logic) => Some(logic.retention()),
+            GroupLogic::State(_) => None,
+        };
+        let config = match &logic {
+            GroupLogic::Log(_) => self.host.partition_config.clone(),
+            GroupLogic::State(_) => self.host.state_config.clone(),
+        };
         let machine = open_machine(store.clone(), logic).await?;
-        let log_store = self.open_log_store(store.clone()).await?;
+        let log_store = self
+            .open_log_store(store.clone(), retention.clone())
+            .await?;
         let network = NetworkFactory {
             peers: self.host.peers.clone(),
             group,
+            records: retention.is_some().then(|| store.clone()),
         };
         let fatal = stopped(group);
-        let raft = Raft::new(
-            self.host.id,
-            self.host.partition_config.clone(),
-            network,
-            log_store,
-            machine,
-        )
-        .await
-        .map_err(fatal)?;
+        let raft = Raft::new(self.host.id, config, network, log_store, machine)
+            .await
+            .map_err(fatal)?;
         if initialize && !raft.is_initialized().await.map_err(fatal)? {
             match raft.initialize(members(replicas)).await {
                 // Partition groups do not elect on their own (see `watchdog`): the initializer,
@@ -393,6 +436,8 @@ impl RaftNode {
             store,
             high_watermark,
             coalescer,
+            retention,
+            deleted_below: Arc::new(AtomicU64::new(0)),
         };
         let mut partitions = self
             .host
@@ -560,6 +605,190 @@ impl RaftNode {
         tokio::time::timeout(timeout, confirm).await.ok().flatten()
     }
 
+    /// On a partition's leader: moves its log start to `start_offset` (through the log, so every
+    /// replica trims at the same offset; never back, never past the end). Returns the start.
+    pub async fn trim(
+        &self,
+        group: GroupId,
+        start_offset: u64,
+        timeout: Duration,
+    ) -> Result<u64, WriteError> {
+        let partition = self
+            .partition(group)
+            .ok_or(WriteError::GroupNotFound(group))?;
+        match propose(
+            &partition.raft,
+            group,
+            Command::Trim { start_offset },
+            timeout,
+        )
+        .await?
+        {
+            Response::Trimmed(start) => Ok(start),
+            other => Err(WriteError::Stopped {
+                group,
+                reason: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// A partition's log as this replica holds it: its first offset and the end (high
+    /// watermark).
+    pub fn log_range(&self, group: GroupId) -> Option<(u64, u64)> {
+        let partition = self.partition(group)?;
+        let start = partition.retention.as_ref()?.start_offset();
+        Some((start, *partition.high_watermark.borrow()))
+    }
+
+    /// Where a partition's records stand in bytes on this replica: `(position of the log entry
+    /// holding the start, position of the end)`; their difference is about the bytes the
+    /// partition holds. Positions count the bytes of every record batch written since offset 0.
+    pub fn log_positions(&self, group: GroupId) -> Option<(u64, u64)> {
+        let partition = self.partition(group)?;
+        let retention = partition.retention.as_ref()?;
+        let end = retention.end_position();
+        Some((retention.start_position().min(end), end))
+    }
+
+    /// The first offset of the first log entry whose records start at or past byte `position`
+    /// (see [`RaftNode::log_positions`]), if one does.
+    pub async fn offset_at_position(
+        &self,
+        group: GroupId,
+        position: u64,
+    ) -> Result<Option<u64>, ReadError> {
+        let partition = self
+            .partition(group)
+            .ok_or(ReadError::GroupNotFound(group))?;
+        let store = partition.store.clone();
+        tokio::task::spawn_blocking(move || {
+            Ok(store
+                .index_at_position(position)?
+                .map(|entry| entry.base_offset))
+        })
+        .await
+        .map_err(|error| ReadError::Task {
+            group,
+            reason: error.to_string(),
+        })?
+    }
+
+    /// Deletes what retention dropped: for each partition whose log start moved past log
+    /// entries, has openraft snapshot (cheap: a partition's state is small) and purge its log up
+    /// to the entry holding the start, and deletes the entries it purged (a follower that
+    /// installed a snapshot has its purge mark past what retention dropped: those entries go as
+    /// retention moves). State groups and the metadata group snapshot and purge on their own
+    /// (openraft's policy, [`RaftOptions::snapshot_entries`]). Call it periodically.
+    pub async fn compact_logs(&self) {
+        let partitions: Vec<(GroupId, Partition)> = {
+            let partitions = self
+                .host
+                .partitions
+                .read()
+                .expect("partition map lock is never poisoned");
+            partitions
+                .iter()
+                .map(|(group, partition)| (*group, partition.clone()))
+                .collect()
+        };
+        if let Some(meta) = self.host.meta.get() {
+            self.purge_state_log(META_GROUP, meta).await;
+        }
+        for (group, partition) in partitions {
+            let Some(retention) = &partition.retention else {
+                self.purge_state_log(group, &partition.raft).await;
+                continue;
+            };
+            let first = retention.first_index();
+            if first == 0 {
+                continue;
+            }
+            let (purged, snapshot) = {
+                let metrics = partition.raft.metrics();
+                let metrics = metrics.borrow_watched();
+                (
+                    metrics.purged.as_ref().map(|log_id| log_id.index),
+                    metrics.snapshot.as_ref().map(|log_id| log_id.index),
+                )
+            };
+            let upto = first - 1;
+            if purged.is_none_or(|purged| purged < upto) {
+                let trigger = partition.raft.trigger();
+                let result = if snapshot.is_none_or(|snapshot| snapshot < upto) {
+                    trigger.snapshot().await
+                } else {
+                    trigger.purge_log(upto).await
+                };
+                if let Err(error) = result {
+                    tracing::warn!(%group, %error, "log compaction");
+                }
+            }
+            let below = purged.map_or(0, |purged| purged + 1).min(first);
+            if below > partition.deleted_below.load(Ordering::Acquire) {
+                let mut batch = partition.store.batch();
+                partition.store.delete_log_below(&mut batch, below);
+                match partition.store.write(batch, None).await {
+                    Ok(()) => partition.deleted_below.store(below, Ordering::Release),
+                    Err(error) => tracing::warn!(%group, %error, "deleting purged log entries"),
+                }
+            }
+        }
+    }
+
+    /// Every [`RaftOptions::state_purge_interval`], snapshots a metadata or state group and purges
+    /// its whole log (its state is in its rows; a follower behind gets the snapshot).
+    async fn purge_state_log<SM>(&self, group: GroupId, raft: &openraft::Raft<C, SM>)
+    where
+        SM: openraft::storage::RaftStateMachine<C>,
+    {
+        let now = std::time::Instant::now();
+        let due = {
+            let mut purges = self
+                .host
+                .state_purges
+                .lock()
+                .expect("state purge lock is never poisoned");
+            let last = *purges.entry(group).or_insert(now);
+            now.duration_since(last) >= self.host.options.state_purge_interval
+        };
+        if !due {
+            return;
+        }
+        let (applied, purged, snapshot) = {
+            let metrics = raft.metrics();
+            let metrics = metrics.borrow_watched();
+            let index =
+                |log_id: &Option<crate::types::LogId>| log_id.as_ref().map(|log_id| log_id.index);
+            (
+                index(&metrics.last_applied),
+                index(&metrics.purged),
+                index(&metrics.snapshot),
+            )
+        };
+        let Some(applied) = applied else {
+            return;
+        };
+        if purged.is_some_and(|purged| purged >= applied) {
+            return;
+        }
+        let trigger = raft.trigger();
+        let result = match snapshot {
+            // A snapshot well past the purge mark: purge up to it, and start the clock again.
+            Some(snapshot) if purged.is_none_or(|purged| purged < snapshot) => {
+                self.host
+                    .state_purges
+                    .lock()
+                    .expect("state purge lock is never poisoned")
+                    .insert(group, now);
+                trigger.purge_log(snapshot).await
+            }
+            _ => trigger.snapshot().await,
+        };
+        if let Err(error) = result {
+            tracing::warn!(%group, %error, "state log purge");
+        }
+    }
+
     /// Reads committed batches from `offset`, about `max_bytes` of log at most (at least one batch
     /// when any is committed at or after `offset`).
     pub async fn read(
@@ -572,6 +801,20 @@ impl RaftNode {
             .partition(group)
             .ok_or(ReadError::GroupNotFound(group))?;
         let high_watermark = *partition.high_watermark.borrow();
+        let retention = partition.retention.clone();
+        let below_start = |retention: &Option<Arc<Retention>>| {
+            let start = retention
+                .as_ref()
+                .map_or(0, |retention| retention.start_offset());
+            (offset < start).then_some(ReadError::BelowStart {
+                group,
+                offset,
+                start,
+            })
+        };
+        if let Some(error) = below_start(&retention) {
+            return Err(error);
+        }
         if offset >= high_watermark {
             return Ok(ReadBatch {
                 high_watermark,
@@ -579,14 +822,19 @@ impl RaftNode {
             });
         }
         let store = partition.store.clone();
-        tokio::task::spawn_blocking(move || {
+        let read = tokio::task::spawn_blocking(move || {
             read_committed(&store, offset, high_watermark, max_bytes)
         })
         .await
         .map_err(|error| ReadError::Task {
             group,
             reason: error.to_string(),
-        })?
+        })?;
+        // Retention may have deleted the entries while they were read.
+        match read {
+            Err(error) => Err(below_start(&retention).unwrap_or(error)),
+            ok => ok,
+        }
     }
 
     /// The time index of a partition: the base offset of the first batch at which the largest
@@ -601,6 +849,10 @@ impl RaftNode {
             .partition(group)
             .ok_or(ReadError::GroupNotFound(group))?;
         let high_watermark = *partition.high_watermark.borrow();
+        let start = partition
+            .retention
+            .as_ref()
+            .map_or(0, |retention| retention.start_offset());
         let store = partition.store.clone();
         let key = crate::machine::time_key(timestamp_ms);
         let row = tokio::task::spawn_blocking(move || store.row_at_or_after(Table::TimeIndex, key))
@@ -612,7 +864,9 @@ impl RaftNode {
             .map_err(ReadError::Storage)?;
         Ok(row.and_then(|(_, value)| {
             let base = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-            // Written with its entry, possibly just before the high watermark moved past it.
+            // Written with its entry, possibly just before the high watermark moved past it;
+            // the row kept at or below the log start stands for the start.
+            let base = base.max(start);
             (base < high_watermark).then_some(base)
         }))
     }
@@ -621,11 +875,25 @@ impl RaftNode {
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
         if group == META_GROUP {
             let raft = self.host.meta.get()?;
-            return Some(status_of(raft, group, 0));
+            return Some(status_of(raft, group, 0, 0, 0));
         }
         let partition = self.partition(group)?;
         let high_watermark = *partition.high_watermark.borrow();
-        Some(status_of(&partition.raft, group, high_watermark))
+        let (start, bytes) = partition.retention.as_ref().map_or((0, 0), |retention| {
+            (
+                retention.start_offset(),
+                retention
+                    .end_position()
+                    .saturating_sub(retention.start_position()),
+            )
+        });
+        Some(status_of(
+            &partition.raft,
+            group,
+            high_watermark,
+            start,
+            bytes,
+        ))
     }
 
     /// Asks this node, if it leads `group`, to hand leadership to `to`.
@@ -649,6 +917,9 @@ impl RaftNode {
             }
         } else {
             match self.partition(group) {
+                Some(partition) if kind == RaftKind::SnapshotChunk => {
+                    self.snapshot_chunk(&partition, payload).await
+                }
                 Some(partition) => dispatch(&partition.raft, kind, payload).await,
                 None => Err(InboundError::GroupNotFound { group, node }),
             }
@@ -656,6 +927,111 @@ impl RaftNode {
         match result {
             Ok(encoded) => encoded,
             Err(error) => encode(&RaftAnswer::<()>::Err(error.to_string())).unwrap_or_default(),
+        }
+    }
+
+    /// Handles one call of a partition snapshot transfer (see `snapshot`).
+    async fn snapshot_chunk(
+        &self,
+        partition: &Partition,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, InboundError> {
+        use crate::snapshot::Message;
+        let kind = RaftKind::SnapshotChunk;
+        let answer = |result: Result<Vec<u8>, String>| match result {
+            Ok(encoded) => Ok(encoded),
+            Err(message) => encode(&RaftAnswer::<()>::Err(message))
+                .map_err(|source| InboundError::Encode { kind, source }),
+        };
+        let message: Message = crate::codec::decode(payload)
+            .map_err(|source| InboundError::Undecodable { kind, source })?;
+        let group = partition.store.group();
+        let staging = partition
+            .store
+            .sibling(crate::machine::staging_group(group));
+        let transfers = &self.host.transfers;
+        match message {
+            Message::Begin {
+                vote,
+                first_index,
+                last_index,
+            } => {
+                let cursor = {
+                    let staging = staging.clone();
+                    tokio::task::spawn_blocking(move || {
+                        // A staging that cannot go on is emptied first.
+                        let cursor =
+                            crate::snapshot::Transfers::cursor(&staging, first_index, last_index)?;
+                        Ok::<_, std::io::Error>(cursor)
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|cursor| cursor)
+                };
+                let result = match cursor {
+                    Ok((cursor, fresh)) => {
+                        if fresh {
+                            if let Err(error) = staging.destroy().await {
+                                return answer(Err(error.to_string()));
+                            }
+                        }
+                        transfers.begin(&staging, vote);
+                        tracing::info!(%group, first_index, last_index, ?cursor, "receiving a partition snapshot");
+                        encode(&RaftAnswer::<crate::snapshot::Cursor>::Ok(cursor))
+                            .map_err(|error| error.to_string())
+                    }
+                    Err(error) => Err(error.to_string()),
+                };
+                answer(result)
+            }
+            Message::Records { vote, chunk, crc } => {
+                let result = transfers
+                    .stage(&staging, &vote, chunk, crc)
+                    .await
+                    .map_err(|error| error.to_string())
+                    .and_then(|()| {
+                        encode(&RaftAnswer::<()>::Ok(())).map_err(|error| error.to_string())
+                    });
+                answer(result)
+            }
+            Message::Finish { vote, meta, data } => {
+                if !transfers.in_progress(&staging, &vote) {
+                    return answer(Err(
+                        "no snapshot transfer in progress here (begin again)".into()
+                    ));
+                }
+                let last_index = meta.last_log_id.as_ref().map_or(0, |log_id| log_id.index);
+                let check = {
+                    let staging = staging.clone();
+                    let data = data.clone();
+                    tokio::task::spawn_blocking(move || {
+                        crate::machine::check_snapshot(&staging, &data, last_index)
+                    })
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|checked| checked)
+                };
+                if let Err(error) = check {
+                    tracing::warn!(%group, %error, "partition snapshot incomplete; staging emptied");
+                    transfers.end(&staging);
+                    let _ = staging.destroy().await;
+                    return answer(Err(error.to_string()));
+                }
+                let snapshot = crate::types::Snapshot {
+                    meta,
+                    snapshot: std::io::Cursor::new(data),
+                };
+                let result = partition.raft.install_full_snapshot(vote, snapshot).await;
+                transfers.end(&staging);
+                // Installed: the staging was adopted (emptied). Not installed (the follower had
+                // caught up meanwhile): it is not needed.
+                if matches!(staging.log_bounds(), Ok(Some(_))) {
+                    let _ = staging.destroy().await;
+                }
+                tracing::info!(%group, last_index, ok = result.is_ok(), "partition snapshot installed");
+                let answer_value: RaftAnswer<_> = result.map_err(|error| error.to_string());
+                encode(&answer_value).map_err(|source| InboundError::Encode { kind, source })
+            }
         }
     }
 

@@ -31,6 +31,17 @@ pub struct RaftOptions {
     /// A producer without a write to a partition for this long may be forgotten there; its next
     /// batch other than at sequence 0 is then refused as from an unknown producer.
     pub producer_idle_timeout: Duration,
+    /// The metadata and state groups snapshot their state after this many log entries, then
+    /// purge their log but the last [`RaftOptions::snapshot_entries_kept`]. (Partitions purge
+    /// what retention drops: see `machine`.)
+    pub snapshot_entries: u64,
+    /// Log entries kept behind a state snapshot, so a follower a little behind catches up from
+    /// the log rather than by a snapshot.
+    pub snapshot_entries_kept: u64,
+    /// The metadata and state groups also snapshot and purge their whole log this long after
+    /// their last purge, however few entries they have: the journal file holding their oldest
+    /// entry can then be deleted (one group's old entry keeps every later file).
+    pub state_purge_interval: Duration,
 }
 
 impl Default for RaftOptions {
@@ -46,6 +57,9 @@ impl Default for RaftOptions {
             proposals_in_flight_max: 2,
             producers_per_partition_max: 1_000,
             producer_idle_timeout: Duration::from_secs(7 * 24 * 3600),
+            snapshot_entries: 20_000,
+            snapshot_entries_kept: 2_000,
+            state_purge_interval: Duration::from_secs(60),
         }
     }
 }

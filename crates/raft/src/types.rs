@@ -38,6 +38,13 @@ pub enum Command {
     /// partition's producer states let through (`producers`) get consecutive offsets, in order;
     /// the others get none.
     ProduceTimed(ProduceEntry),
+    /// Moves a partition's log start forward to `start_offset` (never back, never past the end):
+    /// records below it are no longer read, and each replica deletes them once it applied this
+    /// (retention, see `machine`). Through the log, so every replica trims at the same offset.
+    Trim {
+        /// The new first offset.
+        start_offset: u64,
+    },
 }
 
 /// The payload of a [`Command::Produce`] entry (the layout before timestamps).
@@ -144,7 +151,7 @@ impl Command {
                     max_timestamp_ms: Some(part.max_timestamp_ms),
                 })
                 .collect(),
-            Command::Meta(_) => Vec::new(),
+            Command::Meta(_) | Command::Trim { .. } => Vec::new(),
         }
     }
 
@@ -172,6 +179,7 @@ impl std::fmt::Display for Command {
                 write!(f, "append({count} records, {} bytes)", batch.len())
             }
             Command::Meta(command) => write!(f, "meta({} bytes)", command.len()),
+            Command::Trim { start_offset } => write!(f, "trim(start {start_offset})"),
             Command::Appends(batches) => write!(
                 f,
                 "appends({} batches, {} records, {} bytes)",
@@ -218,6 +226,8 @@ pub enum Response {
     Appended(Vec<BatchOutcome>),
     /// The answer to a [`Command::Meta`], encoded by the broker.
     Meta(Bytes),
+    /// The log start after a [`Command::Trim`].
+    Trimmed(u64),
     /// Entries without an answer (blank, membership).
     None,
 }

@@ -92,6 +92,20 @@ pub struct RaftConfig {
     /// its next batch (unless at sequence 0) is then refused as UNKNOWN_PRODUCER. Milliseconds.
     /// Default 604800000 (7 days).
     pub producer_idle_timeout_ms: u64,
+    /// The metadata group and state groups (consumer groups, queues) snapshot their state after
+    /// this many log entries and purge their log but the last snapshot_entries_kept. Default
+    /// 20000. (Partitions purge what retention drops.)
+    pub snapshot_entries: u64,
+    /// Log entries kept behind such a snapshot, so a follower a little behind catches up from
+    /// the log. Default 2000.
+    pub snapshot_entries_kept: u64,
+    /// How often each node deletes what retention dropped (log entries, journal files),
+    /// milliseconds. Default 1000.
+    pub compact_interval_ms: u64,
+    /// The metadata and state groups also snapshot and purge their whole log this long after
+    /// the last time, however few entries they have, so their oldest entry does not keep old
+    /// journal files. Milliseconds. Default 60000.
+    pub state_purge_interval_ms: u64,
 }
 
 impl Default for RaftConfig {
@@ -112,6 +126,10 @@ impl Default for RaftConfig {
             proposals_in_flight_max: options.proposals_in_flight_max as u64,
             producers_per_partition_max: options.producers_per_partition_max,
             producer_idle_timeout_ms: millis(options.producer_idle_timeout),
+            snapshot_entries: options.snapshot_entries,
+            snapshot_entries_kept: options.snapshot_entries_kept,
+            compact_interval_ms: 1_000,
+            state_purge_interval_ms: millis(options.state_purge_interval),
         }
     }
 }
@@ -206,6 +224,8 @@ pub struct NodeConfig {
     pub groups: GroupsConfig,
     /// Queues.
     pub queues: QueuesConfig,
+    /// Retention defaults.
+    pub retention: ordo_broker::RetentionConfig,
 }
 
 impl Default for NodeConfig {
@@ -223,12 +243,13 @@ impl Default for NodeConfig {
             storage: StorageConfig::default(),
             groups: GroupsConfig::default(),
             queues: QueuesConfig::default(),
+            retention: ordo_broker::RetentionConfig::default(),
         }
     }
 }
 
 /// Top-level keys read from `ORDO_*`; other `ORDO_*` variables (the CLI's) are ignored.
-const ENV_KEYS: [&str; 12] = [
+const ENV_KEYS: [&str; 13] = [
     "node_id",
     "data_dir",
     "listen",
@@ -241,6 +262,7 @@ const ENV_KEYS: [&str; 12] = [
     "storage",
     "groups",
     "queues",
+    "retention",
 ];
 
 impl NodeConfig {
@@ -334,6 +356,9 @@ impl NodeConfig {
         self.queues
             .validate()
             .map_err(|error| ServerError::Config(error.to_string()))?;
+        self.retention
+            .validate()
+            .map_err(|error| ServerError::Config(error.to_string()))?;
         let raft = &self.raft;
         if raft.heartbeat_interval_ms == 0
             || raft.election_timeout_min_ms <= raft.heartbeat_interval_ms * 2
@@ -364,6 +389,9 @@ impl NodeConfig {
         if raft.connect_timeout_ms == 0 {
             return fail("raft.connect_timeout_ms must be > 0".into());
         }
+        if raft.snapshot_entries == 0 || raft.compact_interval_ms == 0 {
+            return fail("raft: snapshot_entries and compact_interval_ms must be > 0".into());
+        }
         if self.grpc.message_bytes_max < self.limits.batch_bytes_max + (1 << 20) {
             return fail("grpc.message_bytes_max must exceed limits.batch_bytes_max by at least 1 MiB of framing".into());
         }
@@ -393,6 +421,9 @@ impl NodeConfig {
                 .unwrap_or(usize::MAX),
             producers_per_partition_max: self.raft.producers_per_partition_max,
             producer_idle_timeout: Duration::from_millis(self.raft.producer_idle_timeout_ms),
+            snapshot_entries: self.raft.snapshot_entries,
+            snapshot_entries_kept: self.raft.snapshot_entries_kept,
+            state_purge_interval: Duration::from_millis(self.raft.state_purge_interval_ms),
         }
     }
 

@@ -119,6 +119,38 @@ fn exit_on_storage_fault(store: &Store) {
     });
 }
 
+/// Deletes what retention dropped, every `interval` until shutdown: the partitions' purged log
+/// entries (`RaftNode::compact_logs`), then the journal files nothing points into any more.
+async fn compact(
+    raft: RaftNode,
+    store: Store,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        raft.compact_logs().await;
+        let journal = store.clone();
+        match tokio::task::spawn_blocking(move || journal.remove_unused_journal_files()).await {
+            Ok(Ok(removed)) if removed.files > 0 => {
+                tracing::info!(
+                    files = removed.files,
+                    bytes = removed.bytes,
+                    "journal files removed"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "removing journal files"),
+            Err(error) => tracing::warn!(%error, "journal removal task"),
+        }
+    }
+}
+
 /// Runs a node with `config` until `shutdown` turns true.
 pub async fn serve(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     use tracing::Instrument;
@@ -152,12 +184,20 @@ async fn serve_node(
             leader_balance_interval: Duration::from_millis(config.raft.leader_balance_interval_ms),
             groups: config.groups.clone(),
             queues: config.queues.clone(),
+            retention: config.retention.clone(),
         },
         &mut tasks,
         shutdown.clone(),
     )
     .await
     .map_err(|error| ServerError::Startup(error.to_string()))?;
+
+    tasks.spawn(compact(
+        raft.clone(),
+        store.clone(),
+        Duration::from_millis(config.raft.compact_interval_ms),
+        shutdown.clone(),
+    ));
 
     let metrics = Metrics::new(config.grpc.subscriptions_max);
     let services = Services {

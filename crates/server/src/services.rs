@@ -70,7 +70,8 @@ fn partition_to_wire(partition: PartitionView) -> pb::PartitionDescription {
         leader: partition.leader,
         replicas: partition.replicas,
         high_watermark: partition.high_watermark,
-        log_start_offset: 0,
+        log_start_offset: partition.log_start_offset,
+        bytes: partition.bytes,
         term: partition.term,
         replica_status: partition
             .lag
@@ -391,23 +392,28 @@ impl pb::log_server::Log for Services {
         let partition = request.partition;
         let max_bytes = u64::from(request.max_bytes);
         // Resolve the start offset now, so a bad topic or offset fails the call itself.
-        let probe = broker
+        let (start, end) = match broker
             .fetch(&topic, partition, 0, 1, Duration::ZERO, false)
             .await
-            .map_err(to_status)?;
+        {
+            Ok(probe) => (probe.log_start_offset, probe.high_watermark),
+            // Retention moved the start past 0: the answer names the range.
+            Err(BrokerError::OffsetOutOfRange { start, end, .. }) => (start, end),
+            Err(error) => return Err(to_status(error)),
+        };
         let mut offset = match request.start {
             Some(pb::subscribe_request::Start::Offset(offset)) => {
-                if offset > probe.high_watermark {
+                if offset > end || offset < start {
                     return Err(to_status(BrokerError::OffsetOutOfRange {
                         offset,
-                        start: probe.log_start_offset,
-                        end: probe.high_watermark,
+                        start,
+                        end,
                     }));
                 }
                 offset
             }
-            Some(pb::subscribe_request::Start::FromEnd(true)) => probe.high_watermark,
-            _ => probe.log_start_offset,
+            Some(pb::subscribe_request::Start::FromEnd(true)) => end,
+            _ => start,
         };
         let (sender, receiver) = mpsc::channel(SUBSCRIBE_BUFFER);
         let metrics = self.metrics.clone();
@@ -515,6 +521,27 @@ impl pb::admin_server::Admin for Services {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::DescribeTopicResponse {
+            topic: Some(topic_to_wire(topic)),
+        }))
+    }
+
+    async fn alter_topic_config(
+        &self,
+        request: Request<pb::AlterTopicConfigRequest>,
+    ) -> Result<Response<pb::AlterTopicConfigResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
+        let request = request.into_inner();
+        let topic = self
+            .broker
+            .alter_topic_config(
+                &request.name,
+                request.set.into_iter().collect(),
+                request.remove,
+                timeout,
+            )
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::AlterTopicConfigResponse {
             topic: Some(topic_to_wire(topic)),
         }))
     }

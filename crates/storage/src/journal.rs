@@ -55,6 +55,7 @@ pub(crate) const APPLIED_KEY: &[u8] = b"journal-applied";
 
 const OP_PUT: u8 = 1;
 const OP_DELETE_RANGE: u8 = 2;
+const OP_PUT_RAW: u8 = 3;
 
 /// Where a log entry's framed value lives in the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +309,44 @@ impl Journal {
             .map_err(|error| io_error("cannot stat", &self.path(id), error))
     }
 
+    /// The file being appended.
+    pub(crate) fn current_file(&self) -> u64 {
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// Deletes every file with an id below `keep_from` (never the file being appended), then
+    /// syncs the directory. Readers holding one of them finish their read (the file lives until
+    /// its last handle closes).
+    pub(crate) fn remove_files_before(
+        &self,
+        keep_from: u64,
+    ) -> Result<JournalRemoval, StorageError> {
+        let keep_from = keep_from.min(self.current_file());
+        let doomed: Vec<(u64, Arc<File>)> = self
+            .files
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .range(..keep_from)
+            .map(|(id, file)| (*id, file.clone()))
+            .collect();
+        let mut removed = JournalRemoval::default();
+        for (id, file) in doomed {
+            let path = self.path(id);
+            let bytes = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+            std::fs::remove_file(&path).map_err(|error| io_error("cannot remove", &path, error))?;
+            self.files
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&id);
+            removed.files += 1;
+            removed.bytes += bytes;
+        }
+        if removed.files > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(removed)
+    }
+
     /// Cuts file `id` at `len` (a torn tail) and syncs it.
     pub(crate) fn truncate(&self, id: u64, len: u64) -> Result<(), StorageError> {
         let Some(file) = self.file(id) else {
@@ -318,6 +357,15 @@ impl Journal {
             .and_then(|()| file.sync_all())
             .map_err(|error| io_error("cannot truncate", &path, error))
     }
+}
+
+/// What [`crate::Store::remove_unused_journal_files`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JournalRemoval {
+    /// Files deleted.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// The writer thread's handle: appends records, rotates files.
@@ -451,12 +499,16 @@ fn create(journal: &Journal, id: u64) -> Result<Arc<File>, StorageError> {
 }
 
 /// Appends `op` to a record body. Layout: tag (1), column family (1), then for a put
-/// `key len (2) ++ key ++ value len (4) ++ value`, for a range delete
+/// `key len (2) ++ key ++ value len (4) ++ value` (a raw put too), for a range delete
 /// `from len (2) ++ from ++ to len (2) ++ to`.
 pub(crate) fn encode_op(body: &mut Vec<u8>, op: &Op) {
     match op {
-        Op::Put { cf, key, value } => {
-            body.push(OP_PUT);
+        Op::Put { cf, key, value } | Op::PutRaw { cf, key, value } => {
+            body.push(if matches!(op, Op::Put { .. }) {
+                OP_PUT
+            } else {
+                OP_PUT_RAW
+            });
             body.push(cf.tag());
             body.extend_from_slice(&(key.len() as u16).to_le_bytes());
             body.extend_from_slice(key);
@@ -482,6 +534,11 @@ pub(crate) enum BodyOp<'a> {
         value: &'a [u8],
         value_at: u64,
     },
+    PutRaw {
+        cf: Cf,
+        key: &'a [u8],
+        value: &'a [u8],
+    },
     DeleteRange {
         cf: Cf,
         from: &'a [u8],
@@ -505,7 +562,7 @@ pub(crate) fn decode_body(at: Position, body: &[u8]) -> Result<Vec<BodyOp<'_>>, 
             take(rest, 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
         };
         match head[0] {
-            OP_PUT => {
+            OP_PUT | OP_PUT_RAW => {
                 let key_len = len16(&mut rest).ok_or_else(short)?;
                 let key = take(&mut rest, key_len).ok_or_else(short)?;
                 let value_len = take(&mut rest, 4)
@@ -513,11 +570,15 @@ pub(crate) fn decode_body(at: Position, body: &[u8]) -> Result<Vec<BodyOp<'_>>, 
                     .ok_or_else(short)?;
                 let value_at = at.offset + (body.len() - rest.len()) as u64;
                 let value = take(&mut rest, value_len).ok_or_else(short)?;
-                ops.push(BodyOp::Put {
-                    cf,
-                    key,
-                    value,
-                    value_at,
+                ops.push(if head[0] == OP_PUT {
+                    BodyOp::Put {
+                        cf,
+                        key,
+                        value,
+                        value_at,
+                    }
+                } else {
+                    BodyOp::PutRaw { cf, key, value }
                 });
             }
             OP_DELETE_RANGE => {

@@ -42,6 +42,7 @@ mod store;
 mod writer;
 
 pub use error::StorageError;
+pub use journal::JournalRemoval;
 pub use keys::GroupId;
 pub use store::GroupBatch;
 pub use store::GroupStore;

@@ -66,4 +66,11 @@ pub(crate) enum Op {
         from: Vec<u8>,
         to: Vec<u8>,
     },
+    /// A put stored as it is, in every column family: in `Cf::Log` a journal pointer moved from
+    /// another key (see `GroupStore::adopt`), never a log entry's bytes.
+    PutRaw {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
 }

@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::error::StorageError;
 use crate::journal::Journal;
+use crate::journal::JournalRemoval;
 use crate::journal::JournalWriter;
 use crate::journal::Location;
 use crate::keys::GroupId;
@@ -236,6 +237,62 @@ impl Store {
         &self.shared.stats
     }
 
+    /// Deletes the journal files nothing needs any more: every file before both the first file a
+    /// log entry points into and the file the next open would replay from (the journal position
+    /// RocksDB has persisted). Returns the files and bytes removed. Blocking: run it in
+    /// `spawn_blocking` from async code.
+    ///
+    /// Safe against concurrent writes: a new log entry points into the file being appended, and
+    /// pointers that move (`GroupStore::adopt`) move from rows this scan already sees.
+    pub fn remove_unused_journal_files(&self) -> Result<JournalRemoval, StorageError> {
+        let db = &self.shared.db;
+        let journal = &self.shared.journal;
+        let mut persisted = ReadOptions::default();
+        persisted.set_read_tier(rocksdb::ReadTier::Persisted);
+        let replay_from = match db.get_cf_opt(
+            CfHandles.get(db, Cf::Meta),
+            crate::journal::APPLIED_KEY,
+            &persisted,
+        )? {
+            Some(value) => {
+                crate::journal::Position::decode(&value)
+                    .ok_or_else(|| StorageError::Malformed {
+                        what: "journal applied position".to_owned(),
+                        reason: "not 16 bytes",
+                    })?
+                    .file
+            }
+            // Nothing flushed yet: the next open replays everything.
+            None => return Ok(JournalRemoval::default()),
+        };
+        let mut keep_from = replay_from.min(journal.current_file());
+        // The first entry of each group's log is its oldest (entries are appended in index
+        // order, each into the file being appended), so one seek per group finds the oldest
+        // file any entry points into.
+        let cf = CfHandles.get(db, Cf::Log);
+        let mut iterator = db.raw_iterator_cf(cf);
+        iterator.seek_to_first();
+        while let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) {
+            let Some((group, index)) = split_key(raw_key) else {
+                break;
+            };
+            let location = unframe(value, || format!("log group={group} index={index}"))
+                .ok()
+                .and_then(Location::decode)
+                .ok_or_else(|| StorageError::Malformed {
+                    what: format!("log group={group} index={index}"),
+                    reason: "journal location is not 20 bytes",
+                })?;
+            keep_from = keep_from.min(location.file);
+            if keep_from <= 1 || group.0 == u64::MAX {
+                break;
+            }
+            iterator.seek(key(GroupId(group.0 + 1), 0));
+        }
+        iterator.status()?;
+        journal.remove_files_before(keep_from)
+    }
+
     /// RocksDB's estimate of live data bytes, for metrics.
     pub fn live_data_bytes(&self) -> u64 {
         Cf::ALL
@@ -285,11 +342,17 @@ pub struct IndexEntry {
     pub log_index: u64,
     /// Records in the entry.
     pub count: u32,
+    /// Bytes of the group's records before `base_offset` (a running total the caller keeps:
+    /// positions only grow with offsets), so the bytes between two offsets are a subtraction.
+    pub position: u64,
     /// Positions (ascending) of the entry's batches that hold no offsets: the caller decided
     /// when applying the entry not to write them (e.g. a producer's retry of a batch already
     /// written). Empty for almost every entry; stored after the 12 fixed bytes.
     pub skipped_batches: Vec<u32>,
 }
+
+/// The top bit of an index value's count: a position follows the count.
+const INDEX_HAS_POSITION: u32 = 1 << 31;
 
 /// A table of small keyed rows of one group, written in the group's batches (so atomically with
 /// its applied state) and read back whole at start. The caller gives rows their meaning.
@@ -353,6 +416,14 @@ impl GroupStore {
         self.group
     }
 
+    /// The handle of another group of the same store.
+    pub fn sibling(&self, group: GroupId) -> GroupStore {
+        GroupStore {
+            shared: self.shared.clone(),
+            group,
+        }
+    }
+
     /// A new empty batch for this group.
     pub fn batch(&self) -> GroupBatch {
         GroupBatch::default()
@@ -378,9 +449,14 @@ impl GroupStore {
 
     /// Adds an offset index entry to `batch`.
     pub fn put_index(&self, batch: &mut GroupBatch, entry: &IndexEntry) {
-        let mut payload = Vec::with_capacity(12 + 4 * entry.skipped_batches.len());
+        assert!(
+            entry.count < INDEX_HAS_POSITION,
+            "an entry holds < 2^31 records"
+        );
+        let mut payload = Vec::with_capacity(20 + 4 * entry.skipped_batches.len());
         payload.extend_from_slice(&entry.log_index.to_be_bytes());
-        payload.extend_from_slice(&entry.count.to_be_bytes());
+        payload.extend_from_slice(&(entry.count | INDEX_HAS_POSITION).to_be_bytes());
+        payload.extend_from_slice(&entry.position.to_be_bytes());
         for position in &entry.skipped_batches {
             payload.extend_from_slice(&position.to_be_bytes());
         }
@@ -429,6 +505,74 @@ impl GroupStore {
     /// Deletes index entries at offsets `from..`.
     pub fn delete_index_from(&self, batch: &mut GroupBatch, from: u64) {
         self.delete_range(batch, Cf::Index, from, u64::MAX);
+    }
+
+    /// Deletes index entries at offsets `..below`.
+    pub fn delete_index_below(&self, batch: &mut GroupBatch, below: u64) {
+        self.delete_range(batch, Cf::Index, 0, below);
+    }
+
+    /// Deletes rows of `table` with ids `..below`.
+    pub fn delete_rows_below(&self, batch: &mut GroupBatch, table: Table, below: u64) {
+        self.delete_range(batch, Cf::Meta, row_key(table, 0), row_key(table, below));
+    }
+
+    /// Deletes log entries `..below`: the head of the log, for a caller that keeps its own mark of
+    /// where the log starts (see [`MetaKey::LastPurged`] for the usual one).
+    pub fn delete_log_below(&self, batch: &mut GroupBatch, below: u64) {
+        self.delete_range(batch, Cf::Log, 0, below);
+    }
+
+    /// Moves everything `from` holds into this group, in `batch`, without copying a log entry's
+    /// bytes (the journal holds them once; the pointers move): log entries `first..=last` replace
+    /// every entry `..=last` of this group, `from`'s index entries and rows of `tables` replace
+    /// this group's, and `from` is emptied. For a caller that staged a whole state in another
+    /// group (a snapshot received in chunks) and installs it at once. Reads `from` now: nothing
+    /// may write to `from` until `batch` is written.
+    pub fn adopt(
+        &self,
+        batch: &mut GroupBatch,
+        from: &GroupStore,
+        last: u64,
+        tables: &[Table],
+    ) -> Result<(), StorageError> {
+        let db = &self.shared.db;
+        self.delete_range(batch, Cf::Log, 0, last.saturating_add(1));
+        self.delete_range(batch, Cf::Index, 0, u64::MAX);
+        for table in tables {
+            self.clear_table(batch, *table);
+        }
+        let mut copy = |cf: Cf, lower: u64, upper: u64| -> Result<(), StorageError> {
+            let mut options = ReadOptions::default();
+            options.set_iterate_upper_bound(key(from.group, upper).to_vec());
+            let mut iterator = db.raw_iterator_cf_opt(CfHandles.get(db, cf), options);
+            iterator.seek(key(from.group, lower));
+            while let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) {
+                let Some((_, n)) = split_key(raw_key) else {
+                    break;
+                };
+                batch.ops.push(Op::PutRaw {
+                    cf,
+                    key: key(self.group, n).to_vec(),
+                    value: value.to_vec(),
+                });
+                iterator.next();
+            }
+            Ok(iterator.status()?)
+        };
+        copy(Cf::Log, 0, last.saturating_add(1))?;
+        copy(Cf::Index, 0, u64::MAX)?;
+        for table in tables {
+            copy(
+                Cf::Meta,
+                row_key(*table, 0),
+                row_key(*table, ROW_ID_MAX) + 1,
+            )?;
+        }
+        for cf in Cf::ALL {
+            from.delete_range(batch, cf, 0, u64::MAX);
+        }
+        Ok(())
     }
 
     fn delete_range(&self, batch: &mut GroupBatch, cf: Cf, from: u64, to: u64) {
@@ -589,7 +733,7 @@ impl GroupStore {
     }
 
     /// At most `max` rows of `table` from id `from` on, by id.
-    fn rows_from(
+    pub fn rows_from(
         &self,
         table: Table,
         from: u64,
@@ -630,6 +774,37 @@ impl GroupStore {
             return Ok(None);
         };
         self.index_entry(raw_key, value)
+    }
+
+    /// The first index entry whose position is `>= position`, if any: positions grow with
+    /// offsets, so it is found by bisection over offsets (tens of seeks).
+    pub fn index_at_position(&self, position: u64) -> Result<Option<IndexEntry>, StorageError> {
+        let Some(last) = self.index_floor(u64::MAX)? else {
+            return Ok(None);
+        };
+        if last.position < position {
+            return Ok(None);
+        }
+        let Some(first) = self.index_range(0, u64::MAX, 1)?.pop() else {
+            return Ok(None);
+        };
+        if first.position >= position {
+            return Ok(Some(first));
+        }
+        // Invariant: the entry at or before `low` is below `position`; `found` is at or above.
+        let (mut low, mut found) = (first.base_offset, last);
+        while low + 1 < found.base_offset {
+            let middle = low + (found.base_offset - low) / 2;
+            let entry = self
+                .index_floor(middle)?
+                .expect("an entry exists at or before every offset after the first");
+            if entry.position >= position {
+                found = entry;
+            } else {
+                low = middle;
+            }
+        }
+        Ok(Some(found))
     }
 
     /// Up to `max` index entries with base offsets in `from..to`, in offset order.
@@ -673,17 +848,33 @@ impl GroupStore {
         }
         let what = || format!("index group={} offset={base_offset}", self.group);
         let payload = unframe(value, what)?;
-        if payload.len() < 12 || (payload.len() - 12) % 4 != 0 {
-            return Err(StorageError::Malformed {
-                what: what(),
-                reason: "index value is not 12 bytes plus 4 per skipped batch",
-            });
+        let malformed = || StorageError::Malformed {
+            what: what(),
+            reason: "index value is not 12 (or 20, with a position) bytes plus 4 per skipped batch",
+        };
+        if payload.len() < 12 {
+            return Err(malformed());
+        }
+        let count = u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes"));
+        // Entries written before positions were kept have none: they count as position 0.
+        let (position, rest) = if count & INDEX_HAS_POSITION != 0 {
+            let position = payload.get(12..20).ok_or_else(malformed)?;
+            (
+                u64::from_be_bytes(position.try_into().expect("8 bytes")),
+                &payload[20..],
+            )
+        } else {
+            (0, &payload[12..])
+        };
+        if rest.len() % 4 != 0 {
+            return Err(malformed());
         }
         Ok(Some(IndexEntry {
             base_offset,
             log_index: u64::from_be_bytes(payload[..8].try_into().expect("8 bytes")),
-            count: u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes")),
-            skipped_batches: payload[12..]
+            count: count & !INDEX_HAS_POSITION,
+            position,
+            skipped_batches: rest
                 .chunks_exact(4)
                 .map(|chunk| u32::from_be_bytes(chunk.try_into().expect("4 bytes")))
                 .collect(),
@@ -824,6 +1015,7 @@ mod tests {
             base_offset,
             log_index,
             count,
+            position: base_offset * 100,
             skipped_batches: skipped,
         }
     }

@@ -90,7 +90,9 @@ impl WriteRequest {
         self.ops
             .iter()
             .map(|op| match op {
-                Op::Put { key, value, .. } => key.len() + value.len(),
+                Op::Put { key, value, .. } | Op::PutRaw { key, value, .. } => {
+                    key.len() + value.len()
+                }
                 Op::DeleteRange { from, to, .. } => from.len() + to.len(),
             })
             .sum()
@@ -207,7 +209,9 @@ pub(crate) fn batch_for_record(
                     journal::log_pointer(location),
                 );
             }
-            BodyOp::Put { cf, key, value, .. } => batch.put_cf(CfHandles.get(db, cf), key, value),
+            BodyOp::Put { cf, key, value, .. } | BodyOp::PutRaw { cf, key, value } => {
+                batch.put_cf(CfHandles.get(db, cf), key, value)
+            }
             BodyOp::DeleteRange { cf, from, to } => {
                 batch.delete_range_cf(CfHandles.get(db, cf), from, to)
             }

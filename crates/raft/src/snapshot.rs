@@ -1,0 +1,261 @@
+//! Partition snapshots with their records, streamed in chunks.
+//!
+//! A partition's snapshot is its small state (`machine::PartitionSnapshot`) plus its records:
+//! the log entries from the one holding the log start to the snapshot's index, their offset
+//! index entries and the time index. openraft hands the leader's network a snapshot to send
+//! ([`stream`]); the records then travel as `Internal/Raft` calls of kind `SnapshotChunk`:
+//! 1. `Begin`: the follower answers where to start ([`Cursor`]). It stages what arrives in a
+//!    sibling group (`machine::staging_group`) and keeps it across attempts, so a transfer cut
+//!    off (a leader change, a restart, a timeout) resumes where the staging ends: committed
+//!    entries are the same whoever sends them.
+//! 2. `Records`: up to [`CHUNK_BYTES`] of log entries with their index entries and time index
+//!    rows, and a CRC-32C over them; the follower verifies it and stages them.
+//! 3. `Finish`: the follower checks the staging covers the snapshot and hands openraft the
+//!    snapshot; installing it adopts the staged records (`machine::PartitionLogic::install`,
+//!    `ordo_storage::GroupStore::adopt`: pointers move, bytes are not copied again).
+//!
+//! Never: install a partition snapshot whose records are not all staged; stage entries sent
+//! under another vote than the transfer's `Begin`.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+
+use ordo_storage::GroupStore;
+use ordo_storage::IndexEntry;
+use ordo_storage::Table;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::machine::SnapshotRecords;
+use crate::types::SnapshotMeta;
+use crate::types::Vote;
+
+/// Most bytes of log entries in one `Records` chunk (at least one entry).
+pub(crate) const CHUNK_BYTES: usize = 4 << 20;
+
+/// Index entries or time index rows in one chunk, at most.
+const ROWS_PER_CHUNK_MAX: usize = 16_384;
+
+/// One `SnapshotChunk` call.
+#[derive(Serialize, Deserialize)]
+pub(crate) enum Message {
+    /// A transfer starts: the snapshot at `last_index` needs the entries from `first_index`.
+    /// Answered with a [`Cursor`].
+    Begin {
+        vote: Vote,
+        first_index: u64,
+        last_index: u64,
+    },
+    /// Records to stage. Answered with `()`.
+    Records { vote: Vote, chunk: Chunk, crc: u32 },
+    /// The snapshot itself: install it. Answered with openraft's `SnapshotResponse`.
+    Finish {
+        vote: Vote,
+        meta: SnapshotMeta,
+        data: Vec<u8>,
+    },
+}
+
+/// Where a transfer goes on: the next log index, the next offset of an index entry, and the next
+/// time index key the follower has not staged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Cursor {
+    pub(crate) next_index: u64,
+    pub(crate) next_offset: u64,
+    pub(crate) next_time: u64,
+}
+
+/// The records of one chunk.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Chunk {
+    /// `(log index, entry bytes)`, consecutive.
+    pub(crate) entries: Vec<(u64, Vec<u8>)>,
+    /// `(base offset, log index, count, position, skipped batches)`.
+    pub(crate) index: Vec<(u64, u64, u32, u64, Vec<u32>)>,
+    /// `(time key, value)`.
+    pub(crate) time: Vec<(u64, Vec<u8>)>,
+}
+
+impl Chunk {
+    fn crc(&self) -> io::Result<u32> {
+        Ok(crc32c::crc32c(&crate::codec::encode(self)?))
+    }
+}
+
+/// Reads the next chunk of a snapshot's records from the leader's store, from `cursor`.
+/// `None` once every record is sent. Fails if an entry is gone (retention moved on: the
+/// transfer is given up and openraft sends a newer snapshot).
+pub(crate) fn read_chunk(
+    store: &GroupStore,
+    records: &SnapshotRecords,
+    last_index: u64,
+    cursor: &mut Cursor,
+) -> io::Result<Option<Chunk>> {
+    let mut chunk = Chunk::default();
+    let next_index = cursor.next_index.max(records.first_index);
+    if next_index <= last_index {
+        chunk.entries = store.read_log(next_index, last_index + 1, CHUNK_BYTES)?;
+        // Entries missing at the head are fine if they hold no records (a log that never lost an
+        // entry to retention may start after index 0, e.g. on a replica that installed a
+        // snapshot): the next index entry says which entry is needed first.
+        let first_read = chunk.entries.first().map(|(index, _)| *index);
+        let needed = store
+            .index_range(cursor.next_offset, records.next_offset, 1)?
+            .first()
+            .map_or(last_index + 1, |entry| entry.log_index);
+        if first_read != Some(next_index) && first_read.is_none_or(|first| first > needed) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("log entry {next_index} is no longer held (retention moved past it)"),
+            ));
+        }
+    }
+    let sent_to = chunk.entries.last().map_or(last_index, |(index, _)| *index);
+    // The index entries of the entries sent (and before), below the snapshot's end.
+    let mut end_offset = cursor.next_offset;
+    for entry in store.index_range(cursor.next_offset, records.next_offset, ROWS_PER_CHUNK_MAX)? {
+        if entry.log_index > sent_to {
+            break;
+        }
+        end_offset = entry.base_offset + u64::from(entry.count);
+        chunk.index.push((
+            entry.base_offset,
+            entry.log_index,
+            entry.count,
+            entry.position,
+            entry.skipped_batches,
+        ));
+    }
+    // Time index rows of the offsets sent.
+    for (key, value) in store.rows_from(Table::TimeIndex, cursor.next_time, ROWS_PER_CHUNK_MAX)? {
+        let offset = value
+            .get(..8)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map_or(u64::MAX, u64::from_be_bytes);
+        if offset >= end_offset.min(records.next_offset) {
+            break;
+        }
+        cursor.next_time = key + 1;
+        chunk.time.push((key, value));
+    }
+    if chunk.entries.is_empty() && chunk.index.is_empty() && chunk.time.is_empty() {
+        return Ok(None);
+    }
+    cursor.next_index = sent_to + 1;
+    cursor.next_offset = end_offset;
+    Ok(Some(chunk))
+}
+
+/// Builds the `Records` message of `chunk`.
+pub(crate) fn records_message(vote: Vote, chunk: Chunk) -> io::Result<Message> {
+    let crc = chunk.crc()?;
+    Ok(Message::Records { vote, chunk, crc })
+}
+
+/// The follower's side: which transfer each group is in (the vote of its `Begin`).
+#[derive(Default)]
+pub(crate) struct Transfers {
+    votes: Mutex<HashMap<u64, Vote>>,
+}
+
+impl Transfers {
+    fn votes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vote>> {
+        self.votes.lock().expect("transfers lock is never poisoned")
+    }
+
+    /// Starts (or resumes) a transfer into `staging` under `vote`.
+    pub(crate) fn begin(&self, staging: &GroupStore, vote: Vote) {
+        self.votes().insert(staging.group().0, vote);
+    }
+
+    /// Where a transfer of the entries `first_index..=last_index` into `staging` goes on, and
+    /// whether the staging must be emptied first (what an earlier attempt staged is kept when
+    /// the new snapshot goes on from it). Blocking.
+    pub(crate) fn cursor(
+        staging: &GroupStore,
+        first_index: u64,
+        last_index: u64,
+    ) -> io::Result<(Cursor, bool)> {
+        let usable = match staging.log_bounds()? {
+            Some((low, high)) => {
+                low <= first_index && first_index <= high + 1 && high <= last_index
+            }
+            None => false,
+        };
+        if !usable {
+            let fresh = Cursor {
+                next_index: first_index,
+                ..Cursor::default()
+            };
+            return Ok((fresh, true));
+        }
+        let high = staging
+            .log_bounds()?
+            .map_or(first_index, |(_, high)| high + 1);
+        let next_offset = staging
+            .index_floor(u64::MAX)?
+            .map_or(0, |entry| entry.base_offset + u64::from(entry.count));
+        let next_time = staging
+            .rows(Table::TimeIndex)?
+            .last()
+            .map_or(0, |(key, _)| key + 1);
+        let cursor = Cursor {
+            next_index: high,
+            next_offset,
+            next_time,
+        };
+        Ok((cursor, false))
+    }
+
+    /// Stages one chunk, if it belongs to the transfer in progress and its checksum holds.
+    pub(crate) async fn stage(
+        &self,
+        staging: &GroupStore,
+        vote: &Vote,
+        chunk: Chunk,
+        crc: u32,
+    ) -> io::Result<()> {
+        if self.votes().get(&staging.group().0) != Some(vote) {
+            return Err(io::Error::other(
+                "snapshot records from a transfer that is not in progress here (begin again)",
+            ));
+        }
+        if chunk.crc()? != crc {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "snapshot chunk checksum mismatch",
+            ));
+        }
+        let mut batch = staging.batch();
+        for (index, bytes) in &chunk.entries {
+            staging.put_log(&mut batch, *index, bytes);
+        }
+        for (base_offset, log_index, count, position, skipped_batches) in chunk.index {
+            staging.put_index(
+                &mut batch,
+                &IndexEntry {
+                    base_offset,
+                    log_index,
+                    count,
+                    position,
+                    skipped_batches,
+                },
+            );
+        }
+        for (key, value) in &chunk.time {
+            staging.put_row(&mut batch, Table::TimeIndex, *key, value);
+        }
+        Ok(staging.write(batch, None).await?)
+    }
+
+    /// Ends the transfer of `staging`'s group (installed, or given up).
+    pub(crate) fn end(&self, staging: &GroupStore) {
+        self.votes().remove(&staging.group().0);
+    }
+
+    /// Whether a transfer with `vote` is in progress for `staging`.
+    pub(crate) fn in_progress(&self, staging: &GroupStore, vote: &Vote) -> bool {
+        self.votes().get(&staging.group().0) == Some(vote)
+    }
+}

@@ -1,0 +1,404 @@
+//! Retention against a real cluster: trims by bytes and by time on every replica, OUT_OF_RANGE
+//! below the start, disk space returned, a config changed online, and replicas that catch up
+//! by snapshot transfer (behind the trim, and wiped).
+//!
+//! The nodes run with short retention checks and 1 MiB journal files, so what retention drops
+//! is deleted within a second or two.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use anyhow::Result;
+use anyhow::bail;
+use anyhow::ensure;
+use bytes::Bytes;
+use ordo_proto::v1::FetchRequest;
+use ordo_proto::v1::ProduceRequest;
+use ordo_proto::v1::Record;
+use ordo_proto::v1::StoredRecord;
+use ordo_proto::v1::log_client::LogClient;
+use ordo_tests::NodeId;
+use ordo_tests::Source;
+use ordo_tests::TestCluster;
+use ordo_tests::read_partition_from;
+use ordo_tests::with_timeout;
+use tokio::time::sleep;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Short checks and small journal files, so retention acts within a second or two.
+const CONFIG: &str = "\
+[retention]
+check_interval_ms = 200
+
+[raft]
+compact_interval_ms = 200
+state_purge_interval_ms = 1000
+
+[storage]
+journal_file_bytes = 1048576
+journal_replay_bytes_max = 1048576
+";
+
+/// How long retention may take to reach every replica.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Bytes of each test record's value.
+const VALUE_BYTES: usize = 1000;
+
+/// Produces `count` records of [`VALUE_BYTES`] to partition 0 of `topic`, `batch` per call,
+/// each value unique (`{prefix}-{n}` padded); returns what was acked, by offset. A call that
+/// fails as UNAVAILABLE or DEADLINE_EXCEEDED is retried with fresh values.
+async fn produce(
+    client: &mut LogClient<Channel>,
+    topic: &str,
+    prefix: &str,
+    count: usize,
+    batch: usize,
+) -> Result<BTreeMap<u64, Bytes>> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut acked = BTreeMap::new();
+    let mut sent = 0usize;
+    while acked.len() < count {
+        let records: Vec<Record> = (0..batch.min(count - acked.len()))
+            .map(|_| {
+                sent += 1;
+                let mut value = format!("{prefix}-{sent:08}-").into_bytes();
+                value.resize(VALUE_BYTES, b'.');
+                Record {
+                    key: None,
+                    value: Bytes::from(value),
+                    headers: Vec::new(),
+                    timestamp_ms: None,
+                }
+            })
+            .collect();
+        let request = ProduceRequest {
+            topic: topic.to_owned(),
+            partition: Some(0),
+            records: records.clone(),
+            producer: None,
+        };
+        match client
+            .produce(with_timeout(request, Duration::from_secs(10)))
+            .await
+        {
+            Ok(response) => {
+                for (ack, record) in response.into_inner().acks.iter().zip(records) {
+                    ensure!(
+                        acked.insert(ack.offset, record.value).is_none(),
+                        "offset {} acked twice",
+                        ack.offset
+                    );
+                }
+            }
+            Err(status)
+                if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded)
+                    && Instant::now() < deadline =>
+            {
+                sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => bail!("produce to {topic}: {status}"),
+        }
+    }
+    Ok(acked)
+}
+
+/// Each node's own replica of partition 0: its log start, as a fetch of offset 0 from that
+/// replica answers it (`None` while it cannot answer).
+async fn replica_start(cluster: &TestCluster, node: NodeId, topic: &str) -> Option<u64> {
+    let request = FetchRequest {
+        topic: topic.to_owned(),
+        partition: 0,
+        offset: 0,
+        max_bytes: 1,
+        max_wait_ms: 0,
+    };
+    let mut request = with_timeout(request, Duration::from_secs(5));
+    request.metadata_mut().insert(
+        ordo_proto::FORWARDED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    match cluster.log_client(node).fetch(request).await {
+        Ok(response) => Some(response.into_inner().log_start_offset),
+        Err(status) if status.code() == Code::OutOfRange => {
+            let info = tonic_types::StatusExt::get_error_details(&status)
+                .error_info()
+                .cloned()?;
+            info.metadata.get("start_offset")?.parse().ok()
+        }
+        Err(_) => None,
+    }
+}
+
+/// Waits until every node's replica of `topic` starts at the same offset, at least `min`;
+/// returns it.
+async fn settled_start(cluster: &TestCluster, topic: &str, min: u64) -> Result<u64> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let mut starts = Vec::new();
+        for node in cluster.running_nodes() {
+            starts.push(replica_start(cluster, node, topic).await);
+        }
+        if let Some(Some(first)) = starts.first()
+            && *first >= min
+            && starts.iter().all(|start| *start == Some(*first))
+        {
+            return Ok(*first);
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "replica starts {starts:?} did not settle at >= {min} within {SETTLE_TIMEOUT:?}\n{}",
+                cluster.all_log_tails()
+            );
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Bytes of a node's journal files.
+fn journal_bytes(data_dir: &Path) -> Result<u64> {
+    let dir = data_dir.join("db").join("journal");
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("list {}", dir.display()))? {
+        bytes += entry?.metadata()?.len();
+    }
+    Ok(bytes)
+}
+
+/// Reads every node's replica from `start` and checks each holds exactly `acked` from there:
+/// the same records at the same offsets.
+async fn check_replicas(
+    cluster: &TestCluster,
+    topic: &str,
+    start: u64,
+    acked: &BTreeMap<u64, Bytes>,
+) -> Result<()> {
+    let end = acked.keys().next_back().map_or(0, |last| last + 1);
+    for node in cluster.running_nodes() {
+        let mut client = cluster.log_client(node);
+        let records: Vec<StoredRecord> =
+            read_partition_from(&mut client, topic, 0, start, end, Source::ThisReplica)
+                .await
+                .with_context(|| format!("read node {node}'s replica of {topic}"))?;
+        ensure!(
+            records.len() as u64 == end - start,
+            "node {node} holds {} records from {start}, expected {}",
+            records.len(),
+            end - start
+        );
+        for record in &records {
+            ensure!(
+                acked.get(&record.offset) == Some(&record.value),
+                "node {node} offset {}: not the acked record",
+                record.offset
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Retention by bytes trims every replica to the same start, a consumer below it gets
+/// OUT_OF_RANGE naming the start, what is kept reads back whole, and the journal shrinks.
+#[tokio::test]
+async fn retention_by_bytes_trims_every_replica_and_frees_disk() {
+    let cluster = TestCluster::start_ready_with_config(3, CONFIG)
+        .await
+        .expect("cluster");
+    let result = async {
+        let client = cluster.client(Default::default()).await?;
+        client
+            .create_topic_with_config(
+                "sized",
+                1,
+                3,
+                &[("retention.bytes".into(), "1000000".into())],
+            )
+            .await?;
+        let mut log = cluster.log_client(cluster.leader_of("sized", 0).await?);
+        let acked = produce(&mut log, "sized", "a", 8_000, 50).await?;
+        let peak: Vec<u64> = cluster
+            .node_ids()
+            .iter()
+            .map(|node| journal_bytes(&cluster.data_dir(*node)))
+            .collect::<Result<_>>()?;
+        // 8 MB written, 1 MB kept: the leader trims until the partition holds at most that.
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let description = loop {
+            let description = client.describe_topic("sized").await?;
+            if description.partitions[0].bytes <= 1_000_000 {
+                break description;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the partition still holds {} bytes",
+                    description.partitions[0].bytes
+                );
+            }
+            sleep(Duration::from_millis(200)).await;
+        };
+        let partition = &description.partitions[0];
+        let start = settled_start(&cluster, "sized", partition.log_start_offset).await?;
+        eprintln!(
+            "start {start}, end {}, bytes {}, journal bytes at the peak {peak:?}",
+            partition.high_watermark, partition.bytes
+        );
+        ensure!(start >= 6_000, "8 MB written, 1 MB kept: start {start}");
+        ensure!(
+            partition.bytes >= 900_000,
+            "the partition holds {} bytes, retention.bytes is 1,000,000: whole entries go, no more",
+            partition.bytes
+        );
+        check_replicas(&cluster, "sized", start, &acked).await?;
+        // Below the start: OUT_OF_RANGE with the range.
+        let status = log
+            .fetch(with_timeout(
+                FetchRequest {
+                    topic: "sized".into(),
+                    partition: 0,
+                    offset: start - 1,
+                    max_bytes: 0,
+                    max_wait_ms: 0,
+                },
+                Duration::from_secs(5),
+            ))
+            .await
+            .expect_err("a fetch below the start fails");
+        ensure!(status.code() == Code::OutOfRange, "{status:?}");
+        let info = tonic_types::StatusExt::get_error_details(&status)
+            .error_info()
+            .cloned()
+            .context("OUT_OF_RANGE carries ErrorInfo")?;
+        ensure!(info.metadata.get("start_offset") == Some(&start.to_string()));
+        // The journal gives the space back: every node's files drop well below the peak.
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        loop {
+            let now: Vec<u64> = cluster
+                .node_ids()
+                .iter()
+                .map(|node| journal_bytes(&cluster.data_dir(*node)))
+                .collect::<Result<_>>()?;
+            if now.iter().zip(&peak).all(|(now, peak)| *now * 2 < *peak) {
+                eprintln!("journal bytes after retention {now:?}");
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("journal bytes {now:?} did not drop below half of the peak {peak:?}");
+            }
+            sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// Retention by time, set online with AlterTopicConfig: records older than retention.ms go
+/// from every replica, newer ones stay; bad values are refused.
+#[tokio::test]
+async fn retention_by_time_set_online() {
+    let cluster = TestCluster::start_ready_with_config(3, CONFIG)
+        .await
+        .expect("cluster");
+    let result = async {
+        let client = cluster.client(Default::default()).await?;
+        client.create_topic("timed", 1, 3).await?;
+        let mut log = cluster.log_client(cluster.leader_of("timed", 0).await?);
+        let old = produce(&mut log, "timed", "old", 300, 30).await?;
+        sleep(Duration::from_millis(1_500)).await;
+        let error = client
+            .alter_topic_config("timed", &[("retention.ms".into(), "0".into())], &[])
+            .await
+            .expect_err("retention.ms 0 is refused");
+        ensure!(
+            error.to_string().contains("retention.ms"),
+            "the refusal names the key: {error}"
+        );
+        let altered = client
+            .alter_topic_config("timed", &[("retention.ms".into(), "1000".into())], &[])
+            .await?;
+        ensure!(altered.config.get("retention.ms") == Some(&"1000".to_string()));
+        let new = produce(&mut log, "timed", "new", 50, 50).await?;
+        // The old records are all older than a second; the new batch is not (for a while).
+        let start = settled_start(&cluster, "timed", 300).await?;
+        ensure!(start == 300, "start {start}: only the old records go");
+        let mut all = old;
+        all.extend(new);
+        check_replicas(&cluster, "timed", start, &all).await?;
+        // Back to the default (7 days): nothing more goes.
+        client
+            .alter_topic_config("timed", &[], &["retention.ms".into()])
+            .await?;
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// A node stopped while the others trim past its log end catches up by a snapshot transfer
+/// of the retained records; a node whose data directory was deleted catches up from scratch.
+/// Both then hold the leader's records at the same offsets.
+#[tokio::test]
+async fn replicas_behind_the_trim_catch_up_by_snapshot() {
+    let cluster = TestCluster::start_ready_with_config(3, CONFIG)
+        .await
+        .expect("cluster");
+    let result = async {
+        let client = cluster.client(Default::default()).await?;
+        client
+            .create_topic_with_config(
+                "behind",
+                1,
+                3,
+                &[("retention.bytes".into(), "2000000".into())],
+            )
+            .await?;
+        let leader = cluster.leader_of("behind", 0).await?;
+        let lagging = cluster
+            .node_ids()
+            .into_iter()
+            .find(|node| *node != leader)
+            .context("a follower")?;
+        let mut log = cluster.log_client(leader);
+        let mut acked = produce(&mut log, "behind", "before", 500, 50).await?;
+        cluster.stop(lagging).await?;
+        acked.extend(produce(&mut log, "behind", "while-down", 5_000, 50).await?);
+        let start = settled_start(&cluster, "behind", 2_000).await?;
+        ensure!(start > 500, "the trim passed the stopped node's end");
+        // The leader deletes the trimmed entries once its replication to the stopped node is
+        // not reading them (openraft retries it every second or so).
+        sleep(Duration::from_secs(3)).await;
+        cluster.restart(lagging)?;
+        cluster.wait_node_ready(lagging).await?;
+        let start = settled_start(&cluster, "behind", start).await?;
+        check_replicas(&cluster, "behind", start, &acked).await?;
+        ensure!(
+            cluster
+                .log_tail(lagging)
+                .contains("partition snapshot installed")
+                || std::fs::read_to_string(cluster.log_path(lagging))?
+                    .contains("partition snapshot installed"),
+            "node {lagging} caught up by a snapshot"
+        );
+        // Wiped: the data directory is gone.
+        let wiped = lagging;
+        cluster.stop(wiped).await?;
+        let data_dir = cluster.data_dir(wiped);
+        std::fs::remove_dir_all(&data_dir)?;
+        std::fs::create_dir_all(&data_dir)?;
+        acked.extend(produce(&mut log, "behind", "while-wiped", 500, 50).await?);
+        cluster.restart(wiped)?;
+        cluster.wait_node_ready(wiped).await?;
+        let start = settled_start(&cluster, "behind", start).await?;
+        check_replicas(&cluster, "behind", start, &acked).await?;
+        // And it takes new records like the others.
+        acked.extend(produce(&mut log, "behind", "after", 200, 50).await?);
+        check_replicas(&cluster, "behind", start, &acked).await?;
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
