@@ -211,7 +211,12 @@ impl Broker {
             return Ok(None);
         };
         let mut start = current;
-        if let Some(retention_ms) = retention.retention_ms {
+        // Records before the first time index row have no known time (written before the time
+        // index existed): time retention leaves them to retention.bytes.
+        let timed_from = node.time_index_first(group).await?;
+        if let Some(retention_ms) = retention.retention_ms
+            && timed_from.is_some_and(|first| first <= current)
+        {
             let cutoff = now_ms.saturating_sub(i64::try_from(retention_ms).unwrap_or(i64::MAX));
             // The first batch whose largest timestamp so far reaches the cutoff; none: every
             // record is older.

@@ -271,7 +271,7 @@ impl RaftLogStorage<C> for LogStore {
             // A partition's entries are its records: only those retention dropped go (openraft
             // purges up to a snapshot's index when it installs one; the records below it stay).
             Some(retention) => {
-                let below = log_id.index.saturating_add(1).min(retention.first_index());
+                let below = log_id.index.saturating_add(1).min(retention.keep_from());
                 if below > 0 {
                     self.store.delete_log_below(&mut batch, below);
                 }

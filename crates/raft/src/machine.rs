@@ -300,6 +300,8 @@ pub(crate) struct Retention {
     /// The position of the entry holding the start: `end_position - start_position` is about
     /// the bytes the partition holds.
     pub(crate) start_position: AtomicU64,
+    /// The end (next offset), published with the high watermark.
+    pub(crate) end_offset: AtomicU64,
 }
 
 impl Retention {
@@ -317,6 +319,21 @@ impl Retention {
 
     pub(crate) fn start_position(&self) -> u64 {
         self.start_position.load(Ordering::Acquire)
+    }
+
+    /// Whether the partition holds any record (its start is below its end). One that holds
+    /// none needs none of its log: all of it may be purged.
+    pub(crate) fn holds_records(&self) -> bool {
+        self.start_offset() < self.end_offset.load(Ordering::Acquire)
+    }
+
+    /// The first log index the log store must keep (`u64::MAX`: none, no record is held).
+    pub(crate) fn keep_from(&self) -> u64 {
+        if self.holds_records() {
+            self.first_index()
+        } else {
+            u64::MAX
+        }
     }
 }
 
@@ -644,6 +661,9 @@ impl Logic for PartitionLogic {
     }
 
     fn publish(&self) {
+        self.retention
+            .end_offset
+            .store(self.next_offset, Ordering::Release);
         let previous = self.high_watermark.send_replace(self.next_offset);
         assert!(previous <= self.next_offset, "high watermark moved back");
     }

@@ -300,7 +300,10 @@ impl GroupNetwork {
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
         use crate::snapshot::Message;
-        let ttl = option.hard_ttl();
+        // openraft's deadline is for a whole snapshot in one message (200 ms by default): a
+        // chunk of records, and the install that adopts them, get their own.
+        let _ = option;
+        let ttl = crate::snapshot::CALL_TIMEOUT;
         let last_index = snapshot
             .meta
             .last_log_id

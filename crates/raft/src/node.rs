@@ -467,6 +467,13 @@ impl RaftNode {
                 .destroy()
                 .await
                 .map_err(|source| GroupError::Storage { group, source })?;
+            // And any snapshot staged for it.
+            partition
+                .store
+                .sibling(crate::machine::staging_group(group))
+                .destroy()
+                .await
+                .map_err(|source| GroupError::Storage { group, source })?;
         }
         Ok(())
     }
@@ -699,18 +706,25 @@ impl RaftNode {
                 self.purge_state_log(group, &partition.raft).await;
                 continue;
             };
-            let first = retention.first_index();
-            if first == 0 {
-                continue;
-            }
-            let (purged, snapshot) = {
+            let (applied, purged, snapshot) = {
                 let metrics = partition.raft.metrics();
                 let metrics = metrics.borrow_watched();
                 (
+                    metrics.last_applied.as_ref().map(|log_id| log_id.index),
                     metrics.purged.as_ref().map(|log_id| log_id.index),
                     metrics.snapshot.as_ref().map(|log_id| log_id.index),
                 )
             };
+            // Everything before the entry holding the start goes; a partition that holds no
+            // record (never written, or all trimmed) needs none of its applied log, so an idle
+            // one does not keep old journal files.
+            let first = match retention.keep_from() {
+                u64::MAX => applied.map_or(0, |applied| applied + 1),
+                first => first,
+            };
+            if first == 0 {
+                continue;
+            }
             let upto = first - 1;
             if purged.is_none_or(|purged| purged < upto) {
                 let trigger = partition.raft.trigger();
@@ -871,6 +885,23 @@ impl RaftNode {
         }))
     }
 
+    /// The offset of a partition's first time index row, if it has one: the records before it
+    /// carry no timestamp the index knows (written before the time index existed).
+    pub async fn time_index_first(&self, group: GroupId) -> Result<Option<u64>, ReadError> {
+        let partition = self
+            .partition(group)
+            .ok_or(ReadError::GroupNotFound(group))?;
+        let store = partition.store.clone();
+        let row = tokio::task::spawn_blocking(move || store.row_at_or_after(Table::TimeIndex, 0))
+            .await
+            .map_err(|error| ReadError::Task {
+                group,
+                reason: error.to_string(),
+            })?
+            .map_err(ReadError::Storage)?;
+        Ok(row.and_then(|(_, value)| Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))))
+    }
+
     /// This node's view of a group.
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
         if group == META_GROUP {
@@ -920,7 +951,21 @@ impl RaftNode {
                 Some(partition) if kind == RaftKind::SnapshotChunk => {
                     self.snapshot_chunk(&partition, payload).await
                 }
-                Some(partition) => dispatch(&partition.raft, kind, payload).await,
+                Some(partition) => {
+                    // A member asking for votes in a group this node leads does not hear from
+                    // it: quiescent groups send no heartbeats (say it restarted with an empty
+                    // log). One heartbeat round tells it the leader, and its answer shows the
+                    // leader what it lacks, so replication (or a snapshot) starts at once.
+                    if matches!(kind, RaftKind::Vote | RaftKind::PreVote)
+                        && partition.raft.metrics().borrow_watched().current_leader == Some(node)
+                    {
+                        let raft = partition.raft.clone();
+                        tokio::spawn(async move {
+                            let _ = raft.trigger().heartbeat().await;
+                        });
+                    }
+                    dispatch(&partition.raft, kind, payload).await
+                }
                 None => Err(InboundError::GroupNotFound { group, node }),
             }
         };
@@ -950,6 +995,8 @@ impl RaftNode {
             .store
             .sibling(crate::machine::staging_group(group));
         let transfers = &self.host.transfers;
+        let lock = transfers.lock(&staging);
+        let _one_call_at_a_time = lock.lock().await;
         match message {
             Message::Begin {
                 vote,
@@ -1013,7 +1060,7 @@ impl RaftNode {
                 };
                 if let Err(error) = check {
                     tracing::warn!(%group, %error, "partition snapshot incomplete; staging emptied");
-                    transfers.end(&staging);
+                    transfers.end(&staging, &vote);
                     let _ = staging.destroy().await;
                     return answer(Err(error.to_string()));
                 }
@@ -1021,8 +1068,11 @@ impl RaftNode {
                     meta,
                     snapshot: std::io::Cursor::new(data),
                 };
-                let result = partition.raft.install_full_snapshot(vote, snapshot).await;
-                transfers.end(&staging);
+                let result = partition
+                    .raft
+                    .install_full_snapshot(vote.clone(), snapshot)
+                    .await;
+                transfers.end(&staging, &vote);
                 // Installed: the staging was adopted (emptied). Not installed (the follower had
                 // caught up meanwhile): it is not needed.
                 if matches!(staging.log_bounds(), Ok(Some(_))) {

@@ -34,6 +34,10 @@ use crate::types::Vote;
 /// Most bytes of log entries in one `Records` chunk (at least one entry).
 pub(crate) const CHUNK_BYTES: usize = 4 << 20;
 
+/// Deadline of one call of a transfer (a chunk of records, or the install at `Finish`, which
+/// moves every staged pointer in one write).
+pub(crate) const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Index entries or time index rows in one chunk, at most.
 const ROWS_PER_CHUNK_MAX: usize = 16_384;
 
@@ -112,9 +116,23 @@ pub(crate) fn read_chunk(
         }
     }
     let sent_to = chunk.entries.last().map_or(last_index, |(index, _)| *index);
-    // The index entries of the entries sent (and before), below the snapshot's end.
+    // The index entries of the entries sent (and before), below the snapshot's end. They go on
+    // from where the last chunk's ended: a gap means retention moved on meanwhile.
     let mut end_offset = cursor.next_offset;
-    for entry in store.index_range(cursor.next_offset, records.next_offset, ROWS_PER_CHUNK_MAX)? {
+    let index = store.index_range(cursor.next_offset, records.next_offset, ROWS_PER_CHUNK_MAX)?;
+    if cursor.next_offset > 0
+        && let Some(first) = index.first()
+        && first.base_offset != cursor.next_offset
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "offset {} is no longer indexed (retention moved past it)",
+                cursor.next_offset
+            ),
+        ));
+    }
+    for entry in index {
         if entry.log_index > sent_to {
             break;
         }
@@ -127,8 +145,13 @@ pub(crate) fn read_chunk(
             entry.skipped_batches,
         ));
     }
-    // Time index rows of the offsets sent.
-    for (key, value) in store.rows_from(Table::TimeIndex, cursor.next_time, ROWS_PER_CHUNK_MAX)? {
+    // Time index rows of the offsets sent (none once the last possible key was sent).
+    let time_rows = if cursor.next_time > ordo_storage::ROW_ID_MAX {
+        Vec::new()
+    } else {
+        store.rows_from(Table::TimeIndex, cursor.next_time, ROWS_PER_CHUNK_MAX)?
+    };
+    for (key, value) in time_rows {
         let offset = value
             .get(..8)
             .and_then(|bytes| bytes.try_into().ok())
@@ -157,11 +180,24 @@ pub(crate) fn records_message(vote: Vote, chunk: Chunk) -> io::Result<Message> {
 #[derive(Default)]
 pub(crate) struct Transfers {
     votes: Mutex<HashMap<u64, Vote>>,
+    /// One call of a group's transfers at a time (a `Begin` never empties a staging that a
+    /// `Finish` is installing).
+    locks: Mutex<HashMap<u64, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Transfers {
     fn votes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vote>> {
         self.votes.lock().expect("transfers lock is never poisoned")
+    }
+
+    /// The lock a call of `staging`'s transfers holds while it runs.
+    pub(crate) fn lock(&self, staging: &GroupStore) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .expect("transfers lock is never poisoned")
+            .entry(staging.group().0)
+            .or_default()
+            .clone()
     }
 
     /// Starts (or resumes) a transfer into `staging` under `vote`.
@@ -249,9 +285,13 @@ impl Transfers {
         Ok(staging.write(batch, None).await?)
     }
 
-    /// Ends the transfer of `staging`'s group (installed, or given up).
-    pub(crate) fn end(&self, staging: &GroupStore) {
-        self.votes().remove(&staging.group().0);
+    /// Ends the transfer of `staging`'s group under `vote` (installed, or given up); a transfer
+    /// begun since under another vote goes on.
+    pub(crate) fn end(&self, staging: &GroupStore, vote: &Vote) {
+        let mut votes = self.votes();
+        if votes.get(&staging.group().0) == Some(vote) {
+            votes.remove(&staging.group().0);
+        }
     }
 
     /// Whether a transfer with `vote` is in progress for `staging`.

@@ -290,6 +290,11 @@ impl Store {
             iterator.seek(key(GroupId(group.0 + 1), 0));
         }
         iterator.status()?;
+        drop(iterator);
+        // The scan saw deletions that may not be synced yet (written without a durability
+        // wait): make them durable before the files they released are gone, or a power loss
+        // would bring back rows pointing into deleted files.
+        journal.sync()?;
         journal.remove_files_before(keep_from)
     }
 
