@@ -383,6 +383,11 @@ pub(crate) fn staging_group(group: ordo_storage::GroupId) -> ordo_storage::Group
 /// The bit that makes a staging group's id; no group the broker creates has it.
 pub(crate) const STAGING_BIT: u64 = 1 << 63;
 
+/// The offset a time index row's value holds; `None` for a value that is not one.
+pub(crate) fn time_row_offset(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
+}
+
 /// A time index key: a timestamp, clamped to what a row id holds (negative ones are 0).
 pub(crate) fn time_key(timestamp_ms: i64) -> u64 {
     u64::try_from(timestamp_ms)
@@ -682,10 +687,7 @@ fn time_rows_to_drop(
         let rows = store.rows_from(Table::TimeIndex, from, CHUNK)?;
         let full = rows.len() == CHUNK;
         for (id, value) in &rows {
-            let offset = value
-                .get(..8)
-                .and_then(|bytes| bytes.try_into().ok())
-                .map_or(u64::MAX, u64::from_be_bytes);
+            let offset = time_row_offset(value).unwrap_or(u64::MAX);
             if offset > start {
                 return Ok(keep.filter(|keep| *keep > 0));
             }

@@ -664,20 +664,30 @@ impl RaftNode {
         group: GroupId,
         position: u64,
     ) -> Result<Option<u64>, ReadError> {
-        let partition = self
-            .partition(group)
-            .ok_or(ReadError::GroupNotFound(group))?;
-        let store = partition.store.clone();
-        tokio::task::spawn_blocking(move || {
+        self.read_store(group, move |store| {
             Ok(store
                 .index_at_position(position)?
                 .map(|entry| entry.base_offset))
         })
         .await
-        .map_err(|error| ReadError::Task {
-            group,
-            reason: error.to_string(),
-        })?
+    }
+
+    /// Runs `read` on a partition's store on the blocking pool (RocksDB reads block).
+    async fn read_store<T: Send + 'static>(
+        &self,
+        group: GroupId,
+        read: impl FnOnce(&GroupStore) -> Result<T, ReadError> + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let partition = self
+            .partition(group)
+            .ok_or(ReadError::GroupNotFound(group))?;
+        let store = partition.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|error| ReadError::Task {
+                group,
+                reason: error.to_string(),
+            })?
     }
 
     /// Deletes what retention dropped: for each partition whose log start moved past log
@@ -867,17 +877,14 @@ impl RaftNode {
             .retention
             .as_ref()
             .map_or(0, |retention| retention.start_offset());
-        let store = partition.store.clone();
         let key = crate::machine::time_key(timestamp_ms);
-        let row = tokio::task::spawn_blocking(move || store.row_at_or_after(Table::TimeIndex, key))
-            .await
-            .map_err(|error| ReadError::Task {
-                group,
-                reason: error.to_string(),
-            })?
-            .map_err(ReadError::Storage)?;
+        let row = self
+            .read_store(group, move |store| {
+                Ok(store.row_at_or_after(Table::TimeIndex, key)?)
+            })
+            .await?;
         Ok(row.and_then(|(_, value)| {
-            let base = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+            let base = crate::machine::time_row_offset(&value)?;
             // Written with its entry, possibly just before the high watermark moved past it;
             // the row kept at or below the log start stands for the start.
             let base = base.max(start);
@@ -888,18 +895,12 @@ impl RaftNode {
     /// The offset of a partition's first time index row, if it has one: the records before it
     /// carry no timestamp the index knows (written before the time index existed).
     pub async fn time_index_first(&self, group: GroupId) -> Result<Option<u64>, ReadError> {
-        let partition = self
-            .partition(group)
-            .ok_or(ReadError::GroupNotFound(group))?;
-        let store = partition.store.clone();
-        let row = tokio::task::spawn_blocking(move || store.row_at_or_after(Table::TimeIndex, 0))
-            .await
-            .map_err(|error| ReadError::Task {
-                group,
-                reason: error.to_string(),
-            })?
-            .map_err(ReadError::Storage)?;
-        Ok(row.and_then(|(_, value)| Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))))
+        let row = self
+            .read_store(group, |store| {
+                Ok(store.row_at_or_after(Table::TimeIndex, 0)?)
+            })
+            .await?;
+        Ok(row.and_then(|(_, value)| crate::machine::time_row_offset(&value)))
     }
 
     /// This node's view of a group.

@@ -152,10 +152,7 @@ pub(crate) fn read_chunk(
         store.rows_from(Table::TimeIndex, cursor.next_time, ROWS_PER_CHUNK_MAX)?
     };
     for (key, value) in time_rows {
-        let offset = value
-            .get(..8)
-            .and_then(|bytes| bytes.try_into().ok())
-            .map_or(u64::MAX, u64::from_be_bytes);
+        let offset = crate::machine::time_row_offset(&value).unwrap_or(u64::MAX);
         if offset >= end_offset.min(records.next_offset) {
             break;
         }
