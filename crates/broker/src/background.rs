@@ -49,6 +49,7 @@ impl Broker {
         tasks.spawn(self.clone().expiry_loop(shutdown.clone()));
         tasks.spawn(self.clone().queue_loop(shutdown.clone()));
         tasks.spawn(self.clone().retention_loop(shutdown.clone()));
+        tasks.spawn(self.clone().compaction_loop(shutdown.clone()));
         tasks.spawn(self.clone().leader_balance_loop(shutdown));
     }
 

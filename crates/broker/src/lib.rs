@@ -110,6 +110,7 @@ pub use queue::SettleAction;
 pub use queue_state::Receipt;
 pub use queue_state::Settled;
 pub use records::Record;
+pub use records::RecordCodec;
 pub use records::StoredRecord;
 pub use retention::RetentionConfig;
 pub use retention::TopicRetention;

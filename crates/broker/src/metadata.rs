@@ -44,6 +44,14 @@ impl Topic {
     pub fn append_time(&self) -> bool {
         self.config.get(TIMESTAMP_TYPE).map(String::as_str) == Some("append")
     }
+
+    /// Whether the topic is compacted by key (its records need keys).
+    pub fn compacted(&self) -> bool {
+        self.config
+            .get(crate::retention::CLEANUP_POLICY)
+            .map(String::as_str)
+            == Some("compact")
+    }
 }
 
 /// The group id of `(topic id, partition)`. Group 0 is the metadata group; topic ids start at 1.

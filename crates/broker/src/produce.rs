@@ -119,6 +119,17 @@ impl Broker {
             self.check_producer(stamp, deadline).await?;
         }
 
+        if topic.compacted()
+            && let Some(position) = records.iter().position(|record| record.key.is_none())
+        {
+            return Err(BrokerError::invalid(
+                reason::KEY_REQUIRED,
+                format!(
+                    "record {position} has no key, and topic {:?} is compacted by key (cleanup.policy=compact): give every record a key",
+                    topic.name
+                ),
+            ));
+        }
         // Split by partition, remembering each record's position in the request.
         let total_records = records.len();
         let sticky = self.state.round_robin.fetch_add(1, Ordering::Relaxed) % partitions;

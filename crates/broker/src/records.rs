@@ -154,6 +154,43 @@ pub(crate) fn decode_batch(
         .collect())
 }
 
+/// The batch encoding, as compaction by key sees it (see `ordo_raft::RecordCodec`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RecordCodec;
+
+impl ordo_raft::RecordCodec for RecordCodec {
+    fn split(&self, batch: &[u8], count: u32) -> Result<Vec<ordo_raft::SplitRecord>, String> {
+        let forms: Vec<BorrowedForm<'_>> =
+            postcard::from_bytes(batch).map_err(|error| error.to_string())?;
+        if forms.len() != count as usize {
+            return Err(format!(
+                "batch holds {} records but its entry says {count}",
+                forms.len()
+            ));
+        }
+        forms
+            .into_iter()
+            .map(|form| {
+                let single = [StoredForm {
+                    key: form.key.map(Bytes::copy_from_slice),
+                    value: Bytes::copy_from_slice(form.value),
+                    headers: form
+                        .headers
+                        .iter()
+                        .map(|(name, value)| ((*name).to_owned(), Bytes::copy_from_slice(value)))
+                        .collect(),
+                    timestamp_ms: form.timestamp_ms,
+                }];
+                Ok(ordo_raft::SplitRecord {
+                    key: form.key.map(<[u8]>::to_vec),
+                    tombstone: form.value.is_empty(),
+                    batch: postcard::to_stdvec(&single[..]).map_err(|error| error.to_string())?,
+                })
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +223,15 @@ mod tests {
             prop_assert!(validate_batch(&encoded, count + 1, &Limits::default()).is_err());
             prop_assert!(validate_batch(&encoded[..encoded.len() - 1], count, &Limits::default()).is_err());
             prop_assert!(sliced.len() <= 1);
+            // Compaction splits it into batches of one that decode to the same records.
+            let split = ordo_raft::RecordCodec::split(&RecordCodec, &encoded, count).unwrap();
+            prop_assert_eq!(split.len(), records.len());
+            for (i, (one, record)) in split.iter().zip(&records).enumerate() {
+                let alone = decode_batch(&one.batch, base + i as u64, 1, 0, u64::MAX).unwrap();
+                prop_assert_eq!(&alone[0], &decoded[i]);
+                prop_assert_eq!(one.key.as_deref(), record.key.as_deref());
+                prop_assert_eq!(one.tombstone, record.value.is_empty());
+            }
         }
     }
 }

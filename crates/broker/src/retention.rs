@@ -11,8 +11,17 @@
 //! `now - retention.ms` (the time index), so a record goes only once it and every record
 //! before it are older. By bytes: the log entries before the first one from which the
 //! partition holds at most `retention.bytes`. Offsets are never renumbered.
+//!
+//! Compaction by key (`cleanup.policy=compact`): each node's `compaction_loop` looks at the
+//! partitions of compacted topics it leads; once the log past the clean point (dirty) is at least
+//! `compaction_dirty_bytes_min` and `min.cleanable.dirty.ratio` of what the partition holds, it
+//! proposes compactions (`ordo_raft::RaftNode::compact`) of `compaction_chunk_bytes` each, paced
+//! to `compaction_bytes_per_sec` per node, up to the partition's last entry. Each keeps the
+//! latest record of every key (see `ordo_raft`'s `compaction`); tombstones go
+//! `delete.retention.ms` after they were cleaned.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use ordo_proto::errors::reason;
@@ -29,11 +38,17 @@ use crate::limits::InvalidLimits;
 pub const RETENTION_MS: &str = "retention.ms";
 /// Topic config key: how many bytes of records each partition keeps at most (-1: no limit).
 pub const RETENTION_BYTES: &str = "retention.bytes";
-/// Topic config key: what happens to old records (`delete`).
+/// Topic config key: what happens to old records (`delete`: retention; `compact`: the latest
+/// record of each key is kept).
 pub const CLEANUP_POLICY: &str = "cleanup.policy";
+/// Topic config key: how long a compacted tombstone stays readable, milliseconds.
+pub const DELETE_RETENTION_MS: &str = "delete.retention.ms";
+/// Topic config key: the share of a compacted partition's bytes not compacted yet from which
+/// it is compacted (0 to 1).
+pub const MIN_CLEANABLE_DIRTY_RATIO: &str = "min.cleanable.dirty.ratio";
 
 /// The cluster's retention defaults and how often they are applied. Units are in the names.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
     /// `retention.ms` of a topic created without one; -1 keeps records forever. Default
@@ -46,7 +61,23 @@ pub struct RetentionConfig {
     /// Longest a trim may take to commit before it is tried again at the next check. Default
     /// 5,000 ms.
     pub trim_timeout_ms: u64,
+    /// `delete.retention.ms` of a compacted topic created without one. Default 86,400,000
+    /// (1 day).
+    pub delete_retention_ms: u64,
+    /// `min.cleanable.dirty.ratio` of a compacted topic created without one. Default 0.5.
+    pub min_cleanable_dirty_ratio: f64,
+    /// A compacted partition is not compacted before this many bytes are dirty. Default
+    /// 1,048,576.
+    pub compaction_dirty_bytes_min: u64,
+    /// Most bytes of log one compaction (one Raft entry, applied on every replica) moves.
+    /// Default 1,048,576.
+    pub compaction_chunk_bytes: u64,
+    /// Compaction's I/O budget per node: log bytes compacted per second, at most. Default
+    /// 33,554,432 (32 MiB/s).
+    pub compaction_bytes_per_sec: u64,
 }
+
+impl Eq for RetentionConfig {}
 
 impl Default for RetentionConfig {
     fn default() -> Self {
@@ -55,6 +86,11 @@ impl Default for RetentionConfig {
             retention_bytes: -1,
             check_interval_ms: 5_000,
             trim_timeout_ms: 5_000,
+            delete_retention_ms: 24 * 3600 * 1000,
+            min_cleanable_dirty_ratio: 0.5,
+            compaction_dirty_bytes_min: 1 << 20,
+            compaction_chunk_bytes: 1 << 20,
+            compaction_bytes_per_sec: 32 << 20,
         }
     }
 }
@@ -76,17 +112,31 @@ impl RetentionConfig {
                 "retention: check_interval_ms and trim_timeout_ms must be > 0",
             ));
         }
+        if !(0.0..=1.0).contains(&self.min_cleanable_dirty_ratio)
+            || self.compaction_chunk_bytes == 0
+            || self.compaction_bytes_per_sec == 0
+        {
+            return Err(InvalidLimits(
+                "retention: min_cleanable_dirty_ratio must be in 0..=1, compaction_chunk_bytes and compaction_bytes_per_sec > 0",
+            ));
+        }
         Ok(())
     }
 }
 
 /// What one topic keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TopicRetention {
     /// Records older than this go; `None`: forever.
     pub retention_ms: Option<u64>,
     /// Each partition keeps at most this many bytes; `None`: no limit.
     pub retention_bytes: Option<u64>,
+    /// Compacted by key (`cleanup.policy=compact`) instead of trimmed.
+    pub compact: bool,
+    /// How long a compacted tombstone stays.
+    pub delete_retention_ms: u64,
+    /// The dirty share from which a compacted partition is compacted.
+    pub min_cleanable_dirty_ratio: f64,
 }
 
 fn limit(value: i64) -> Option<u64> {
@@ -105,6 +155,17 @@ impl TopicRetention {
         TopicRetention {
             retention_ms: limit(read(RETENTION_MS, defaults.retention_ms)),
             retention_bytes: limit(read(RETENTION_BYTES, defaults.retention_bytes)),
+            compact: config
+                .get(CLEANUP_POLICY)
+                .is_some_and(|policy| policy == "compact"),
+            delete_retention_ms: config
+                .get(DELETE_RETENTION_MS)
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(defaults.delete_retention_ms),
+            min_cleanable_dirty_ratio: config
+                .get(MIN_CLEANABLE_DIRTY_RATIO)
+                .and_then(|value| value.parse().ok())
+                .unwrap_or(defaults.min_cleanable_dirty_ratio),
         }
     }
 }
@@ -131,15 +192,32 @@ pub fn validate_topic_config(config: &BTreeMap<String, String>) -> Result<(), Br
                 }
             },
             CLEANUP_POLICY => {
-                if value != "delete" {
+                if !matches!(value.as_str(), "delete" | "compact") {
                     return Err(invalid(format!(
-                        "{key} is {value:?}; use \"delete\" (compaction by key is not available yet)"
+                        "{key} is {value:?}; use \"delete\" (retention.ms and retention.bytes trim the log) or \"compact\" (the latest record of each key is kept)"
+                    )));
+                }
+            }
+            DELETE_RETENTION_MS => {
+                if value.parse::<u64>().is_err() {
+                    return Err(invalid(format!(
+                        "{key} is {value:?}; use a whole number of milliseconds >= 0"
+                    )));
+                }
+            }
+            MIN_CLEANABLE_DIRTY_RATIO => {
+                if !value
+                    .parse::<f64>()
+                    .is_ok_and(|ratio| (0.0..=1.0).contains(&ratio))
+                {
+                    return Err(invalid(format!(
+                        "{key} is {value:?}; use a number from 0 to 1"
                     )));
                 }
             }
             other => {
                 return Err(invalid(format!(
-                    "unknown topic config key {other:?}; known keys: {}, {RETENTION_MS}, {RETENTION_BYTES}, {CLEANUP_POLICY}",
+                    "unknown topic config key {other:?}; known keys: {}, {RETENTION_MS}, {RETENTION_BYTES}, {CLEANUP_POLICY}, {DELETE_RETENTION_MS}, {MIN_CLEANABLE_DIRTY_RATIO}",
                     crate::metadata::TIMESTAMP_TYPE
                 )));
             }
@@ -171,7 +249,9 @@ impl Broker {
         let timeout = Duration::from_millis(config.trim_timeout_ms);
         for topic in self.metadata().topics.values() {
             let retention = TopicRetention::of(&topic.config, config);
-            if retention.retention_ms.is_none() && retention.retention_bytes.is_none() {
+            if retention.compact
+                || (retention.retention_ms.is_none() && retention.retention_bytes.is_none())
+            {
                 continue;
             }
             for partition in 0..topic.partitions.len() as u32 {
@@ -195,6 +275,118 @@ impl Broker {
                         tracing::info!(topic = %topic.name, partition, %error, "retention trim not committed; next check retries");
                     }
                 }
+            }
+        }
+    }
+
+    /// Compacts the partitions of compacted topics this node leads, every `check_interval_ms`,
+    /// until shutdown.
+    pub(crate) async fn compaction_loop(self, mut shutdown: watch::Receiver<bool>) {
+        let config = self.state.options.retention.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(config.check_interval_ms));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tombstone_passes = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            tokio::select! {
+                () = self.apply_compaction(&config, &mut tombstone_passes) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// One pass of compaction over the partitions of compacted topics this node leads.
+    async fn apply_compaction(
+        &self,
+        config: &RetentionConfig,
+        tombstone_passes: &mut HashMap<GroupId, i64>,
+    ) {
+        let me = self.node_id();
+        for topic in self.metadata().topics.values() {
+            let retention = TopicRetention::of(&topic.config, config);
+            if !retention.compact {
+                continue;
+            }
+            for partition in 0..topic.partitions.len() as u32 {
+                let group = GroupId(topic.group(partition));
+                if self.local_view_of_leader(group) != Some(me) {
+                    continue;
+                }
+                if let Err(error) = self
+                    .compact_partition(group, config, &retention, tombstone_passes)
+                    .await
+                {
+                    tracing::info!(topic = %topic.name, partition, %error, "compaction not done; the next check retries");
+                }
+            }
+        }
+    }
+
+    /// Compacts one partition this node leads, if it is due: to its last entry when enough of
+    /// it is dirty, in chunks paced to the I/O budget; or in place, to expire tombstones.
+    async fn compact_partition(
+        &self,
+        group: GroupId,
+        config: &RetentionConfig,
+        retention: &TopicRetention,
+        tombstone_passes: &mut HashMap<GroupId, i64>,
+    ) -> Result<(), BrokerError> {
+        let node = &self.state.node;
+        let timeout = Duration::from_millis(config.trim_timeout_ms);
+        let Some(status) = node.compaction_status(group) else {
+            return Ok(());
+        };
+        let held = status.dirty_bytes + status.compacted_bytes;
+        let dirty = status.dirty_bytes >= config.compaction_dirty_bytes_min
+            && status.dirty_bytes as f64 >= retention.min_cleanable_dirty_ratio * held as f64;
+        let now_ms = crate::broker::now_ms();
+        // Tombstones expire by the clock: with nothing dirty, a compaction that moves nothing
+        // still removes them, a few times per delete.retention.ms.
+        let every = (retention.delete_retention_ms / 4).max(config.check_interval_ms);
+        let tombstones_due = status.tombstones > 0
+            && tombstone_passes
+                .get(&group)
+                .is_none_or(|last| now_ms.saturating_sub(*last) >= every as i64);
+        if !dirty && !tombstones_due {
+            return Ok(());
+        }
+        tombstone_passes.insert(group, now_ms);
+        let internal = |error: &dyn std::fmt::Display| BrokerError::Internal(error.to_string());
+        let mut clean = status.clean_offset;
+        loop {
+            let target = if dirty {
+                node.compaction_target(group, config.compaction_chunk_bytes)
+                    .await
+                    .map_err(|error| internal(&error))?
+            } else {
+                None
+            };
+            let started = std::time::Instant::now();
+            let moved_to = node
+                .compact(
+                    group,
+                    target.unwrap_or(clean),
+                    crate::broker::now_ms(),
+                    retention.delete_retention_ms,
+                    timeout,
+                )
+                .await
+                .map_err(|error| internal(&error))?;
+            tracing::debug!(%group, clean = moved_to, "compacted");
+            if target.is_none() || moved_to <= clean {
+                return Ok(());
+            }
+            // The I/O budget: this chunk's share of a second.
+            let share = Duration::from_secs_f64(
+                config.compaction_chunk_bytes as f64 / config.compaction_bytes_per_sec as f64,
+            );
+            tokio::time::sleep(share.saturating_sub(started.elapsed())).await;
+            clean = moved_to;
+            if self.local_view_of_leader(group) != Some(self.node_id()) {
+                return Ok(());
             }
         }
     }

@@ -76,7 +76,7 @@ pub struct TopicDescription {
     pub name: String,
     /// Replicas per partition.
     pub replication_factor: u32,
-    /// Topic configuration entries (empty today).
+    /// Topic configuration entries (`timestamp.type`, retention and compaction keys).
     pub config: BTreeMap<String, String>,
     /// Partitions, in partition order.
     pub partitions: Vec<PartitionDescription>,

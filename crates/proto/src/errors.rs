@@ -81,6 +81,8 @@ pub mod reason {
     pub const TOO_MANY_PRODUCER_NAMES: &str = "TOO_MANY_PRODUCER_NAMES";
     /// A topic config value that is not one of the key's values (metadata `key`).
     pub const INVALID_TOPIC_CONFIG: &str = "INVALID_TOPIC_CONFIG";
+    /// A record without a key sent to a compacted topic (`cleanup.policy=compact`).
+    pub const KEY_REQUIRED: &str = "KEY_REQUIRED";
     /// A consumer group name outside the rules (1 to 255 bytes, no control characters).
     pub const INVALID_GROUP_NAME: &str = "INVALID_GROUP_NAME";
     /// A member id outside the rules (up to 255 bytes, no control characters).

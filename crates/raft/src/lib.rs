@@ -41,6 +41,7 @@
 
 mod coalesce;
 mod codec;
+mod compaction;
 mod entry_cache;
 mod error;
 mod group;
@@ -55,6 +56,9 @@ mod snapshot;
 mod types;
 mod watchdog;
 
+pub use compaction::CompactionStatus;
+pub use compaction::RecordCodec;
+pub use compaction::SplitRecord;
 pub use error::GroupError;
 pub use error::InvalidOptions;
 pub use error::MetaRestoreError;

@@ -50,6 +50,8 @@ use tokio::sync::watch;
 
 use crate::codec::decode;
 use crate::codec::encode;
+use crate::compaction::CompactionState;
+use crate::compaction::RecordCodec;
 use crate::meta::MetaApply;
 use crate::meta::StateApply;
 use crate::producers::Decision;
@@ -67,14 +69,15 @@ use crate::types::StoredMembership;
 
 /// What a state machine does with a normal entry, beyond the bookkeeping [`Machine`] does.
 pub(crate) trait Logic: Send + Sync + 'static {
-    /// Applies one command at `index`, adding any writes to `batch`.
+    /// Applies one command at `index`, adding any writes to `batch`. An error (the store
+    /// failed a read) stops the group: replicas must not apply an entry differently.
     fn apply(
         &mut self,
         store: &GroupStore,
         batch: &mut GroupBatch,
         index: u64,
         command: Command,
-    ) -> Response;
+    ) -> io::Result<Response>;
     /// Adds to `batch` whatever the entries applied since the last call changed outside the
     /// state [`Logic::encode_state`] gives (rows of the group's store).
     fn persist(&mut self, _store: &GroupStore, _batch: &mut GroupBatch) -> io::Result<()> {
@@ -181,7 +184,7 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
             let response = match entry.payload {
                 EntryPayload::Blank => Response::None,
                 EntryPayload::Normal(command) => {
-                    self.logic.apply(&self.store, &mut batch, index, command)
+                    self.logic.apply(&self.store, &mut batch, index, command)?
                 }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(entry.log_id.clone()), membership);
@@ -285,6 +288,12 @@ pub(crate) struct PartitionLogic {
     /// Index entries added by the entries applied since the last `persist`, not yet readable from
     /// the store (a trim applied in the same run looks here first).
     pending_index: Vec<IndexEntry>,
+    /// Splits batches for compaction by key; `None` in tests that never compact.
+    codec: Option<Arc<dyn RecordCodec>>,
+    /// How far compaction went (published to readers once written, see `publish`).
+    compaction: CompactionState,
+    /// The key map changes of compactions applied since the last `persist`.
+    compaction_pending: crate::compaction::Pending,
 }
 
 /// What retention has kept of a partition, published by its state machine once applied.
@@ -302,6 +311,19 @@ pub(crate) struct Retention {
     pub(crate) start_position: AtomicU64,
     /// The end (next offset), published with the high watermark.
     pub(crate) end_offset: AtomicU64,
+    /// Compaction's clean point: offsets below it are read from the compacted rows. Published
+    /// once the compaction's rows are readable.
+    pub(crate) clean_offset: AtomicU64,
+    /// The log index of the entry at the clean point (0: nothing compacted).
+    pub(crate) clean_index: AtomicU64,
+    /// Compactions applied (see `compaction::CompactionState::generation`).
+    pub(crate) generation: AtomicU64,
+    /// Bytes of the compacted rows.
+    pub(crate) compacted_bytes: AtomicU64,
+    /// The byte position of the entry at the clean point.
+    pub(crate) clean_position: AtomicU64,
+    /// Tombstones among the compacted rows.
+    pub(crate) tombstones: AtomicU64,
 }
 
 impl Retention {
@@ -309,8 +331,40 @@ impl Retention {
         self.start_offset.load(Ordering::Acquire)
     }
 
+    /// The first log index a replica needs: the entry holding the start, or the entry at the
+    /// clean point when compaction moved past it.
     pub(crate) fn first_index(&self) -> u64 {
-        self.first_index.load(Ordering::Acquire)
+        self.first_index
+            .load(Ordering::Acquire)
+            .max(self.clean_index.load(Ordering::Acquire))
+    }
+
+    /// About the bytes of records held: the compacted rows, and the log from the entry holding
+    /// the start or the clean point, whichever is later.
+    pub(crate) fn held_bytes(&self) -> u64 {
+        let (_, clean_position, compacted_bytes) = self.compaction();
+        compacted_bytes
+            + self
+                .end_position()
+                .saturating_sub(self.start_position().max(clean_position))
+    }
+
+    pub(crate) fn clean_offset(&self) -> u64 {
+        self.clean_offset.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Where compaction stands: `(clean offset, position of the entry there, bytes of the
+    /// compacted rows)`.
+    pub(crate) fn compaction(&self) -> (u64, u64, u64) {
+        (
+            self.clean_offset(),
+            self.clean_position.load(Ordering::Acquire),
+            self.compacted_bytes.load(Ordering::Acquire),
+        )
     }
 
     pub(crate) fn end_position(&self) -> u64 {
@@ -347,6 +401,18 @@ pub(crate) struct PartitionState {
     next_position: u64,
     first_index: u64,
     start_position: u64,
+    compaction: CompactionState,
+}
+
+/// The layout of [`PartitionState`] before compaction.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct PartitionStateBeforeCompaction {
+    next_offset: u64,
+    max_timestamp: Option<i64>,
+    start_offset: u64,
+    next_position: u64,
+    first_index: u64,
+    start_position: u64,
 }
 
 /// A partition's snapshot: everything its state machine holds. Its records (the log entries
@@ -363,15 +429,19 @@ struct PartitionSnapshot {
 pub(crate) struct SnapshotRecords {
     pub(crate) first_index: u64,
     pub(crate) next_offset: u64,
+    /// The compaction generation of the snapshot's rows.
+    pub(crate) generation: u64,
 }
 
 /// The records a snapshot's bytes say it needs; `None` for a snapshot of anything but a
 /// partition.
 pub(crate) fn snapshot_records(snapshot: &[u8]) -> Option<SnapshotRecords> {
     let snapshot: PartitionSnapshot = decode(snapshot).ok()?;
+    let state = snapshot.state;
     Some(SnapshotRecords {
-        first_index: snapshot.state.first_index,
-        next_offset: snapshot.state.next_offset,
+        first_index: state.first_index.max(state.compaction.clean_index),
+        next_offset: state.next_offset,
+        generation: state.compaction.generation,
     })
 }
 
@@ -405,7 +475,16 @@ impl PartitionLogic {
             next_position: 0,
             retention: Arc::new(Retention::default()),
             pending_index: Vec::new(),
+            codec: None,
+            compaction: CompactionState::default(),
+            compaction_pending: crate::compaction::Pending::default(),
         }
+    }
+
+    /// Compacts with `codec` (the broker's record format).
+    pub(crate) fn with_codec(mut self, codec: Option<Arc<dyn RecordCodec>>) -> Self {
+        self.codec = codec;
+        self
     }
 
     /// The retention state readers and the log store share.
@@ -419,8 +498,9 @@ impl PartitionLogic {
             max_timestamp: self.max_timestamp,
             start_offset: self.retention.start_offset(),
             next_position: self.next_position,
-            first_index: self.retention.first_index(),
+            first_index: self.retention.first_index.load(Ordering::Acquire),
             start_position: self.retention.start_position(),
+            compaction: self.compaction,
         }
     }
 
@@ -440,15 +520,46 @@ impl PartitionLogic {
         self.retention
             .start_position
             .store(state.start_position, Ordering::Release);
+        self.compaction = state.compaction;
+        self.publish_compaction();
+    }
+
+    /// Tells readers and the log store where compaction stands.
+    fn publish_compaction(&self) {
+        let state = &self.compaction;
+        let retention = &self.retention;
+        retention
+            .clean_position
+            .store(state.clean_position, Ordering::Release);
+        retention
+            .compacted_bytes
+            .store(state.bytes, Ordering::Release);
+        retention
+            .clean_index
+            .store(state.clean_index, Ordering::Release);
+        retention
+            .generation
+            .store(state.generation, Ordering::Release);
+        retention
+            .tombstones
+            .store(state.tombstones, Ordering::Release);
+        retention
+            .clean_offset
+            .store(state.clean_offset, Ordering::Release);
     }
 
     /// Moves the log start to `requested` (at most the end; never back) and deletes the index
     /// rows below the entry holding it. Returns the start.
-    fn trim(&mut self, store: &GroupStore, batch: &mut GroupBatch, requested: u64) -> u64 {
+    fn trim(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        requested: u64,
+    ) -> io::Result<u64> {
         let current = self.retention.start_offset();
         let start = requested.min(self.next_offset);
         if start <= current {
-            return current;
+            return Ok(current);
         }
         let pending = self
             .pending_index
@@ -464,7 +575,7 @@ impl PartitionLogic {
                 None
             }),
         };
-        if let Some(entry) = holding {
+        if let Some(entry) = &holding {
             store.delete_index_below(batch, entry.base_offset);
             self.retention
                 .first_index
@@ -472,6 +583,25 @@ impl PartitionLogic {
             self.retention
                 .start_position
                 .store(entry.position, Ordering::Release);
+        }
+        if self.compaction.records > 0 || start > self.compaction.clean_offset {
+            let start_position = self.retention.start_position();
+            let mut compaction = self.compaction;
+            let mut pass = crate::compaction::Pass {
+                store,
+                batch,
+                pending: &mut self.compaction_pending,
+                state: &mut compaction,
+                start,
+            };
+            pass.trim(start)?;
+            if holding.is_some() && start > compaction.clean_offset {
+                // Nothing compacted is left: the clean point follows the entry holding the start.
+                compaction.clean_offset = holding.as_ref().map_or(0, |entry| entry.base_offset);
+                compaction.clean_position = start_position;
+                compaction.clean_index = 0;
+            }
+            self.compaction = compaction;
         }
         // The time index keeps its last row at or below the start: a lookup of an older time
         // answers the start.
@@ -481,7 +611,147 @@ impl PartitionLogic {
             Err(error) => tracing::warn!(%error, start, "reading the time index to trim"),
         }
         self.retention.start_offset.store(start, Ordering::Release);
-        start
+        Ok(start)
+    }
+
+    /// Compacts the entries from the clean point up to `clean_to` (see `compaction`). Returns
+    /// the clean point.
+    fn compact(
+        &mut self,
+        store: &GroupStore,
+        batch: &mut GroupBatch,
+        clean_to: u64,
+        at_ms: i64,
+        delete_retention_ms: u64,
+    ) -> io::Result<u64> {
+        let Some(codec) = self.codec.clone() else {
+            return Err(io::Error::other(
+                "a compaction reached a partition without a record codec",
+            ));
+        };
+        let start = self.retention.start_offset();
+        let mut state = self.compaction;
+        // The clean point is an entry's base offset (a trim past it moves it to the entry holding
+        // the start); records of that entry below the start are not kept.
+        let from = state.clean_offset;
+        let target = clean_to.min(self.next_offset);
+        // The entries from the clean point: written ones from the store, then the ones applied
+        // in this run.
+        let mut entries = if from < target {
+            store
+                .index_range(from, target, usize::MAX)
+                .map_err(io::Error::other)?
+        } else {
+            Vec::new()
+        };
+        let last_stored = entries.last().map(|entry| entry.base_offset);
+        entries.extend(
+            self.pending_index
+                .iter()
+                .filter(|entry| {
+                    entry.base_offset >= from
+                        && entry.base_offset < target
+                        && last_stored.is_none_or(|last| entry.base_offset > last)
+                })
+                .cloned(),
+        );
+        let mut pass = crate::compaction::Pass {
+            store,
+            batch,
+            pending: &mut self.compaction_pending,
+            state: &mut state,
+            start,
+        };
+        let mut clean = None;
+        for entry in &entries {
+            let end = entry.base_offset + u64::from(entry.count);
+            if end > target {
+                break;
+            }
+            let Some(bytes) = store.get_log(entry.log_index).map_err(io::Error::other)? else {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "log entry {} of offset {} is missing",
+                        entry.log_index, entry.base_offset
+                    ),
+                ));
+            };
+            let log_entry: crate::types::Entry = decode(&bytes)?;
+            let EntryPayload::Normal(command) = &log_entry.payload else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "offset {} points at an entry without records",
+                        entry.base_offset
+                    ),
+                ));
+            };
+            // Split first: an entry moves whole or not at all.
+            let mut records = Vec::new();
+            for (position, part) in command.batches().into_iter().enumerate() {
+                if entry.skipped_batches.contains(&(position as u32)) {
+                    continue;
+                }
+                match codec.split(part.batch, part.count) {
+                    Ok(split) if split.len() == part.count as usize => records.extend(split),
+                    Ok(split) => {
+                        tracing::error!(
+                            offset = entry.base_offset,
+                            records = split.len(),
+                            count = part.count,
+                            "compaction stopped at a batch that does not hold its count"
+                        );
+                        records.clear();
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::error!(offset = entry.base_offset, %error, "compaction stopped at an undecodable batch");
+                        records.clear();
+                        break;
+                    }
+                }
+            }
+            if records.len() as u64 != u64::from(entry.count) {
+                break;
+            }
+            for (offset, record) in (entry.base_offset..).zip(&records) {
+                if offset >= start {
+                    pass.add(offset, record, at_ms)?;
+                }
+            }
+            clean = Some(end);
+        }
+        let horizon = at_ms.saturating_sub(i64::try_from(delete_retention_ms).unwrap_or(i64::MAX));
+        pass.expire_tombstones(horizon)?;
+        if let Some(clean) = clean {
+            // The entry at the new clean point: its log index and position.
+            let next = entries
+                .iter()
+                .find(|entry| entry.base_offset >= clean)
+                .cloned()
+                .map_or_else(
+                    || store.index_floor(clean).map_err(io::Error::other),
+                    |entry| Ok(Some(entry)),
+                )?
+                .filter(|entry| entry.base_offset == clean);
+            state.clean_offset = clean;
+            match next {
+                Some(entry) => {
+                    state.clean_position = entry.position;
+                    state.clean_index = entry.log_index;
+                }
+                None => {
+                    // Compacted to the end (the leader never asks for it; a replica may meet it
+                    // re-applying): the next entry holds the next offset.
+                    state.clean_position = self.next_position;
+                }
+            }
+            store.delete_index_below(batch, clean);
+        }
+        state.generation += 1;
+        self.compaction = state;
+        Ok(self.compaction.clean_offset)
     }
 
     /// Assigns offsets to the batches of one entry at log `index`: each batch is written, or
@@ -573,21 +843,33 @@ impl Logic for PartitionLogic {
         batch: &mut GroupBatch,
         index: u64,
         command: Command,
-    ) -> Response {
-        match command {
+    ) -> io::Result<Response> {
+        Ok(match command {
             Command::Meta(_) => {
                 tracing::warn!(index, "metadata command in a partition log ignored");
                 Response::None
             }
             Command::Trim { start_offset } => {
-                Response::Trimmed(self.trim(store, batch, start_offset))
+                Response::Trimmed(self.trim(store, batch, start_offset)?)
             }
+            Command::Compact {
+                clean_to,
+                at_ms,
+                delete_retention_ms,
+            } => Response::Compacted(self.compact(
+                store,
+                batch,
+                clean_to,
+                at_ms,
+                delete_retention_ms,
+            )?),
             command => Response::Appended(self.append(store, batch, index, &command)),
-        }
+        })
     }
 
     fn persist(&mut self, store: &GroupStore, batch: &mut GroupBatch) -> io::Result<()> {
         self.pending_index.clear();
+        self.compaction_pending.clear();
         for (id, state) in self.producers.take_changes() {
             match state {
                 Some(state) => store.put_row(batch, Table::Producers, id, &encode(state)?),
@@ -606,6 +888,17 @@ impl Logic for PartitionLogic {
         // time index (the next offset alone).
         let state: PartitionState = match decode(state) {
             Ok(state) => state,
+            Err(_) if let Ok(old) = decode::<PartitionStateBeforeCompaction>(state) => {
+                PartitionState {
+                    next_offset: old.next_offset,
+                    max_timestamp: old.max_timestamp,
+                    start_offset: old.start_offset,
+                    next_position: old.next_position,
+                    first_index: old.first_index,
+                    start_position: old.start_position,
+                    compaction: CompactionState::default(),
+                }
+            }
             Err(_) => {
                 let (next_offset, max_timestamp): (u64, Option<i64>) = match decode(state) {
                     Ok(state) => state,
@@ -651,7 +944,10 @@ impl Logic for PartitionLogic {
         check_staged(&staging, &snapshot.state, last_index)?;
         // The records arrived in the staging group: they replace everything this replica held
         // up to the snapshot (its log entries, offset index and time index).
-        store.adopt(batch, &staging, last_index, &[Table::TimeIndex])?;
+        let mut tables = vec![Table::TimeIndex];
+        tables.extend(crate::compaction::SNAPSHOT_TABLES);
+        store.adopt(batch, &staging, last_index, &tables)?;
+        self.compaction_pending.clear();
         // The high watermark never moves back, except when a fresh snapshot resets an empty
         // machine.
         self.set_state(snapshot.state);
@@ -666,6 +962,7 @@ impl Logic for PartitionLogic {
     }
 
     fn publish(&self) {
+        self.publish_compaction();
         self.retention
             .end_offset
             .store(self.next_offset, Ordering::Release);
@@ -707,9 +1004,6 @@ pub(crate) fn check_staged(
     state: &PartitionState,
     last_index: u64,
 ) -> io::Result<()> {
-    if state.next_offset <= state.start_offset {
-        return Ok(());
-    }
     let missing = |what: String| {
         Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -719,11 +1013,25 @@ pub(crate) fn check_staged(
             ),
         ))
     };
-    let Some(first) = staging.index_floor(state.start_offset)? else {
+    let compacted = &state.compaction;
+    let staged = (
+        staging.count_rows(Table::Compacted)?,
+        staging.count_rows(Table::Tombstones)?,
+    );
+    if staged != (compacted.records, compacted.tombstones) {
         return missing(format!(
-            "no index entry holds start offset {}",
-            state.start_offset
+            "staged {} compacted records and {} tombstones, the snapshot has {} and {}",
+            staged.0, staged.1, compacted.records, compacted.tombstones
         ));
+    }
+    // The log holds the records from the start, or from the clean point when compaction
+    // moved past it.
+    let from = state.start_offset.max(compacted.clean_offset);
+    if state.next_offset <= from {
+        return Ok(());
+    }
+    let Some(first) = staging.index_floor(from)? else {
+        return missing(format!("no index entry holds offset {from}"));
     };
     let Some(last) = staging.index_floor(state.next_offset - 1)? else {
         return missing(format!(
@@ -775,18 +1083,19 @@ impl Logic for MetadataLogic {
         _batch: &mut GroupBatch,
         index: u64,
         command: Command,
-    ) -> Response {
-        match command {
+    ) -> io::Result<Response> {
+        Ok(match command {
             Command::Meta(command) => Response::Meta(self.apply.apply(index, &command).into()),
             Command::Append { .. }
             | Command::Appends(_)
             | Command::Produce(_)
             | Command::ProduceTimed(_)
-            | Command::Trim { .. } => {
+            | Command::Trim { .. }
+            | Command::Compact { .. } => {
                 tracing::warn!(index, "record batch in the metadata log ignored");
                 Response::None
             }
-        }
+        })
     }
 
     fn encode_state(&self) -> io::Result<Vec<u8>> {
@@ -838,18 +1147,19 @@ impl Logic for StateLogic {
         _batch: &mut GroupBatch,
         index: u64,
         command: Command,
-    ) -> Response {
-        match command {
+    ) -> io::Result<Response> {
+        Ok(match command {
             Command::Meta(command) => Response::Meta(self.apply.apply(index, &command).into()),
             Command::Append { .. }
             | Command::Appends(_)
             | Command::Produce(_)
             | Command::ProduceTimed(_)
-            | Command::Trim { .. } => {
+            | Command::Trim { .. }
+            | Command::Compact { .. } => {
                 tracing::warn!(index, "record batch in a state group's log ignored");
                 Response::None
             }
-        }
+        })
     }
 
     fn persist(&mut self, store: &GroupStore, batch: &mut GroupBatch) -> io::Result<()> {
@@ -924,7 +1234,7 @@ impl Logic for GroupLogic {
         batch: &mut GroupBatch,
         index: u64,
         command: Command,
-    ) -> Response {
+    ) -> io::Result<Response> {
         match self {
             GroupLogic::Log(logic) => logic.apply(store, batch, index, command),
             GroupLogic::State(logic) => logic.apply(store, batch, index, command),
@@ -1034,7 +1344,8 @@ mod tests {
         let mut write = store.batch();
         let entry = Entry::new_normal(log_id, command.clone());
         store.put_log(&mut write, index, &encode(&entry).unwrap());
-        let Response::Appended(outcomes) = logic.apply(store, &mut write, index, command) else {
+        let Response::Appended(outcomes) = logic.apply(store, &mut write, index, command).unwrap()
+        else {
             panic!("an append answers per batch");
         };
         logic.persist(store, &mut write).unwrap();
@@ -1123,7 +1434,7 @@ mod tests {
         let follower_dir = tempfile::tempdir().unwrap();
         let follower = Store::open(follower_dir.path(), &StoreOptions::default()).unwrap();
         let follower = follower.group(GroupId(9));
-        let mut installed = transfer(&group, &follower, &snapshot, 4).await;
+        let mut installed = transfer(&group, &logic.retention, &follower, &snapshot, 4).await;
         assert_eq!(
             apply(
                 &follower,
@@ -1141,6 +1452,7 @@ mod tests {
     /// (chunks read from the leader's store, staged, installed), in chunks of one entry or so.
     async fn transfer(
         from: &GroupStore,
+        from_retention: &Retention,
         to: &GroupStore,
         snapshot: &[u8],
         last_index: u64,
@@ -1154,7 +1466,8 @@ mod tests {
         let vote = crate::types::Vote::new(1, 1);
         transfers.begin(&staging, vote.clone());
         while let Some(chunk) =
-            crate::snapshot::read_chunk(from, &records, last_index, &mut cursor).unwrap()
+            crate::snapshot::read_chunk(from, from_retention, &records, last_index, &mut cursor)
+                .unwrap()
         {
             let crate::snapshot::Message::Records { vote, chunk, crc } =
                 crate::snapshot::records_message(vote.clone(), chunk).unwrap()
@@ -1217,14 +1530,17 @@ mod tests {
         for index in 41..=43 {
             group.put_log(&mut write, index, b"a trim entry (never read as records)");
         }
-        let Response::Trimmed(trimmed) = logic.apply(
-            &group,
-            &mut write,
-            41,
-            Command::Trim {
-                start_offset: start,
-            },
-        ) else {
+        let Response::Trimmed(trimmed) = logic
+            .apply(
+                &group,
+                &mut write,
+                41,
+                Command::Trim {
+                    start_offset: start,
+                },
+            )
+            .unwrap()
+        else {
             panic!("a trim answers its start");
         };
         logic.persist(&group, &mut write).unwrap();
@@ -1251,7 +1567,9 @@ mod tests {
         // A trim never moves back, nor past the end.
         let mut write = group.batch();
         assert_eq!(
-            logic.apply(&group, &mut write, 42, Command::Trim { start_offset: 3 }),
+            logic
+                .apply(&group, &mut write, 42, Command::Trim { start_offset: 3 })
+                .unwrap(),
             Response::Trimmed(start)
         );
         logic.persist(&group, &mut write).unwrap();
@@ -1276,7 +1594,7 @@ mod tests {
             follower.put_log(&mut write, index, b"stale");
         }
         follower.write_durable(write).await.unwrap();
-        let installed = transfer(&group, &follower, &snapshot, 41).await;
+        let installed = transfer(&group, &logic.retention, &follower, &snapshot, 41).await;
         assert_eq!(installed.retention.start_offset(), start);
         assert_eq!(installed.retention.end_position(), total);
         let leader_read = read_committed(&group, start, end, usize::MAX)
@@ -1302,14 +1620,16 @@ mod tests {
         // Never past the end.
         let mut write = group.batch();
         assert_eq!(
-            logic.apply(
-                &group,
-                &mut write,
-                43,
-                Command::Trim {
-                    start_offset: end + 100
-                }
-            ),
+            logic
+                .apply(
+                    &group,
+                    &mut write,
+                    43,
+                    Command::Trim {
+                        start_offset: end + 100
+                    }
+                )
+                .unwrap(),
             Response::Trimmed(end)
         );
     }

@@ -182,7 +182,7 @@ pub(crate) struct NetworkFactory {
     pub(crate) peers: Peers,
     pub(crate) group: GroupId,
     /// A partition's store: its snapshots carry records, read from here (see `snapshot`).
-    pub(crate) records: Option<ordo_storage::GroupStore>,
+    pub(crate) records: Option<(ordo_storage::GroupStore, Arc<crate::machine::Retention>)>,
 }
 
 impl RaftNetworkFactory<C> for NetworkFactory {
@@ -211,7 +211,7 @@ pub(crate) struct GroupNetwork {
     client: Result<InternalClient<Channel>, RpcFailure>,
     group: GroupId,
     target: NodeId,
-    records: Option<ordo_storage::GroupStore>,
+    records: Option<(ordo_storage::GroupStore, Arc<crate::machine::Retention>)>,
 }
 
 /// Why a Raft RPC got no answer from its target's group. openraft sees each as `Unreachable`
@@ -293,7 +293,7 @@ impl GroupNetwork {
     /// Sends a partition snapshot with its records (see `snapshot`).
     async fn stream_snapshot(
         &mut self,
-        store: ordo_storage::GroupStore,
+        (store, retention): (ordo_storage::GroupStore, Arc<crate::machine::Retention>),
         vote: Vote,
         snapshot: Snapshot,
         records: crate::machine::SnapshotRecords,
@@ -321,10 +321,17 @@ impl GroupNetwork {
         let mut sent_bytes = 0usize;
         loop {
             let read_store = store.clone();
+            let read_retention = retention.clone();
             let mut next = cursor;
             let chunk = tokio::task::spawn_blocking(move || {
-                crate::snapshot::read_chunk(&read_store, &records, last_index, &mut next)
-                    .map(|chunk| (chunk, next))
+                crate::snapshot::read_chunk(
+                    &read_store,
+                    &read_retention,
+                    &records,
+                    last_index,
+                    &mut next,
+                )
+                .map(|chunk| (chunk, next))
             })
             .await
             .map_err(std::io::Error::other)
@@ -339,6 +346,11 @@ impl GroupNetwork {
             let Some(chunk) = chunk else {
                 break;
             };
+            sent_bytes += chunk
+                .rows
+                .iter()
+                .map(|(_, _, bytes)| bytes.len())
+                .sum::<usize>();
             sent_bytes += chunk
                 .entries
                 .iter()

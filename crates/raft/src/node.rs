@@ -100,6 +100,8 @@ struct GroupHost {
     state_config: Arc<Config>,
     meta: OnceLock<MetaRaft>,
     partitions: RwLock<HashMap<GroupId, Partition>>,
+    /// The broker's record format, for compaction by key.
+    codec: Option<Arc<dyn crate::RecordCodec>>,
     /// Partition snapshots being received (see `snapshot`).
     transfers: crate::snapshot::Transfers,
     /// When each metadata or state group last had its whole log purged (see `compact_logs`).
@@ -157,6 +159,7 @@ impl RaftNode {
         store: Store,
         peers: Peers,
         options: &RaftOptions,
+        codec: Option<Arc<dyn crate::RecordCodec>>,
     ) -> Result<Self, InvalidOptions> {
         let meta_config = Config {
             cluster_name: "ordo".to_string(),
@@ -207,6 +210,7 @@ impl RaftNode {
                 state_config,
                 meta: OnceLock::new(),
                 partitions: RwLock::new(HashMap::new()),
+                codec,
                 transfers: crate::snapshot::Transfers::default(),
                 state_purges: std::sync::Mutex::new(HashMap::new()),
             }),
@@ -352,7 +356,9 @@ impl RaftNode {
             return Ok(());
         }
         let (high_watermark_tx, high_watermark) = watch::channel(0);
-        let logic = GroupLogic::Log(PartitionLogic::new(high_watermark_tx));
+        let logic = GroupLogic::Log(
+            PartitionLogic::new(high_watermark_tx).with_codec(self.host.codec.clone()),
+        );
         self.start_group(group, replicas, initialize, logic, high_watermark)
             .await
     }
@@ -400,7 +406,9 @@ impl RaftNode {
         let network = NetworkFactory {
             peers: self.host.peers.clone(),
             group,
-            records: retention.is_some().then(|| store.clone()),
+            records: retention
+                .clone()
+                .map(|retention| (store.clone(), retention)),
         };
         let fatal = stopped(group);
         let raft = Raft::new(self.host.id, config, network, log_store, machine)
@@ -639,6 +647,77 @@ impl RaftNode {
         }
     }
 
+    /// Proposes a compaction by key of a partition up to `clean_to` (see `compaction`), with
+    /// the leader's clock `at_ms`; returns the clean point once applied here.
+    pub async fn compact(
+        &self,
+        group: GroupId,
+        clean_to: u64,
+        at_ms: i64,
+        delete_retention_ms: u64,
+        timeout: Duration,
+    ) -> Result<u64, WriteError> {
+        let partition = self
+            .partition(group)
+            .ok_or(WriteError::GroupNotFound(group))?;
+        let command = Command::Compact {
+            clean_to,
+            at_ms,
+            delete_retention_ms,
+        };
+        match propose(&partition.raft, group, command, timeout).await? {
+            Response::Compacted(clean) => Ok(clean),
+            other => Err(WriteError::Stopped {
+                group,
+                reason: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    /// Where compaction stands on this replica of a partition.
+    pub fn compaction_status(&self, group: GroupId) -> Option<crate::CompactionStatus> {
+        let partition = self.partition(group)?;
+        let retention = partition.retention.as_ref()?;
+        let (clean_offset, clean_position, compacted_bytes) = retention.compaction();
+        let end_position = retention.end_position();
+        Some(crate::CompactionStatus {
+            clean_offset,
+            compacted_bytes,
+            dirty_bytes: end_position
+                .saturating_sub(clean_position.max(retention.start_position())),
+            tombstones: retention.tombstones.load(Ordering::Acquire),
+        })
+    }
+
+    /// The clean point a compaction of about `max_bytes` of a partition's log should go to:
+    /// the base offset of the first entry from `max_bytes` past the clean point on (at least one
+    /// entry further), never past the last entry (the tail is left to grow). `None` when no
+    /// whole entry lies between.
+    pub async fn compaction_target(
+        &self,
+        group: GroupId,
+        max_bytes: u64,
+    ) -> Result<Option<u64>, ReadError> {
+        let partition = self
+            .partition(group)
+            .ok_or(ReadError::GroupNotFound(group))?;
+        let (clean, clean_position, _) = partition
+            .retention
+            .as_ref()
+            .map_or((0, 0, 0), |retention| retention.compaction());
+        self.read_store(group, move |store| {
+            let Some(last) = store.index_floor(u64::MAX)? else {
+                return Ok(None);
+            };
+            let target = store
+                .index_at_position(clean_position.saturating_add(max_bytes))?
+                .map_or(last.base_offset, |entry| entry.base_offset)
+                .min(last.base_offset);
+            Ok((target > clean).then_some(target))
+        })
+        .await
+    }
+
     /// A partition's log as this replica holds it: its first offset and the end (high
     /// watermark).
     pub fn log_range(&self, group: GroupId) -> Option<(u64, u64)> {
@@ -845,19 +924,54 @@ impl RaftNode {
                 batches: Vec::new(),
             });
         }
-        let store = partition.store.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            read_committed(&store, offset, high_watermark, max_bytes)
-        })
-        .await
-        .map_err(|error| ReadError::Task {
-            group,
-            reason: error.to_string(),
-        })?;
-        // Retention may have deleted the entries while they were read.
-        match read {
-            Err(error) => Err(below_start(&retention).unwrap_or(error)),
-            ok => ok,
+        // Below the clean point, records are compacted rows; from it on, log entries. A
+        // compaction or a trim applied meanwhile may delete what a read looks for: it is read
+        // again from where they left things.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let clean = retention
+                .as_ref()
+                .map_or(0, |retention| retention.clean_offset());
+            let store = partition.store.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                if offset < clean {
+                    let rows = store.rows_until(Table::Compacted, offset, clean, max_bytes)?;
+                    if !rows.is_empty() {
+                        return Ok(ReadBatch {
+                            high_watermark,
+                            batches: rows
+                                .into_iter()
+                                .map(|(offset, row)| (offset, 1, bytes::Bytes::from(row)))
+                                .collect(),
+                        });
+                    }
+                }
+                read_committed(&store, offset.max(clean), high_watermark, max_bytes)
+            })
+            .await
+            .map_err(|error| ReadError::Task {
+                group,
+                reason: error.to_string(),
+            })?;
+            match read {
+                Err(error) => {
+                    if let Some(error) = below_start(&retention) {
+                        return Err(error);
+                    }
+                    let moved = retention
+                        .as_ref()
+                        .is_some_and(|retention| retention.clean_offset() != clean);
+                    if attempts >= 5 {
+                        return Err(error);
+                    }
+                    if !moved {
+                        // A compaction written but not yet published.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                ok => return ok,
+            }
         }
     }
 
@@ -912,12 +1026,7 @@ impl RaftNode {
         let partition = self.partition(group)?;
         let high_watermark = *partition.high_watermark.borrow();
         let (start, bytes) = partition.retention.as_ref().map_or((0, 0), |retention| {
-            (
-                retention.start_offset(),
-                retention
-                    .end_position()
-                    .saturating_sub(retention.start_position()),
-            )
+            (retention.start_offset(), retention.held_bytes())
         });
         Some(status_of(
             &partition.raft,
@@ -1018,10 +1127,18 @@ impl RaftNode {
                 };
                 let result = match cursor {
                     Ok((cursor, fresh)) => {
-                        if fresh {
-                            if let Err(error) = staging.destroy().await {
-                                return answer(Err(error.to_string()));
+                        let emptied = if fresh {
+                            staging.destroy().await
+                        } else {
+                            // Compacted rows are never resumed (they change with compactions).
+                            let mut batch = staging.batch();
+                            for table in crate::compaction::SNAPSHOT_TABLES {
+                                staging.clear_table(&mut batch, table);
                             }
+                            staging.write(batch, None).await
+                        };
+                        if let Err(error) = emptied {
+                            return answer(Err(error.to_string()));
                         }
                         transfers.begin(&staging, vote);
                         tracing::info!(%group, first_index, last_index, ?cursor, "receiving a partition snapshot");

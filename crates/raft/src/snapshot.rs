@@ -68,6 +68,10 @@ pub(crate) struct Cursor {
     pub(crate) next_index: u64,
     pub(crate) next_offset: u64,
     pub(crate) next_time: u64,
+    /// The next row of the compacted tables (`compaction::SNAPSHOT_TABLES`): table position,
+    /// row id. Rows are never resumed: a `Begin` starts them over.
+    pub(crate) next_table: u8,
+    pub(crate) next_row: u64,
 }
 
 /// The records of one chunk.
@@ -79,6 +83,9 @@ pub(crate) struct Chunk {
     pub(crate) index: Vec<(u64, u64, u32, u64, Vec<u32>)>,
     /// `(time key, value)`.
     pub(crate) time: Vec<(u64, Vec<u8>)>,
+    /// `(table position in compaction::SNAPSHOT_TABLES, row id, value)`: compacted records and
+    /// their keys.
+    pub(crate) rows: Vec<(u8, u64, Vec<u8>)>,
 }
 
 impl Chunk {
@@ -92,11 +99,54 @@ impl Chunk {
 /// transfer is given up and openraft sends a newer snapshot).
 pub(crate) fn read_chunk(
     store: &GroupStore,
+    retention: &crate::machine::Retention,
     records: &SnapshotRecords,
     last_index: u64,
     cursor: &mut Cursor,
 ) -> io::Result<Option<Chunk>> {
     let mut chunk = Chunk::default();
+    // Compacted rows change with every compaction: they are sent only while the leader's are
+    // the snapshot's (checked before and after they are read).
+    let same_rows = || {
+        if retention.generation() == records.generation {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the partition was compacted since the snapshot (a newer one follows)",
+            ))
+        }
+    };
+    same_rows()?;
+    let tables = crate::compaction::SNAPSHOT_TABLES;
+    let mut row_budget = CHUNK_BYTES;
+    while let Some(table) = tables.get(usize::from(cursor.next_table)) {
+        if row_budget == 0 {
+            break;
+        }
+        let rows = store.rows_until(
+            *table,
+            cursor.next_row,
+            ordo_storage::ROW_ID_MAX + 1,
+            row_budget,
+        )?;
+        let position = cursor.next_table;
+        match rows.last() {
+            Some((id, _)) if *id < ordo_storage::ROW_ID_MAX => cursor.next_row = id + 1,
+            _ => {
+                cursor.next_table += 1;
+                cursor.next_row = 0;
+            }
+        }
+        for (id, value) in rows {
+            row_budget = row_budget.saturating_sub(value.len() + 16);
+            chunk.rows.push((position, id, value));
+        }
+    }
+    same_rows()?;
+    if !chunk.rows.is_empty() {
+        return Ok(Some(chunk));
+    }
     let next_index = cursor.next_index.max(records.first_index);
     if next_index <= last_index {
         chunk.entries = store.read_log(next_index, last_index + 1, CHUNK_BYTES)?;
@@ -237,6 +287,7 @@ impl Transfers {
             next_index: high,
             next_offset,
             next_time,
+            ..Cursor::default()
         };
         Ok((cursor, false))
     }
@@ -278,6 +329,15 @@ impl Transfers {
         }
         for (key, value) in &chunk.time {
             staging.put_row(&mut batch, Table::TimeIndex, *key, value);
+        }
+        for (position, id, value) in &chunk.rows {
+            let Some(table) = crate::compaction::SNAPSHOT_TABLES.get(usize::from(*position)) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("snapshot row of unknown table {position}"),
+                ));
+            };
+            staging.put_row(&mut batch, *table, *id, value);
         }
         Ok(staging.write(batch, None).await?)
     }

@@ -45,6 +45,17 @@ pub enum Command {
         /// The new first offset.
         start_offset: u64,
     },
+    /// Compacts a partition by key up to `clean_to` (see `compaction`): the records of the log
+    /// entries below it move out of the log, the latest of each key kept. Every replica applies
+    /// it at the same log position, with the same clock, so all keep the same records.
+    Compact {
+        /// The new clean point: compaction stops at the last entry that ends at or below it.
+        clean_to: u64,
+        /// The proposing leader's clock: when the tombstones cleaned now were cleaned.
+        at_ms: i64,
+        /// Tombstones cleaned this long before `at_ms` go, with their keys.
+        delete_retention_ms: u64,
+    },
 }
 
 /// The payload of a [`Command::Produce`] entry (the layout before timestamps).
@@ -151,7 +162,7 @@ impl Command {
                     max_timestamp_ms: Some(part.max_timestamp_ms),
                 })
                 .collect(),
-            Command::Meta(_) | Command::Trim { .. } => Vec::new(),
+            Command::Meta(_) | Command::Trim { .. } | Command::Compact { .. } => Vec::new(),
         }
     }
 
@@ -180,6 +191,7 @@ impl std::fmt::Display for Command {
             }
             Command::Meta(command) => write!(f, "meta({} bytes)", command.len()),
             Command::Trim { start_offset } => write!(f, "trim(start {start_offset})"),
+            Command::Compact { clean_to, .. } => write!(f, "compact(to {clean_to})"),
             Command::Appends(batches) => write!(
                 f,
                 "appends({} batches, {} records, {} bytes)",
@@ -228,6 +240,8 @@ pub enum Response {
     Meta(Bytes),
     /// The log start after a [`Command::Trim`].
     Trimmed(u64),
+    /// The clean point after a [`Command::Compact`].
+    Compacted(u64),
     /// Entries without an answer (blank, membership).
     None,
 }

@@ -265,6 +265,14 @@ const ENV_KEYS: [&str; 13] = [
     "retention",
 ];
 
+/// Whether the `ORDO_*` variable named `key` (prefix stripped, `__` made `.`) is node config.
+/// figment hands the filter the name as it is in the environment (upper case): the top-level
+/// key is compared without case.
+fn env_key_read(key: &str) -> bool {
+    let top = key.split('.').next().unwrap_or_default();
+    ENV_KEYS.iter().any(|known| known.eq_ignore_ascii_case(top))
+}
+
 impl NodeConfig {
     /// Loads defaults < file < environment < flags, then validates.
     pub fn load(args: &ServeArgs) -> Result<NodeConfig, ServerError> {
@@ -279,10 +287,11 @@ impl NodeConfig {
             figment = figment.merge(Toml::file(path));
         }
         figment = figment
-            .merge(Env::prefixed("ORDO_").split("__").filter(|key| {
-                let top = key.as_str().split('.').next().unwrap_or_default();
-                ENV_KEYS.contains(&top)
-            }))
+            .merge(
+                Env::prefixed("ORDO_")
+                    .split("__")
+                    .filter(|key| env_key_read(key.as_str())),
+            )
             .merge(Serialized::defaults(args));
         let config: NodeConfig = figment
             .extract()
@@ -449,6 +458,17 @@ mod tests {
             initial_cluster: Some(cluster.into()),
             ..ServeArgs::default()
         }
+    }
+
+    /// `ORDO_RAFT__COMPACT_INTERVAL_MS` reaches figment's filter as `RAFT.COMPACT_INTERVAL_MS`:
+    /// node config sections are read whatever their case; the CLI's own variables are not.
+    #[test]
+    fn environment_keys_are_matched_without_case() {
+        assert!(env_key_read("RAFT.COMPACT_INTERVAL_MS"));
+        assert!(env_key_read("retention.check_interval_ms"));
+        assert!(env_key_read("NODE_ID"));
+        assert!(!env_key_read("ENDPOINTS"));
+        assert!(!env_key_read("WORKER_THREADS"));
     }
 
     /// Flags fill the config; the cluster string parses.

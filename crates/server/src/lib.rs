@@ -171,7 +171,9 @@ async fn serve_node(
     exit_on_storage_fault(&store);
     let raft_options = config.raft_options();
     let peers = Peers::new(raft_options.connect_timeout);
-    let raft = RaftNode::new(node_id, store.clone(), peers, &raft_options)
+    let codec: std::sync::Arc<dyn ordo_raft::RecordCodec> =
+        std::sync::Arc::new(ordo_broker::RecordCodec);
+    let raft = RaftNode::new(node_id, store.clone(), peers, &raft_options, Some(codec))
         .map_err(|error| ServerError::Startup(error.to_string()))?;
     let mut tasks = JoinSet::new();
     let cluster = config.cluster()?;

@@ -372,6 +372,15 @@ pub enum Table {
     /// A partition's time index: the largest record timestamp so far (id) to the base offset of
     /// the batch that first reached it.
     TimeIndex = 3,
+    /// A compacted partition's records below its clean point, one record each, by offset
+    /// (compaction by key: superseded records are deleted, offsets never change).
+    Compacted = 4,
+    /// A compacted partition's keys: a key's hash (id) to the keys with that hash and the
+    /// offsets of their latest records.
+    KeyMap = 5,
+    /// A compacted partition's tombstones (records deleting their key), by offset, with when
+    /// they were cleaned: they go once `delete.retention.ms` passed since.
+    Tombstones = 6,
 }
 
 /// Row keys live in the meta column family: `group ++ (table << 56 | id)`. Meta keys are small
@@ -726,6 +735,71 @@ impl GroupStore {
     /// Every row of `table`, by id.
     pub fn rows(&self, table: Table) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         self.rows_from(table, 0, usize::MAX)
+    }
+
+    /// How many rows `table` holds (reads keys only).
+    pub fn count_rows(&self, table: Table) -> Result<u64, StorageError> {
+        let db = &self.shared.db;
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(key(self.group, row_key(table, ROW_ID_MAX) + 1).to_vec());
+        let mut iterator = db.raw_iterator_cf_opt(CfHandles.get(db, Cf::Meta), options);
+        iterator.seek(key(self.group, row_key(table, 0)));
+        let mut count = 0;
+        while iterator.valid() {
+            count += 1;
+            iterator.next();
+        }
+        iterator.status()?;
+        Ok(count)
+    }
+
+    /// Row `id` of `table`, if present.
+    pub fn get_row(&self, table: Table, id: u64) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .rows_from(table, id, 1)?
+            .into_iter()
+            .next()
+            .filter(|(found, _)| *found == id)
+            .map(|(_, row)| row))
+    }
+
+    /// Rows of `table` with ids in `from..upper`, by id, up to `max_bytes` of values (at least
+    /// one row when any is there).
+    pub fn rows_until(
+        &self,
+        table: Table,
+        from: u64,
+        upper: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let db = &self.shared.db;
+        let upper = upper.min(ROW_ID_MAX + 1);
+        let mut rows = Vec::new();
+        if from >= upper {
+            return Ok(rows);
+        }
+        let mut options = ReadOptions::default();
+        options.set_iterate_upper_bound(key(self.group, row_key(table, 0) + upper).to_vec());
+        let mut iterator = db.raw_iterator_cf_opt(CfHandles.get(db, Cf::Meta), options);
+        iterator.seek(key(self.group, row_key(table, from)));
+        let mut bytes = 0usize;
+        while let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) {
+            let Some((_, n)) = split_key(raw_key) else {
+                break;
+            };
+            let id = n & ROW_ID_MAX;
+            let payload = unframe(value, || {
+                format!("row group={} table={table:?} id={id}", self.group)
+            })?;
+            if !rows.is_empty() && bytes + payload.len() > max_bytes {
+                break;
+            }
+            bytes += payload.len();
+            rows.push((id, payload.to_vec()));
+            iterator.next();
+        }
+        iterator.status()?;
+        Ok(rows)
     }
 
     /// The row of `table` with the smallest id `>= id`, if any.

@@ -103,6 +103,18 @@ pub struct Stats {
     pub queue_redeliveries: usize,
     pub queue_acked: usize,
     pub queue_dead_letters: usize,
+    /// The side topics (`cleanup.rs`): records acked to the retained topic and to the compacted
+    /// one; acked retained records below the final log start (retention deleted them); acked
+    /// compacted records superseded by a later record of their key and gone; records the final
+    /// copies hold; the retained topic's final log starts.
+    pub retained_acked: usize,
+    pub compacted_acked: usize,
+    pub retained_away: usize,
+    pub compacted_away: usize,
+    pub cleanup_held: usize,
+    pub retained_starts: Vec<u64>,
+    /// Partition snapshots the nodes installed (their logs say).
+    pub snapshots_installed: usize,
 }
 
 impl Report {
@@ -163,6 +175,17 @@ impl Report {
             out,
             "  queue: {} messages delivered ({} redeliveries), {} acked, {} dead-lettered",
             s.queue_received, s.queue_redeliveries, s.queue_acked, s.queue_dead_letters
+        );
+        let _ = writeln!(
+            out,
+            "  retention: {} records acked, {} retained away (final log starts {:?}); compaction: {} acked, {} compacted away; {} records held after healing; {} partition snapshots installed",
+            s.retained_acked,
+            s.retained_away,
+            s.retained_starts,
+            s.compacted_acked,
+            s.compacted_away,
+            s.cleanup_held,
+            s.snapshots_installed
         );
         let partition = s
             .longest_unavailable_partition
@@ -286,6 +309,19 @@ struct Checker {
     queue_acks: BTreeMap<(u32, u64), Vec<(u64, u64, u32, String)>>,
     /// The queue's state after healing.
     queue_final: Option<QueueFinal>,
+    /// The side topics, per (topic, partition).
+    cleanup: BTreeMap<(String, u32), CleanupPartition>,
+}
+
+/// What the history says of one partition of a side topic (`cleanup.rs`).
+#[derive(Default)]
+struct CleanupPartition {
+    /// Values sent, with their keys.
+    sent: HashMap<String, Option<String>>,
+    /// Acked records.
+    acked: Vec<Read>,
+    /// Replica copies after healing: (node, start, records).
+    replicas: Vec<(u64, u64, Vec<Read>)>,
 }
 
 /// The queue's floors and ends after healing, and the dead-letter topic's sources.
@@ -558,6 +594,8 @@ impl Checker {
                     );
                     if let Some(kind) = ["crash", "stuck", "panic"].into_iter().find(|k| k == kind) {
                         self.violation(kind, text);
+                    } else if kind == "snapshots" {
+                        self.report.stats.snapshots_installed += detail.parse().unwrap_or(0);
                     } else if kind != "heal" {
                         self.report.warnings.push(text);
                     }
@@ -601,6 +639,178 @@ impl Checker {
                 "converge",
                 format!("node {node}'s replica of partition {partition} could not be read in full after healing: {error}"),
             ),
+            Event::CleanupSent {
+                topic,
+                partition,
+                records,
+            } => {
+                let entry = self.cleanup.entry((topic.clone(), *partition)).or_default();
+                for record in records {
+                    entry.sent.insert(record.value.clone(), record.key.clone());
+                }
+            }
+            Event::CleanupAcked {
+                topic,
+                partition,
+                records,
+            } => self
+                .cleanup
+                .entry((topic.clone(), *partition))
+                .or_default()
+                .acked
+                .extend(records.iter().cloned()),
+            Event::CleanupReplica {
+                topic,
+                partition,
+                node,
+                start,
+                records,
+            } => self
+                .cleanup
+                .entry((topic.clone(), *partition))
+                .or_default()
+                .replicas
+                .push((*node, *start, records.clone())),
+            Event::CleanupReplicaFail {
+                topic,
+                partition,
+                node,
+                error,
+            } => self.violation(
+                "converge",
+                format!("node {node}'s replica of {topic} partition {partition} could not be read after healing: {error}"),
+            ),
+        }
+    }
+
+    /// The side topics: replicas identical; every acked record of the retained topic at or past
+    /// the log start where it was acked; for every key of the compacted topic, a record at or
+    /// past its latest acked one (that one itself, if it is still there); nothing read that was
+    /// not sent.
+    fn check_cleanup(&mut self) {
+        for ((topic, partition), side) in std::mem::take(&mut self.cleanup) {
+            let compacted = topic == super::cleanup::COMPACTED_TOPIC;
+            if compacted {
+                self.report.stats.compacted_acked += side.acked.len();
+            } else {
+                self.report.stats.retained_acked += side.acked.len();
+            }
+            let Some((first_node, start, held)) = side.replicas.first() else {
+                if !side.acked.is_empty() {
+                    self.violation(
+                        "converge",
+                        format!(
+                            "no replica of {topic} partition {partition} was read after healing"
+                        ),
+                    );
+                }
+                continue;
+            };
+            for (node, other_start, records) in &side.replicas[1..] {
+                if (other_start, records) != (start, held) {
+                    self.violation(
+                        "converge",
+                        format!(
+                            "{topic} partition {partition}: node {node} holds {} records from {other_start}, node {first_node} {} from {start}",
+                            records.len(),
+                            held.len()
+                        ),
+                    );
+                }
+            }
+            self.report.stats.cleanup_held += held.len();
+            if !compacted {
+                self.report.stats.retained_starts.push(*start);
+            }
+            let by_offset: BTreeMap<u64, &Read> =
+                held.iter().map(|record| (record.offset, record)).collect();
+            for record in held {
+                match side.sent.get(&record.value) {
+                    Some(key) if *key == record.key => {}
+                    _ => self.violation(
+                        "foreign",
+                        format!(
+                            "{topic} partition {partition} offset {} holds {:?} / {:.40}, never sent",
+                            record.offset, record.key, record.value
+                        ),
+                    ),
+                }
+            }
+            if compacted {
+                // Per key, the latest acked record.
+                let mut latest: BTreeMap<&str, &Read> = BTreeMap::new();
+                for record in &side.acked {
+                    let key = record.key.as_deref().unwrap_or_default();
+                    if latest
+                        .get(key)
+                        .is_none_or(|held| held.offset < record.offset)
+                    {
+                        latest.insert(key, record);
+                    }
+                }
+                let superseded = side.acked.len() - latest.len();
+                let mut kept_superseded = 0;
+                for record in &side.acked {
+                    let key = record.key.as_deref().unwrap_or_default();
+                    if latest
+                        .get(key)
+                        .is_some_and(|latest| latest.offset != record.offset)
+                        && by_offset.contains_key(&record.offset)
+                    {
+                        kept_superseded += 1;
+                    }
+                }
+                self.report.stats.compacted_away += superseded - kept_superseded;
+                for (key, record) in latest {
+                    let there = by_offset.get(&record.offset);
+                    let later = held.iter().any(|other| {
+                        other.offset > record.offset && other.key.as_deref() == Some(key)
+                    });
+                    match there {
+                        Some(there) if there.value != record.value => self.violation(
+                            "lost",
+                            format!(
+                                "{topic} partition {partition} offset {}: acked {:.40}, holds {:.40}",
+                                record.offset, record.value, there.value
+                            ),
+                        ),
+                        Some(_) => {}
+                        None if later => {}
+                        None => {
+                            self.report.stats.records_lost += 1;
+                            self.violation(
+                            "lost",
+                            format!(
+                                "{topic} partition {partition}: key {key}'s latest acked record (offset {}) is gone and no later one is there",
+                                record.offset
+                            ),
+                        );
+                        }
+                    }
+                }
+            } else {
+                for record in &side.acked {
+                    if record.offset < *start {
+                        self.report.stats.retained_away += 1;
+                        continue;
+                    }
+                    match by_offset.get(&record.offset) {
+                        Some(there) if there.value == record.value => {}
+                        there => {
+                            self.report.stats.records_lost += 1;
+                            self.violation(
+                                "lost",
+                                format!(
+                                    "{topic} partition {partition} offset {} (at or past the log start {start}): acked {:.40}, holds {:?}",
+                                    record.offset,
+                                    record.value,
+                                    there.map(|there| there.value.chars().take(40).collect::<String>())
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -820,6 +1030,7 @@ impl Checker {
         self.check_order();
         self.check_group();
         self.check_queue();
+        self.check_cleanup();
         self.count_availability();
         let mut report = std::mem::take(&mut self.report);
         for (kind, (count, examples)) in std::mem::take(&mut self.kinds) {
@@ -1533,6 +1744,83 @@ mod tests {
         h.replicas(0, &[("a", "v2")]);
         let report = h.check();
         assert_violation(&report, "one offset, two records");
+    }
+
+    fn read(offset: u64, key: Option<&str>, value: &str) -> Read {
+        Read {
+            offset,
+            key: key.map(str::to_owned),
+            value: value.to_owned(),
+        }
+    }
+
+    /// Side topics: an acked record at or past the retained topic's final start must be held
+    /// (below it, it was retained away); a compacted key's latest acked record, or a later one,
+    /// must be held; replicas must agree.
+    #[test]
+    fn side_topics_lost_records_and_differing_replicas_are_caught() {
+        use crate::chaos::cleanup::{COMPACTED_TOPIC, RETAINED_TOPIC};
+        let side = |h: &mut Builder, topic: &str, sent: &[Read], acked: &[Read]| {
+            h.push(Event::CleanupSent {
+                topic: topic.into(),
+                partition: 0,
+                records: sent
+                    .iter()
+                    .map(|read| Sent {
+                        key: read.key.clone(),
+                        value: read.value.clone(),
+                    })
+                    .collect(),
+            });
+            h.push(Event::CleanupAcked {
+                topic: topic.into(),
+                partition: 0,
+                records: acked.to_vec(),
+            });
+        };
+        let copy = |h: &mut Builder, topic: &str, node: u64, start: u64, records: &[Read]| {
+            h.push(Event::CleanupReplica {
+                topic: topic.into(),
+                partition: 0,
+                node,
+                start,
+                records: records.to_vec(),
+            });
+        };
+        let retained = [
+            read(0, None, "r0"),
+            read(1, None, "r1"),
+            read(2, None, "r2"),
+        ];
+        let compacted = [
+            read(0, Some("a"), "a0"),
+            read(1, Some("b"), "b0"),
+            read(2, Some("a"), "a1"),
+        ];
+        // Good: r0 retained away, a0 compacted away.
+        let mut h = Builder::new(0);
+        side(&mut h, RETAINED_TOPIC, &retained, &retained);
+        side(&mut h, COMPACTED_TOPIC, &compacted, &compacted);
+        for node in [1, 2] {
+            copy(&mut h, RETAINED_TOPIC, node, 1, &retained[1..]);
+            copy(&mut h, COMPACTED_TOPIC, node, 0, &compacted[1..]);
+        }
+        let report = h.check();
+        assert!(report.passed(), "{}", report.render());
+        assert_eq!(report.stats.retained_away, 1);
+        assert_eq!(report.stats.compacted_away, 1);
+        // A retained record past the start missing, a compacted key's latest gone, replicas
+        // that differ.
+        let mut h = Builder::new(0);
+        side(&mut h, RETAINED_TOPIC, &retained, &retained);
+        side(&mut h, COMPACTED_TOPIC, &compacted, &compacted);
+        copy(&mut h, RETAINED_TOPIC, 1, 1, &retained[2..]);
+        copy(&mut h, COMPACTED_TOPIC, 1, 0, &compacted[..2]);
+        copy(&mut h, COMPACTED_TOPIC, 2, 0, &compacted[1..]);
+        let report = h.check();
+        assert_violation(&report, "offset 1 (at or past the log start 1): acked r1");
+        assert_violation(&report, "key a's latest acked record (offset 2) is gone");
+        assert_violation(&report, "replicas did not converge");
     }
 
     #[test]

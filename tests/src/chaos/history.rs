@@ -188,6 +188,33 @@ pub enum Event {
         partition: u32,
         error: String,
     },
+    /// A call to a side topic (`cleanup.rs`: retention, compaction) is sent, once.
+    CleanupSent {
+        topic: String,
+        partition: u32,
+        records: Vec<Sent>,
+    },
+    /// Such a call was acked: each record with its offset.
+    CleanupAcked {
+        topic: String,
+        partition: u32,
+        records: Vec<Read>,
+    },
+    /// A replica's own copy of a side topic's partition after healing: its log start and every
+    /// record it holds from there.
+    CleanupReplica {
+        topic: String,
+        partition: u32,
+        node: u64,
+        start: u64,
+        records: Vec<Read>,
+    },
+    CleanupReplicaFail {
+        topic: String,
+        partition: u32,
+        node: u64,
+        error: String,
+    },
 }
 
 /// A line: the event and when it happened, in microseconds since the run started (one clock,

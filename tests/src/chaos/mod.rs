@@ -14,6 +14,7 @@
 //! runs left behind.
 
 pub mod checker;
+mod cleanup;
 pub mod history;
 mod nemesis;
 pub mod net;
@@ -348,6 +349,7 @@ async fn drive(
         .await
         .context("cluster not ready at start")?;
     create_topic(nodes, partitions).await?;
+    cleanup::create_topics(nodes, partitions).await?;
     println!(
         "ordo-chaos: cluster ready, topic {TOPIC} ({partitions} partitions, rf {REPLICATION_FACTOR}); node {} has the 192 MiB disk",
         small_disk + 1
@@ -380,6 +382,12 @@ async fn drive(
             seed,
         )));
     }
+    // The side topics' producer (retention and compaction under faults).
+    producers.push(tasks.0.len());
+    tasks.0.push(tokio::spawn(cleanup::producer(
+        Arc::clone(&shared),
+        config.seed.wrapping_add(5000),
+    )));
     let mut consumers = Vec::new();
     for partition in 0..partitions {
         let process = 1000 + partition as usize;
@@ -479,6 +487,7 @@ async fn drive(
         shared.targets[partition as usize].store(end, Ordering::Relaxed);
         read_replicas(nodes, history, partition, &replicas, end).await;
     }
+    cleanup::read_final(nodes, history, partitions).await;
     shared.targets_set.store(true, Ordering::Relaxed);
     let deadline = Instant::now() + CONSUMERS_TIMEOUT;
     for (partition, &task) in consumers.iter().enumerate() {
@@ -575,6 +584,15 @@ async fn drive(
         let _ = timeout(Duration::from_secs(10), &mut tasks.0[task]).await;
     }
     nemesis.restart_crashed()?;
+    let snapshots: usize = (0..nodes.len())
+        .map(|index| nodes.log_count_since(index, 0, "partition snapshot installed"))
+        .sum();
+    history.log(Event::Nemesis {
+        kind: String::from("snapshots"),
+        phase: Phase::Note,
+        nodes: Vec::new(),
+        detail: snapshots.to_string(),
+    });
     for index in 0..nodes.len() {
         let panics = nodes.log_count_since(index, 0, "panicked at");
         if panics > 0 {
@@ -658,29 +676,40 @@ async fn wait_ready(nodes: &Nodes) -> Result<()> {
     Ok(())
 }
 
-async fn create_topic(nodes: &Nodes, partitions: u32) -> Result<()> {
+/// Creates topic `name` (replication factor [`REPLICATION_FACTOR`]) through node 1, retrying
+/// while the cluster settles.
+async fn create_named_topic(
+    nodes: &Nodes,
+    name: &str,
+    partitions: u32,
+    config: Option<ordo_proto::v1::TopicConfig>,
+) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let request = CreateTopicRequest {
-            name: TOPIC.to_owned(),
+            name: name.to_owned(),
             partitions,
             replication_factor: REPLICATION_FACTOR,
-            config: None,
+            config: config.clone(),
         };
         let answer = nodes
             .admin_client(0)
             .create_topic(with_timeout(request, Duration::from_secs(10)))
             .await;
         match answer {
-            Ok(_) => break,
-            Err(status) if status.code() == Code::AlreadyExists => break,
+            Ok(_) => return Ok(()),
+            Err(status) if status.code() == Code::AlreadyExists => return Ok(()),
             Err(status) if Instant::now() < deadline => {
-                eprintln!("ordo-chaos: create topic: {status}; retrying");
+                eprintln!("ordo-chaos: create topic {name}: {status}; retrying");
                 sleep(Duration::from_millis(500)).await;
             }
-            Err(status) => bail!("create topic {TOPIC}: {status}"),
+            Err(status) => bail!("create topic {name}: {status}"),
         }
     }
+}
+
+async fn create_topic(nodes: &Nodes, partitions: u32) -> Result<()> {
+    create_named_topic(nodes, TOPIC, partitions, None).await?;
     // Every partition has a leader before the workload starts.
     for partition in 0..partitions {
         leader_of(nodes, partition).await?;

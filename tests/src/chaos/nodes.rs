@@ -179,6 +179,7 @@ impl Nodes {
                 starter: "ordo-chaos",
             },
         )?;
+        command.envs(super::cleanup::NODE_ENV);
         let child = command
             .spawn()
             .with_context(|| format!("start node {} in {}", node.id, node.namespace))?;
