@@ -316,7 +316,7 @@ impl Broker {
                     continue;
                 }
                 if let Err(error) = self
-                    .compact_partition(group, config, &retention, tombstone_passes)
+                    .compact_partition(&topic.name, group, config, &retention, tombstone_passes)
                     .await
                 {
                     tracing::info!(topic = %topic.name, partition, %error, "compaction not done; the next check retries");
@@ -329,6 +329,7 @@ impl Broker {
     /// it is dirty, in chunks paced to the I/O budget; or in place, to expire tombstones.
     async fn compact_partition(
         &self,
+        topic: &str,
         group: GroupId,
         config: &RetentionConfig,
         retention: &TopicRetention,
@@ -353,17 +354,26 @@ impl Broker {
         if !dirty && !tombstones_due {
             return Ok(());
         }
-        tombstone_passes.insert(group, now_ms);
         let internal = |error: &dyn std::fmt::Display| BrokerError::Internal(error.to_string());
         let mut clean = status.clean_offset;
+        let mut tombstones_due = tombstones_due;
         loop {
             let target = if dirty {
-                node.compaction_target(group, config.compaction_chunk_bytes)
+                node.compaction_target(group, clean, config.compaction_chunk_bytes)
                     .await
                     .map_err(|error| internal(&error))?
             } else {
                 None
             };
+            // Nothing to move (the tail entry alone is dirty) and no tombstone to expire: a
+            // compaction would change nothing.
+            if target.is_none() && !tombstones_due {
+                return Ok(());
+            }
+            if tombstones_due {
+                tombstone_passes.insert(group, now_ms);
+                tombstones_due = false;
+            }
             let started = std::time::Instant::now();
             let moved_to = node
                 .compact(
@@ -385,7 +395,13 @@ impl Broker {
             );
             tokio::time::sleep(share.saturating_sub(started.elapsed())).await;
             clean = moved_to;
-            if self.local_view_of_leader(group) != Some(self.node_id()) {
+            // Still the leader, and the topic still compacted (its policy may change online).
+            let compacted = self
+                .metadata()
+                .topics
+                .get(topic)
+                .is_some_and(|topic| topic.compacted());
+            if !compacted || self.local_view_of_leader(group) != Some(self.node_id()) {
                 return Ok(());
             }
         }

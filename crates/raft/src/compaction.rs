@@ -126,6 +126,8 @@ pub(crate) struct Pass<'a> {
     pub(crate) state: &'a mut CompactionState,
     /// The log start: key map entries below it name rows retention deleted.
     pub(crate) start: u64,
+    /// Whether the pass changed any row.
+    pub(crate) changed: bool,
 }
 
 impl Pass<'_> {
@@ -144,6 +146,7 @@ impl Pass<'_> {
     }
 
     fn set_bucket(&mut self, id: u64, bucket: Vec<KeyEntry>) -> io::Result<()> {
+        self.changed = true;
         if bucket.is_empty() {
             self.store.delete_row(self.batch, Table::KeyMap, id);
         } else {
@@ -155,6 +158,7 @@ impl Pass<'_> {
     }
 
     fn drop_row(&mut self, offset: u64, bytes: u64, tombstone: bool) {
+        self.changed = true;
         self.store.delete_row(self.batch, Table::Compacted, offset);
         self.state.records = self.state.records.saturating_sub(1);
         self.state.bytes = self.state.bytes.saturating_sub(bytes);
@@ -166,6 +170,7 @@ impl Pass<'_> {
     }
 
     fn put_row(&mut self, offset: u64, record: &SplitRecord) {
+        self.changed = true;
         self.store
             .put_row(self.batch, Table::Compacted, offset, &record.batch);
         self.state.records += 1;
@@ -263,6 +268,7 @@ impl Pass<'_> {
         if self.state.records == 0 {
             return Ok(());
         }
+        self.changed = true;
         if start >= self.state.clean_offset {
             for table in [Table::Compacted, Table::KeyMap, Table::Tombstones] {
                 self.store.clear_table(self.batch, table);
@@ -326,6 +332,7 @@ mod tests {
             pending: &mut pending,
             state,
             start: 0,
+            changed: false,
         })
         .unwrap();
         store.write(batch, None).await.unwrap();

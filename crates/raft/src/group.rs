@@ -319,6 +319,17 @@ pub(crate) fn read_committed(
     // Which entries hold offsets, and which of their batches do not: entries the index does not
     // name (blank, membership, every batch a producer's retry) hold none.
     let indexed = store.index_range(first.base_offset, high_watermark, entries.len())?;
+    // A compaction or trim written meanwhile deleted the index rows read from: the caller
+    // reads again (skipping ahead would lose the records it kept).
+    if indexed.first().map(|entry| entry.base_offset) != Some(first.base_offset) {
+        return Err(ReadError::Decode {
+            group,
+            reason: format!(
+                "the index entry of offset {} went while it was read",
+                first.base_offset
+            ),
+        });
+    }
     let mut indexed = indexed.into_iter().peekable();
     for (index, bytes) in entries {
         let Some(next) = indexed.peek() else {

@@ -105,6 +105,11 @@ pub(crate) trait Logic: Send + Sync + 'static {
     }
     /// Called once the applied batch is readable.
     fn publish(&self);
+    /// Whether applying `command` reads the group's store: then every entry before it is
+    /// written first, so that what it reads is the same on every replica.
+    fn reads_store(&self, _command: &Command) -> bool {
+        false
+    }
     /// Whether proposers may be answered before the applied batch is written and published.
     /// True when an answer means only "committed at this position" (offsets); false when the
     /// proposer expects to read the effect on this node once answered (metadata, states).
@@ -146,6 +151,30 @@ impl<L: Logic> Machine<L> {
         })
     }
 
+    /// Writes the entries applied into `batch` with the applied state, answers their proposers
+    /// and publishes them.
+    async fn commit(
+        &mut self,
+        mut batch: GroupBatch,
+        responders: Vec<(ApplyResponder<C>, Response)>,
+    ) -> io::Result<()> {
+        self.logic.persist(&self.store, &mut batch)?;
+        self.store
+            .put_meta(&mut batch, MetaKey::Applied, &self.encode_applied()?);
+        // The entries are committed (durable on a quorum) and their answers are computed. When
+        // the logic allows it the proposers are answered now, before the write, which only
+        // serves readers; if this node dies first, re-applying the log gives the same answers.
+        let mut responders = Some(responders);
+        if self.logic.answers_before_publish() {
+            answer(responders.take());
+        }
+        self.store.write(batch, None).await?;
+        // Readers hear of the applied entries only once they are readable.
+        self.logic.publish();
+        answer(responders);
+        Ok(())
+    }
+
     fn encode_applied(&self) -> io::Result<Vec<u8>> {
         encode(&AppliedState {
             last_applied: self.last_applied.clone(),
@@ -179,8 +208,20 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
     {
         let mut batch = self.store.batch();
         let mut responders = Vec::new();
+        let mut applied_any = false;
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
+            // A command that reads the store must see every entry before it: the run so far
+            // is written first (how many entries a run holds differs between replicas).
+            if applied_any
+                && let EntryPayload::Normal(command) = &entry.payload
+                && self.logic.reads_store(command)
+            {
+                let written = std::mem::replace(&mut batch, self.store.batch());
+                self.commit(written, std::mem::take(&mut responders))
+                    .await?;
+            }
+            applied_any = true;
             let response = match entry.payload {
                 EntryPayload::Blank => Response::None,
                 EntryPayload::Normal(command) => {
@@ -198,21 +239,7 @@ impl<L: Logic> RaftStateMachine<C> for Machine<L> {
                 responders.push((responder, response));
             }
         }
-        self.logic.persist(&self.store, &mut batch)?;
-        self.store
-            .put_meta(&mut batch, MetaKey::Applied, &self.encode_applied()?);
-        // The entries are committed (durable on a quorum) and their answers are computed. When
-        // the logic allows it the proposers are answered now, before the write, which only
-        // serves readers; if this node dies first, re-applying the log gives the same answers.
-        let mut responders = Some(responders);
-        if self.logic.answers_before_publish() {
-            answer(responders.take());
-        }
-        self.store.write(batch, None).await?;
-        // Readers hear of the applied entries only once they are readable.
-        self.logic.publish();
-        answer(responders);
-        Ok(())
+        self.commit(batch, responders).await
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -324,6 +351,9 @@ pub(crate) struct Retention {
     pub(crate) clean_position: AtomicU64,
     /// Tombstones among the compacted rows.
     pub(crate) tombstones: AtomicU64,
+    /// Set from the apply of a change to the compacted rows until it is written and published
+    /// (with a new `generation`): a snapshot transfer must not read rows meanwhile.
+    pub(crate) rows_changing: std::sync::atomic::AtomicBool,
 }
 
 impl Retention {
@@ -353,8 +383,11 @@ impl Retention {
         self.clean_offset.load(Ordering::Acquire)
     }
 
-    pub(crate) fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+    /// The compaction generation of the rows in the store, `None` while a change is being
+    /// written.
+    pub(crate) fn generation(&self) -> Option<u64> {
+        let generation = self.generation.load(Ordering::Acquire);
+        (!self.rows_changing.load(Ordering::Acquire)).then_some(generation)
     }
 
     /// Where compaction stands: `(clean offset, position of the entry there, bytes of the
@@ -546,6 +579,7 @@ impl PartitionLogic {
         retention
             .clean_offset
             .store(state.clean_offset, Ordering::Release);
+        retention.rows_changing.store(false, Ordering::Release);
     }
 
     /// Moves the log start to `requested` (at most the end; never back) and deletes the index
@@ -593,8 +627,13 @@ impl PartitionLogic {
                 pending: &mut self.compaction_pending,
                 state: &mut compaction,
                 start,
+                changed: false,
             };
             pass.trim(start)?;
+            if pass.changed {
+                compaction.generation += 1;
+                self.retention.rows_changing.store(true, Ordering::Release);
+            }
             if holding.is_some() && start > compaction.clean_offset {
                 // Nothing compacted is left: the clean point follows the entry holding the start.
                 compaction.clean_offset = holding.as_ref().map_or(0, |entry| entry.base_offset);
@@ -633,7 +672,16 @@ impl PartitionLogic {
         let mut state = self.compaction;
         // The clean point is an entry's base offset (a trim past it moves it to the entry holding
         // the start); records of that entry below the start are not kept.
-        let from = state.clean_offset;
+        let from = if state.clean_offset < start {
+            // A clean point below the start (kept by an older version): compaction goes on
+            // from the entry holding the start.
+            store
+                .index_floor(start)
+                .map_err(io::Error::other)?
+                .map_or(start, |entry| entry.base_offset)
+        } else {
+            state.clean_offset
+        };
         let target = clean_to.min(self.next_offset);
         // The entries from the clean point: written ones from the store, then the ones applied
         // in this run.
@@ -661,14 +709,33 @@ impl PartitionLogic {
             pending: &mut self.compaction_pending,
             state: &mut state,
             start,
+            changed: false,
         };
+        // The log entries, in one read.
+        let mut logged = match (entries.first(), entries.last()) {
+            (Some(first), Some(last)) => store
+                .read_log(first.log_index, last.log_index + 1, usize::MAX)
+                .map_err(io::Error::other)?,
+            _ => Vec::new(),
+        }
+        .into_iter()
+        .peekable();
         let mut clean = None;
         for entry in &entries {
             let end = entry.base_offset + u64::from(entry.count);
             if end > target {
                 break;
             }
-            let Some(bytes) = store.get_log(entry.log_index).map_err(io::Error::other)? else {
+            while logged
+                .peek()
+                .is_some_and(|(index, _)| *index < entry.log_index)
+            {
+                logged.next();
+            }
+            let Some(bytes) = logged
+                .next_if(|(index, _)| *index == entry.log_index)
+                .map(|(_, bytes)| bytes)
+            else {
                 return Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     format!(
@@ -724,6 +791,7 @@ impl PartitionLogic {
         }
         let horizon = at_ms.saturating_sub(i64::try_from(delete_retention_ms).unwrap_or(i64::MAX));
         pass.expire_tombstones(horizon)?;
+        let changed = pass.changed || clean.is_some();
         if let Some(clean) = clean {
             // The entry at the new clean point: its log index and position.
             let next = entries
@@ -749,7 +817,10 @@ impl PartitionLogic {
             }
             store.delete_index_below(batch, clean);
         }
-        state.generation += 1;
+        if changed {
+            state.generation += 1;
+            self.retention.rows_changing.store(true, Ordering::Release);
+        }
         self.compaction = state;
         Ok(self.compaction.clean_offset)
     }
@@ -835,6 +906,10 @@ impl PartitionLogic {
 impl Logic for PartitionLogic {
     fn answers_before_publish(&self) -> bool {
         true
+    }
+
+    fn reads_store(&self, command: &Command) -> bool {
+        matches!(command, Command::Trim { .. } | Command::Compact { .. })
     }
 
     fn apply(
@@ -962,12 +1037,13 @@ impl Logic for PartitionLogic {
     }
 
     fn publish(&self) {
-        self.publish_compaction();
         self.retention
             .end_offset
             .store(self.next_offset, Ordering::Release);
         let previous = self.high_watermark.send_replace(self.next_offset);
         assert!(previous <= self.next_offset, "high watermark moved back");
+        // After the high watermark: a reader never sees a clean point past it.
+        self.publish_compaction();
     }
 }
 
@@ -1238,6 +1314,13 @@ impl Logic for GroupLogic {
         match self {
             GroupLogic::Log(logic) => logic.apply(store, batch, index, command),
             GroupLogic::State(logic) => logic.apply(store, batch, index, command),
+        }
+    }
+
+    fn reads_store(&self, command: &Command) -> bool {
+        match self {
+            GroupLogic::Log(logic) => logic.reads_store(command),
+            GroupLogic::State(logic) => logic.reads_store(command),
         }
     }
 

@@ -692,22 +692,33 @@ impl RaftNode {
     /// The clean point a compaction of about `max_bytes` of a partition's log should go to:
     /// the base offset of the first entry from `max_bytes` past the clean point on (at least one
     /// entry further), never past the last entry (the tail is left to grow). `None` when no
-    /// whole entry lies between.
+    /// whole entry lies between. `after`: a clean point the caller knows of (a compaction just
+    /// answered, perhaps not yet published).
     pub async fn compaction_target(
         &self,
         group: GroupId,
+        after: u64,
         max_bytes: u64,
     ) -> Result<Option<u64>, ReadError> {
         let partition = self
             .partition(group)
             .ok_or(ReadError::GroupNotFound(group))?;
-        let (clean, clean_position, _) = partition
-            .retention
-            .as_ref()
-            .map_or((0, 0, 0), |retention| retention.compaction());
+        let (clean, clean_position) = partition.retention.as_ref().map_or((0, 0), |retention| {
+            let (clean, clean_position, _) = retention.compaction();
+            (
+                clean.max(retention.start_offset()),
+                clean_position.max(retention.start_position()),
+            )
+        });
         self.read_store(group, move |store| {
             let Some(last) = store.index_floor(u64::MAX)? else {
                 return Ok(None);
+            };
+            let (clean, clean_position) = match store.index_floor(after)? {
+                Some(entry) if after > clean && entry.base_offset == after => {
+                    (after, entry.position)
+                }
+                _ => (clean, clean_position),
             };
             let target = store
                 .index_at_position(clean_position.saturating_add(max_bytes))?
@@ -962,11 +973,11 @@ impl RaftNode {
                     let moved = retention
                         .as_ref()
                         .is_some_and(|retention| retention.clean_offset() != clean);
-                    if attempts >= 5 {
+                    if attempts >= 50 {
                         return Err(error);
                     }
                     if !moved {
-                        // A compaction written but not yet published.
+                        // A compaction written but not yet published (or a retention trim).
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                 }

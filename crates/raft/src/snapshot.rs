@@ -108,7 +108,7 @@ pub(crate) fn read_chunk(
     // Compacted rows change with every compaction: they are sent only while the leader's are
     // the snapshot's (checked before and after they are read).
     let same_rows = || {
-        if retention.generation() == records.generation {
+        if retention.generation() == Some(records.generation) {
             Ok(())
         } else {
             Err(io::Error::new(

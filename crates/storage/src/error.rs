@@ -38,6 +38,10 @@ pub enum StorageError {
     /// The store's options are out of their bounds.
     #[error("invalid storage options: {0}")]
     InvalidOptions(String),
+    /// A multi-step read met rows deleted meanwhile (retention or compaction moved on): read
+    /// again.
+    #[error("{0} changed while it was read; read again")]
+    Moved(String),
     /// The store is shutting down; the write was not done.
     #[error("storage is closed")]
     Closed,
@@ -57,6 +61,7 @@ impl From<StorageError> for std::io::Error {
             }
             StorageError::Closed => std::io::ErrorKind::BrokenPipe,
             StorageError::InvalidOptions(_) => std::io::ErrorKind::InvalidInput,
+            StorageError::Moved(_) => std::io::ErrorKind::Interrupted,
             StorageError::Rocks(_) | StorageError::Io(_) => std::io::ErrorKind::Other,
         };
         std::io::Error::new(kind, error)

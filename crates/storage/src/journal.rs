@@ -56,6 +56,7 @@ pub(crate) const APPLIED_KEY: &[u8] = b"journal-applied";
 const OP_PUT: u8 = 1;
 const OP_DELETE_RANGE: u8 = 2;
 const OP_PUT_RAW: u8 = 3;
+const OP_DELETE: u8 = 4;
 
 /// Where a log entry's framed value lives in the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -500,7 +501,7 @@ fn create(journal: &Journal, id: u64) -> Result<Arc<File>, StorageError> {
 
 /// Appends `op` to a record body. Layout: tag (1), column family (1), then for a put
 /// `key len (2) ++ key ++ value len (4) ++ value` (a raw put too), for a range delete
-/// `from len (2) ++ from ++ to len (2) ++ to`.
+/// `from len (2) ++ from ++ to len (2) ++ to`, for a delete `key len (2) ++ key`.
 pub(crate) fn encode_op(body: &mut Vec<u8>, op: &Op) {
     match op {
         Op::Put { cf, key, value } | Op::PutRaw { cf, key, value } => {
@@ -514,6 +515,12 @@ pub(crate) fn encode_op(body: &mut Vec<u8>, op: &Op) {
             body.extend_from_slice(key);
             body.extend_from_slice(&(value.len() as u32).to_le_bytes());
             body.extend_from_slice(value);
+        }
+        Op::Delete { cf, key } => {
+            body.push(OP_DELETE);
+            body.push(cf.tag());
+            body.extend_from_slice(&(key.len() as u16).to_le_bytes());
+            body.extend_from_slice(key);
         }
         Op::DeleteRange { cf, from, to } => {
             body.push(OP_DELETE_RANGE);
@@ -543,6 +550,10 @@ pub(crate) enum BodyOp<'a> {
         cf: Cf,
         from: &'a [u8],
         to: &'a [u8],
+    },
+    Delete {
+        cf: Cf,
+        key: &'a [u8],
     },
 }
 
@@ -587,6 +598,11 @@ pub(crate) fn decode_body(at: Position, body: &[u8]) -> Result<Vec<BodyOp<'_>>, 
                 let to_len = len16(&mut rest).ok_or_else(short)?;
                 let to = take(&mut rest, to_len).ok_or_else(short)?;
                 ops.push(BodyOp::DeleteRange { cf, from, to });
+            }
+            OP_DELETE => {
+                let key_len = len16(&mut rest).ok_or_else(short)?;
+                let key = take(&mut rest, key_len).ok_or_else(short)?;
+                ops.push(BodyOp::Delete { cf, key });
             }
             _ => return Err(malformed("unknown op")),
         }

@@ -66,6 +66,12 @@ pub(crate) enum Op {
         from: Vec<u8>,
         to: Vec<u8>,
     },
+    /// One key deleted: a point tombstone (a range delete of one key would leave a range
+    /// tombstone, which every later read of the column family has to consult).
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
     /// A put stored as it is, in every column family: in `Cf::Log` a journal pointer moved from
     /// another key (see `GroupStore::adopt`), never a log entry's bytes.
     PutRaw {

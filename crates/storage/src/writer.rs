@@ -94,6 +94,7 @@ impl WriteRequest {
                     key.len() + value.len()
                 }
                 Op::DeleteRange { from, to, .. } => from.len() + to.len(),
+                Op::Delete { key, .. } => key.len(),
             })
             .sum()
     }
@@ -215,6 +216,7 @@ pub(crate) fn batch_for_record(
             BodyOp::DeleteRange { cf, from, to } => {
                 batch.delete_range_cf(CfHandles.get(db, cf), from, to)
             }
+            BodyOp::Delete { cf, key } => batch.delete_cf(CfHandles.get(db, cf), key),
         }
     }
     batch.put_cf(

@@ -316,8 +316,10 @@ struct Checker {
 /// What the history says of one partition of a side topic (`cleanup.rs`).
 #[derive(Default)]
 struct CleanupPartition {
-    /// Values sent, with their keys.
+    /// Values sent, with their keys (tombstones, empty values, in `tombstones`).
     sent: HashMap<String, Option<String>>,
+    /// Tombstones sent, per key.
+    tombstones: BTreeMap<String, usize>,
     /// Acked records.
     acked: Vec<Read>,
     /// Replica copies after healing: (node, start, records).
@@ -646,7 +648,14 @@ impl Checker {
             } => {
                 let entry = self.cleanup.entry((topic.clone(), *partition)).or_default();
                 for record in records {
-                    entry.sent.insert(record.value.clone(), record.key.clone());
+                    if record.value.is_empty() {
+                        *entry
+                            .tombstones
+                            .entry(record.key.clone().unwrap_or_default())
+                            .or_default() += 1;
+                    } else {
+                        entry.sent.insert(record.value.clone(), record.key.clone());
+                    }
                 }
             }
             Event::CleanupAcked {
@@ -725,6 +734,13 @@ impl Checker {
             let by_offset: BTreeMap<u64, &Read> =
                 held.iter().map(|record| (record.offset, record)).collect();
             for record in held {
+                if record.value.is_empty()
+                    && side
+                        .tombstones
+                        .contains_key(record.key.as_deref().unwrap_or_default())
+                {
+                    continue;
+                }
                 match side.sent.get(&record.value) {
                     Some(key) if *key == record.key => {}
                     _ => self.violation(
@@ -737,6 +753,20 @@ impl Checker {
                 }
             }
             if compacted {
+                // Every acked record still held is what was acked.
+                for record in &side.acked {
+                    if let Some(there) = by_offset.get(&record.offset)
+                        && (there.value != record.value || there.key != record.key)
+                    {
+                        self.violation(
+                            "lost",
+                            format!(
+                                "{topic} partition {partition} offset {}: acked {:?} {:.40}, holds {:?} {:.40}",
+                                record.offset, record.key, record.value, there.key, there.value
+                            ),
+                        );
+                    }
+                }
                 // Per key, the latest acked record.
                 let mut latest: BTreeMap<&str, &Read> = BTreeMap::new();
                 for record in &side.acked {
@@ -776,6 +806,18 @@ impl Checker {
                         ),
                         Some(_) => {}
                         None if later => {}
+                        // A tombstone goes delete.retention.ms after compaction reached it; so
+                        // does a key deleted by a tombstone that may have been written after
+                        // (sent, never acked).
+                        None if record.value.is_empty() => {}
+                        None if side.tombstones.get(key).copied().unwrap_or(0)
+                            > side
+                                .acked
+                                .iter()
+                                .filter(|acked| {
+                                    acked.value.is_empty() && acked.key.as_deref() == Some(key)
+                                })
+                                .count() => {}
                         None => {
                             self.report.stats.records_lost += 1;
                             self.violation(

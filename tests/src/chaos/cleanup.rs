@@ -4,13 +4,14 @@
 //! - `chaos-retained` keeps at most [`RETAINED_BYTES`] per partition (`retention.bytes`): its
 //!   log start moves all run long, so trims, log purges, journal file deletions and snapshot
 //!   transfers to replicas that were down or cut off happen under faults.
-//! - `chaos-compacted` (`cleanup.policy=compact`) gets many versions of a few keys: compactions
-//!   run under faults.
+//! - `chaos-compacted` (`cleanup.policy=compact`, tombstones kept 5 s) gets many versions of a
+//!   few keys, and now and then a tombstone: compactions and tombstone expiry run under faults.
 //!
 //! After healing every replica's own copy is read from its log start, following the offsets
 //! compaction skipped, and logged; the checker (`checker.rs`, `check_cleanup`) holds them to:
 //! replicas identical; every acked record at or past the retained topic's start present at its
-//! offset; for every key of the compacted topic, a record at or past its latest acked offset.
+//! offset; for every key of the compacted topic, a record at or past its latest acked offset
+//! (or nothing, when that was a tombstone); every acked record still held is what was acked.
 //! Calls are made once (no retries): a failed call's records may or may not be there.
 
 use std::sync::Arc;
@@ -69,6 +70,7 @@ pub async fn create_topics(nodes: &Nodes, partitions: u32) -> Result<()> {
             vec![
                 ("cleanup.policy", "compact".to_owned()),
                 ("min.cleanable.dirty.ratio", "0.3".to_owned()),
+                ("delete.retention.ms", "5000".to_owned()),
             ],
         ),
     ];
@@ -114,9 +116,18 @@ pub async fn producer(shared: Arc<Shared>, seed: u64) -> u64 {
                         value: padded(format!("r-{calls}-{i}-"), RETAINED_VALUE_BYTES),
                     }
                 } else {
-                    Sent {
-                        key: Some(format!("c{}", rng.random_range(0..COMPACTED_KEYS))),
-                        value: padded(format!("c-{calls}-{i}-"), COMPACTED_VALUE_BYTES),
+                    let key = Some(format!("c{}", rng.random_range(0..COMPACTED_KEYS)));
+                    if rng.random_bool(0.05) {
+                        // A tombstone: deletes the key.
+                        Sent {
+                            key,
+                            value: String::new(),
+                        }
+                    } else {
+                        Sent {
+                            key,
+                            value: padded(format!("c-{calls}-{i}-"), COMPACTED_VALUE_BYTES),
+                        }
                     }
                 }
             })
