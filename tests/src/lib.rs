@@ -1013,6 +1013,14 @@ pub async fn read_partition(
     read_partition_from(client, topic, partition, 0, end_min, source).await
 }
 
+/// Marks a fetch as forwarded, so the node that gets it answers from its own replica.
+pub fn this_replica<T>(request: &mut tonic::Request<T>) {
+    request.metadata_mut().insert(
+        ordo_proto::FORWARDED_HEADER,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+}
+
 /// [`read_partition`] from offset `from` (a log start retention moved), dense from there.
 pub async fn read_partition_from(
     client: &mut LogClient<Channel>,
@@ -1039,10 +1047,7 @@ pub async fn read_partition_from(
         };
         let mut request = with_timeout(request, RPC_TIMEOUT);
         if source == Source::ThisReplica {
-            request.metadata_mut().insert(
-                ordo_proto::FORWARDED_HEADER,
-                tonic::metadata::MetadataValue::from_static("1"),
-            );
+            this_replica(&mut request);
         }
         match client.fetch(request).await {
             Ok(response) => {

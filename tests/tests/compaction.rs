@@ -171,10 +171,7 @@ async fn read_replica(cluster: &TestCluster, node: NodeId, topic: &str) -> Resul
             max_wait_ms: 0,
         };
         let mut request = with_timeout(request, Duration::from_secs(10));
-        request.metadata_mut().insert(
-            ordo_proto::FORWARDED_HEADER,
-            tonic::metadata::MetadataValue::from_static("1"),
-        );
+        ordo_tests::this_replica(&mut request);
         let response = log
             .fetch(request)
             .await

@@ -118,10 +118,7 @@ async fn replica_start(cluster: &TestCluster, node: NodeId, topic: &str) -> Opti
         max_wait_ms: 0,
     };
     let mut request = with_timeout(request, Duration::from_secs(5));
-    request.metadata_mut().insert(
-        ordo_proto::FORWARDED_HEADER,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
+    ordo_tests::this_replica(&mut request);
     match cluster.log_client(node).fetch(request).await {
         Ok(response) => Some(response.into_inner().log_start_offset),
         Err(status) if status.code() == Code::OutOfRange => {

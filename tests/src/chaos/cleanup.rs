@@ -241,10 +241,7 @@ async fn read_replica(
             max_wait_ms: 200,
         };
         let mut request = with_timeout(request, Duration::from_secs(3));
-        request.metadata_mut().insert(
-            ordo_proto::FORWARDED_HEADER,
-            tonic::metadata::MetadataValue::from_static("1"),
-        );
+        crate::this_replica(&mut request);
         match client.fetch(request).await {
             Ok(response) => {
                 let response = response.into_inner();
