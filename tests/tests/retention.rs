@@ -166,6 +166,47 @@ fn journal_bytes(data_dir: &Path) -> Result<u64> {
     Ok(bytes)
 }
 
+/// The ids of a node's journal files, in order.
+fn journal_ids(data_dir: &Path) -> Result<Vec<u64>> {
+    let dir = data_dir.join("db").join("journal");
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("list {}", dir.display()))? {
+        let name = entry?.file_name();
+        if let Some(id) = name.to_str().and_then(|name| name.strip_suffix(".log")) {
+            ids.push(
+                id.parse::<u64>()
+                    .with_context(|| format!("journal file {id}"))?,
+            );
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Each node's journal bytes.
+fn journal_sizes(cluster: &TestCluster) -> Result<Vec<u64>> {
+    cluster
+        .node_ids()
+        .iter()
+        .map(|node| journal_bytes(&cluster.data_dir(*node)))
+        .collect()
+}
+
+/// Waits until every node's journal holds at most `max` bytes; returns the sizes then.
+async fn journals_shrink_to(cluster: &TestCluster, max: u64) -> Result<Vec<u64>> {
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    loop {
+        let now = journal_sizes(cluster)?;
+        if now.iter().all(|now| *now <= max) {
+            return Ok(now);
+        }
+        if Instant::now() >= deadline {
+            bail!("journal bytes {now:?} did not drop to {max}");
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Reads every node's replica from their common start (at least `start`) and checks each holds
 /// exactly `acked` from there: the same records at the same offsets. Retention may move the
 /// start while the replicas are read: then the check starts again from the new one.
@@ -237,11 +278,7 @@ async fn retention_by_bytes_trims_every_replica_and_frees_disk() {
             .await?;
         let mut log = cluster.log_client(cluster.leader_of("sized", 0).await?);
         let acked = produce(&mut log, "sized", "a", 8_000, 50).await?;
-        let peak: Vec<u64> = cluster
-            .node_ids()
-            .iter()
-            .map(|node| journal_bytes(&cluster.data_dir(*node)))
-            .collect::<Result<_>>()?;
+        let peak = journal_sizes(&cluster)?;
         // 8 MB written, 1 MB kept: the leader trims until the partition holds at most that.
         let deadline = Instant::now() + SETTLE_TIMEOUT;
         let description = loop {
@@ -292,23 +329,64 @@ async fn retention_by_bytes_trims_every_replica_and_frees_disk() {
         ensure!(info.metadata.get("start_offset") == Some(&start.to_string()));
         // The journal gives the space back: 8 MB were written, and every node keeps at most the
         // files holding the retained 1 MB and the one being appended (1 MiB files).
-        const KEPT_MAX: u64 = 5 << 20;
-        let deadline = Instant::now() + SETTLE_TIMEOUT;
-        loop {
-            let now: Vec<u64> = cluster
-                .node_ids()
-                .iter()
-                .map(|node| journal_bytes(&cluster.data_dir(*node)))
-                .collect::<Result<_>>()?;
-            if now.iter().all(|now| *now <= KEPT_MAX) {
-                eprintln!("journal bytes after retention {now:?}");
-                break;
-            }
-            if Instant::now() >= deadline {
-                bail!("journal bytes {now:?} did not drop to {KEPT_MAX} (peak {peak:?})");
-            }
-            sleep(Duration::from_millis(200)).await;
+        let now = journals_shrink_to(&cluster, 5 << 20).await?;
+        eprintln!("journal bytes after retention {now:?} (peak {peak:?})");
+        Ok(())
+    }
+    .await;
+    cluster.finish(result);
+}
+
+/// A topic that keeps its records (the default seven days), written once beside a topic
+/// trimmed all along, pins only the journal files its own records are in: the files between go
+/// (deleting only a prefix of the journal kept all 8 MB here), and a node killed and restarted
+/// afterwards still holds both topics whole.
+#[tokio::test]
+async fn a_long_retention_topic_pins_only_its_own_journal_files() {
+    let cluster = TestCluster::start_ready_with_config(3, CONFIG)
+        .await
+        .expect("cluster");
+    let result = async {
+        let client = cluster.client(Default::default()).await?;
+        client.create_topic("kept", 1, 3).await?;
+        client
+            .create_topic_with_config(
+                "sized",
+                1,
+                3,
+                &[("retention.bytes".into(), "1000000".into())],
+            )
+            .await?;
+        let mut kept_log = cluster.log_client(cluster.leader_of("kept", 0).await?);
+        let kept = produce(&mut kept_log, "kept", "k", 300, 50).await?;
+        let mut sized_log = cluster.log_client(cluster.leader_of("sized", 0).await?);
+        let sized = produce(&mut sized_log, "sized", "s", 8_000, 50).await?;
+        let peak = journal_sizes(&cluster)?;
+        // 0.3 MB kept and 1 MB retained of 8.3 MB: the kept topic's file (or two), the retained
+        // megabyte's files and the file being appended stay.
+        let now = journals_shrink_to(&cluster, 6 << 20).await?;
+        eprintln!("journal bytes: peak {peak:?}, after retention {now:?}");
+        // Files between the kept topic's and the retained megabyte's went: the ids have a gap.
+        for node in cluster.node_ids() {
+            let ids = journal_ids(&cluster.data_dir(node))?;
+            let (first, last) = (ids.first().copied(), ids.last().copied());
+            ensure!(
+                first
+                    .zip(last)
+                    .is_some_and(|(first, last)| last - first + 1 > ids.len() as u64),
+                "node {node}'s journal files {ids:?} have no gap"
+            );
         }
+        let start = settled_start(&cluster, "sized", 6_000).await?;
+        check_replicas(&cluster, "kept", 0, &kept).await?;
+        check_replicas(&cluster, "sized", start, &sized).await?;
+        // The journal has holes now: a restart replays past them and reads everything.
+        let node = cluster.node_ids()[0];
+        cluster.kill(node)?;
+        cluster.restart(node)?;
+        cluster.wait_node_ready(node).await?;
+        check_replicas(&cluster, "kept", 0, &kept).await?;
+        check_replicas(&cluster, "sized", start, &sized).await?;
         Ok(())
     }
     .await;

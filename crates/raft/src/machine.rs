@@ -1547,7 +1547,7 @@ mod tests {
         assert!(fresh);
         let transfers = crate::snapshot::Transfers::default();
         let vote = crate::types::Vote::new(1, 1);
-        transfers.begin(&staging, vote.clone());
+        transfers.begin(&staging, vote.clone(), cursor.next_index);
         while let Some(chunk) =
             crate::snapshot::read_chunk(from, from_retention, &records, last_index, &mut cursor)
                 .unwrap()

@@ -1124,6 +1124,11 @@ impl RaftNode {
                 first_index,
                 last_index,
             } => {
+                // Writes of an earlier call cut off mid-way are applied before the staging is
+                // read (the write queue is ordered): none lands after the cursor.
+                if let Err(error) = staging.write(staging.batch(), None).await {
+                    return answer(Err(error.to_string()));
+                }
                 let cursor = {
                     let staging = staging.clone();
                     tokio::task::spawn_blocking(move || {
@@ -1151,7 +1156,7 @@ impl RaftNode {
                         if let Err(error) = emptied {
                             return answer(Err(error.to_string()));
                         }
-                        transfers.begin(&staging, vote);
+                        transfers.begin(&staging, vote, cursor.next_index);
                         tracing::info!(%group, first_index, last_index, ?cursor, "receiving a partition snapshot");
                         encode(&RaftAnswer::<crate::snapshot::Cursor>::Ok(cursor))
                             .map_err(|error| error.to_string())

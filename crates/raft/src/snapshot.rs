@@ -226,14 +226,23 @@ pub(crate) fn records_message(vote: Vote, chunk: Chunk) -> io::Result<Message> {
 /// The follower's side: which transfer each group is in (the vote of its `Begin`).
 #[derive(Default)]
 pub(crate) struct Transfers {
-    votes: Mutex<HashMap<u64, Vote>>,
+    votes: Mutex<HashMap<u64, Transfer>>,
     /// One call of a group's transfers at a time (a `Begin` never empties a staging that a
     /// `Finish` is installing).
     locks: Mutex<HashMap<u64, std::sync::Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// A transfer in progress into a staging group.
+struct Transfer {
+    vote: Vote,
+    /// Staged entries are all below this index: a chunk's entries start at or after it, so
+    /// the staging's entries stay in journal order (the journal's file deletion relies on a
+    /// group's entries lying between its first and last entries' files).
+    next_index: u64,
+}
+
 impl Transfers {
-    fn votes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vote>> {
+    fn votes(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Transfer>> {
         self.votes.lock().expect("transfers lock is never poisoned")
     }
 
@@ -247,9 +256,11 @@ impl Transfers {
             .clone()
     }
 
-    /// Starts (or resumes) a transfer into `staging` under `vote`.
-    pub(crate) fn begin(&self, staging: &GroupStore, vote: Vote) {
-        self.votes().insert(staging.group().0, vote);
+    /// Starts (or resumes) a transfer into `staging` under `vote`, whose entries are staged
+    /// below `next_index` (the cursor's).
+    pub(crate) fn begin(&self, staging: &GroupStore, vote: Vote, next_index: u64) {
+        self.votes()
+            .insert(staging.group().0, Transfer { vote, next_index });
     }
 
     /// Where a transfer of the entries `first_index..=last_index` into `staging` goes on, and
@@ -300,10 +311,25 @@ impl Transfers {
         chunk: Chunk,
         crc: u32,
     ) -> io::Result<()> {
-        if self.votes().get(&staging.group().0) != Some(vote) {
-            return Err(io::Error::other(
-                "snapshot records from a transfer that is not in progress here (begin again)",
-            ));
+        let next_index = match self.votes().get(&staging.group().0) {
+            Some(transfer) if transfer.vote == *vote => transfer.next_index,
+            _ => {
+                return Err(io::Error::other(
+                    "snapshot records from a transfer that is not in progress here (begin again)",
+                ));
+            }
+        };
+        let mut expected = next_index;
+        for (index, _) in &chunk.entries {
+            if *index < expected {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "snapshot entry {index} out of order: the staging is at {expected} (begin again)"
+                    ),
+                ));
+            }
+            expected = index + 1;
         }
         if chunk.crc()? != crc {
             return Err(io::Error::new(
@@ -339,20 +365,31 @@ impl Transfers {
             };
             staging.put_row(&mut batch, *table, *id, value);
         }
-        Ok(staging.write(batch, None).await?)
+        staging.write(batch, None).await?;
+        if let Some(transfer) = self.votes().get_mut(&staging.group().0)
+            && transfer.vote == *vote
+        {
+            transfer.next_index = transfer.next_index.max(expected);
+        }
+        Ok(())
     }
 
     /// Ends the transfer of `staging`'s group under `vote` (installed, or given up); a transfer
     /// begun since under another vote goes on.
     pub(crate) fn end(&self, staging: &GroupStore, vote: &Vote) {
         let mut votes = self.votes();
-        if votes.get(&staging.group().0) == Some(vote) {
+        if votes
+            .get(&staging.group().0)
+            .is_some_and(|transfer| transfer.vote == *vote)
+        {
             votes.remove(&staging.group().0);
         }
     }
 
     /// Whether a transfer with `vote` is in progress for `staging`.
     pub(crate) fn in_progress(&self, staging: &GroupStore, vote: &Vote) -> bool {
-        self.votes().get(&staging.group().0) == Some(vote)
+        self.votes()
+            .get(&staging.group().0)
+            .is_some_and(|transfer| transfer.vote == *vote)
     }
 }

@@ -315,23 +315,27 @@ impl Journal {
         self.current.load(Ordering::Acquire)
     }
 
-    /// Deletes every file with an id below `keep_from` (never the file being appended), then
-    /// syncs the directory. Readers holding one of them finish their read (the file lives until
-    /// its last handle closes).
-    pub(crate) fn remove_files_before(
-        &self,
-        keep_from: u64,
-    ) -> Result<JournalRemoval, StorageError> {
-        let keep_from = keep_from.min(self.current_file());
-        let doomed: Vec<(u64, Arc<File>)> = self
-            .files
+    /// The ids of the files before `below` (never the file being appended), oldest first.
+    pub(crate) fn ids_below(&self, below: u64) -> Vec<u64> {
+        let below = below.min(self.current_file());
+        self.files
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .range(..keep_from)
-            .map(|(id, file)| (*id, file.clone()))
-            .collect();
+            .range(..below)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Deletes files `ids` (never the file being appended or a later one), then syncs the
+    /// directory. Readers holding one of them finish their read (the file lives until its last
+    /// handle closes).
+    pub(crate) fn remove_files(&self, ids: &[u64]) -> Result<JournalRemoval, StorageError> {
+        let current = self.current_file();
         let mut removed = JournalRemoval::default();
-        for (id, file) in doomed {
+        for &id in ids.iter().filter(|id| **id < current) {
+            let Some(file) = self.file(id) else {
+                continue;
+            };
             let path = self.path(id);
             let bytes = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
             std::fs::remove_file(&path).map_err(|error| io_error("cannot remove", &path, error))?;

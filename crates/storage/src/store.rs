@@ -237,13 +237,19 @@ impl Store {
         &self.shared.stats
     }
 
-    /// Deletes the journal files nothing needs any more: every file before both the first file a
-    /// log entry points into and the file the next open would replay from (the journal position
-    /// RocksDB has persisted). Returns the files and bytes removed. Blocking: run it in
-    /// `spawn_blocking` from async code.
+    /// Deletes the journal files nothing needs any more: every file before the one the next
+    /// open would replay from (the journal position RocksDB has persisted) that no group's log
+    /// entries can point into. A group's entries lie in the files from its first entry's to its
+    /// last entry's (entries are appended in index order, each into the file being appended;
+    /// [`GroupStore::adopt`] records a wider span when it leaves them out of that order), so a
+    /// file in no group's span is free even while an older file is still needed: a partition
+    /// that keeps its records for a week and is no longer written pins only the files its
+    /// records are in (one written all along spans every file since its oldest record). Returns
+    /// the files and bytes removed. Blocking: run it in `spawn_blocking` from async code.
     ///
-    /// Safe against concurrent writes: a new log entry points into the file being appended, and
-    /// pointers that move (`GroupStore::adopt`) move from rows this scan already sees.
+    /// Safe against concurrent writes: the scan reads one RocksDB snapshot; a log entry written
+    /// after it points into a file at or past the replay start, except the pointers
+    /// [`GroupStore::adopt`] moves, which the snapshot holds in the group they move from.
     pub fn remove_unused_journal_files(&self) -> Result<JournalRemoval, StorageError> {
         let db = &self.shared.db;
         let journal = &self.shared.journal;
@@ -265,37 +271,67 @@ impl Store {
             // Nothing flushed yet: the next open replays everything.
             None => return Ok(JournalRemoval::default()),
         };
-        let mut keep_from = replay_from.min(journal.current_file());
-        // The first entry of each group's log is its oldest (entries are appended in index
-        // order, each into the file being appended), so one seek per group finds the oldest
-        // file any entry points into.
-        let cf = CfHandles.get(db, Cf::Log);
-        let mut iterator = db.raw_iterator_cf(cf);
-        iterator.seek_to_first();
-        while let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) {
-            let Some((group, index)) = split_key(raw_key) else {
-                break;
-            };
-            let location = unframe(value, || format!("log group={group} index={index}"))
-                .ok()
-                .and_then(Location::decode)
-                .ok_or_else(|| StorageError::Malformed {
-                    what: format!("log group={group} index={index}"),
-                    reason: "journal location is not 20 bytes",
-                })?;
-            keep_from = keep_from.min(location.file);
-            if keep_from <= 1 || group.0 == u64::MAX {
-                break;
-            }
-            iterator.seek(key(GroupId(group.0 + 1), 0));
+        // Read after the replay start: every entry pointing before it is in the snapshot.
+        let candidates = journal.ids_below(replay_from);
+        if candidates.is_empty() {
+            return Ok(JournalRemoval::default());
         }
-        iterator.status()?;
-        drop(iterator);
+        let live = self.live_journal_spans()?;
+        let doomed: Vec<u64> = candidates
+            .into_iter()
+            .filter(|id| !live.iter().any(|(first, last)| first <= id && id <= last))
+            .collect();
+        if doomed.is_empty() {
+            return Ok(JournalRemoval::default());
+        }
         // The scan saw deletions that may not be synced yet (written without a durability
         // wait): make them durable before the files they released are gone, or a power loss
         // would bring back rows pointing into deleted files.
         journal.sync()?;
-        journal.remove_files_before(keep_from)
+        journal.remove_files(&doomed)
+    }
+
+    /// Every group's journal span (first file, last file), from one snapshot: a few seeks and
+    /// a point read per group, whatever its log's length.
+    fn live_journal_spans(&self) -> Result<Vec<(u64, u64)>, StorageError> {
+        let db = &self.shared.db;
+        let snapshot = db.snapshot();
+        let mut options = ReadOptions::default();
+        options.set_snapshot(&snapshot);
+        let mut groups = db.raw_iterator_cf_opt(CfHandles.get(db, Cf::Log), options);
+        let mut spans = Vec::new();
+        groups.seek_to_first();
+        while let Some((group, _)) = groups.key().and_then(split_key) {
+            if let Some(span) = log_span(db, Some(&snapshot), group, 0, u64::MAX)? {
+                let (mut first, mut last) = (span.first_file, span.last_file);
+                let mut options = ReadOptions::default();
+                options.set_snapshot(&snapshot);
+                if let Some(adopted) = db.get_cf_opt(
+                    CfHandles.get(db, Cf::Meta),
+                    key(group, JOURNAL_SPAN_KEY),
+                    &options,
+                )? {
+                    let adopted = JournalSpan::decode(group, &adopted)?;
+                    if span.first_index <= adopted.adopted_last {
+                        first = first.min(adopted.first_file);
+                        last = last.max(adopted.last_file);
+                    }
+                }
+                if first > last {
+                    // Entries out of journal order that no span records: where they lie is
+                    // unknown, so no file may go.
+                    tracing::error!(%group, first, last, "log entries out of journal order; keeping every journal file");
+                    return Ok(vec![(0, u64::MAX)]);
+                }
+                spans.push((first, last));
+            }
+            let Some(next) = group.0.checked_add(1) else {
+                break;
+            };
+            groups.seek(key(GroupId(next), 0));
+        }
+        groups.status()?;
+        Ok(spans)
     }
 
     /// RocksDB's estimate of live data bytes, for metrics.
@@ -335,6 +371,111 @@ pub enum MetaKey {
     Applied = 4,
     /// A caller's whole serialized state, for groups that keep it in one value.
     State = 5,
+}
+
+/// The meta key under which a group's [`JournalSpan`] is kept: storage's own (callers never
+/// write it). Top byte 0 like the [`MetaKey`]s, which stop well below it; row keys have a
+/// table (at least 1) in their top byte.
+const JOURNAL_SPAN_KEY: u64 = 0xff;
+const _: () = assert!((MetaKey::State as u64) < JOURNAL_SPAN_KEY);
+const _: () = assert!(JOURNAL_SPAN_KEY < 1 << ROW_ID_BITS);
+
+/// The journal files a group's log entries may lie in while an entry adopted by
+/// [`GroupStore::adopt`] is left (the group's first index is at or below `adopted_last`); see
+/// `GroupStore::record_adopted_span`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct JournalSpan {
+    adopted_last: u64,
+    first_file: u64,
+    last_file: u64,
+}
+
+impl JournalSpan {
+    fn encode(self) -> [u8; 24] {
+        let mut out = [0u8; 24];
+        out[..8].copy_from_slice(&self.adopted_last.to_le_bytes());
+        out[8..16].copy_from_slice(&self.first_file.to_le_bytes());
+        out[16..].copy_from_slice(&self.last_file.to_le_bytes());
+        out
+    }
+
+    fn decode(group: GroupId, framed: &[u8]) -> Result<JournalSpan, StorageError> {
+        let what = || format!("journal span of group {group}");
+        let payload = unframe(framed, what)?;
+        let field = |n: usize| {
+            payload
+                .get(n * 8..n * 8 + 8)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        match (payload.len(), field(0), field(1), field(2)) {
+            (24, Some(adopted_last), Some(first_file), Some(last_file)) => Ok(JournalSpan {
+                adopted_last,
+                first_file,
+                last_file,
+            }),
+            _ => Err(StorageError::Malformed {
+                what: what(),
+                reason: "not 24 bytes",
+            }),
+        }
+    }
+}
+
+/// Where a group's log entries in `lower..upper` start and end in the journal.
+struct LogSpan {
+    first_index: u64,
+    first_file: u64,
+    last_file: u64,
+}
+
+/// The journal location in log entry `index`'s framed value.
+fn decode_pointer(group: GroupId, index: u64, value: &[u8]) -> Result<Location, StorageError> {
+    let what = || format!("log group={group} index={index}");
+    Location::decode(unframe(value, what)?).ok_or_else(|| StorageError::Malformed {
+        what: what(),
+        reason: "journal location is not 20 bytes",
+    })
+}
+
+/// The [`LogSpan`] of `group`'s entries in `lower..upper`, read from `snapshot` if given;
+/// `None` if there are none.
+fn log_span(
+    db: &DB,
+    snapshot: Option<&rocksdb::Snapshot<'_>>,
+    group: GroupId,
+    lower: u64,
+    upper: u64,
+) -> Result<Option<LogSpan>, StorageError> {
+    let mut options = ReadOptions::default();
+    options.set_iterate_lower_bound(key(group, lower).to_vec());
+    options.set_iterate_upper_bound(key(group, upper).to_vec());
+    if let Some(snapshot) = snapshot {
+        options.set_snapshot(snapshot);
+    }
+    let mut iterator = db.raw_iterator_cf_opt(CfHandles.get(db, Cf::Log), options);
+    let mut entry = |last: bool| -> Result<Option<(u64, u64)>, StorageError> {
+        if last {
+            iterator.seek_to_last();
+        } else {
+            iterator.seek_to_first();
+        }
+        iterator.status()?;
+        let (Some(raw_key), Some(value)) = (iterator.key(), iterator.value()) else {
+            return Ok(None);
+        };
+        let index = split_key(raw_key).map_or(0, |(_, index)| index);
+        Ok(Some((index, decode_pointer(group, index, value)?.file)))
+    };
+    let Some((first_index, first_file)) = entry(false)? else {
+        return Ok(None);
+    };
+    let last_file = entry(true)?.map_or(first_file, |(_, file)| file);
+    Ok(Some(LogSpan {
+        first_index,
+        first_file,
+        last_file,
+    }))
 }
 
 /// Where a run of offsets lives: log entry `log_index` holds offsets
@@ -559,6 +700,8 @@ impl GroupStore {
         for table in tables {
             self.clear_table(batch, *table);
         }
+        // The files the adopted entries lie in, from every pointer moved.
+        let mut adopted: Option<(u64, u64)> = None;
         let mut copy = |cf: Cf, lower: u64, upper: u64| -> Result<(), StorageError> {
             let mut options = ReadOptions::default();
             options.set_iterate_upper_bound(key(from.group, upper).to_vec());
@@ -568,6 +711,12 @@ impl GroupStore {
                 let Some((_, n)) = split_key(raw_key) else {
                     break;
                 };
+                if cf == Cf::Log {
+                    let file = decode_pointer(from.group, n, value)?.file;
+                    adopted = Some(adopted.map_or((file, file), |(first, last)| {
+                        (first.min(file), last.max(file))
+                    }));
+                }
                 batch.ops.push(Op::PutRaw {
                     cf,
                     key: key(self.group, n).to_vec(),
@@ -589,6 +738,55 @@ impl GroupStore {
         for cf in Cf::ALL {
             from.delete_range(batch, cf, 0, u64::MAX);
         }
+        self.record_adopted_span(batch, adopted, last)
+    }
+
+    /// Records, in `batch`, the files this group's log entries may lie in once an
+    /// [`GroupStore::adopt`] moved in entries `..=last` lying in files `adopted` (first, last).
+    /// The entries the group keeps after `last` may lie in older files than the adopted ones (a
+    /// replica whose log went on past a snapshot's end), so its first and last entries no
+    /// longer bound its files: the span of both runs is recorded, and holds while an adopted
+    /// entry is left (the first index is at or below `last`). Without a kept tail the log is in
+    /// order again and the record goes.
+    fn record_adopted_span(
+        &self,
+        batch: &mut GroupBatch,
+        adopted: Option<(u64, u64)>,
+        last: u64,
+    ) -> Result<(), StorageError> {
+        let db = &self.shared.db;
+        let record = key(self.group, JOURNAL_SPAN_KEY).to_vec();
+        let Some(tail) = log_span(db, None, self.group, last.saturating_add(1), u64::MAX)? else {
+            batch.ops.push(Op::Delete {
+                cf: Cf::Meta,
+                key: record,
+            });
+            return Ok(());
+        };
+        let mut span = JournalSpan {
+            adopted_last: last,
+            first_file: tail.first_file,
+            last_file: tail.last_file,
+        };
+        if let Some((first, last)) = adopted {
+            span.first_file = span.first_file.min(first);
+            span.last_file = span.last_file.max(last);
+        }
+        // The tail is in journal order unless it starts with entries an earlier adoption moved
+        // in: then that adoption's span is kept with it.
+        if let Some(earlier) = db.get_pinned_cf(CfHandles.get(db, Cf::Meta), &record)? {
+            let earlier = JournalSpan::decode(self.group, &earlier)?;
+            if tail.first_index <= earlier.adopted_last {
+                span.adopted_last = earlier.adopted_last;
+                span.first_file = span.first_file.min(earlier.first_file);
+                span.last_file = span.last_file.max(earlier.last_file);
+            }
+        }
+        batch.ops.push(Op::PutRaw {
+            cf: Cf::Meta,
+            key: record,
+            value: frame(&span.encode()),
+        });
         Ok(())
     }
 
@@ -714,13 +912,10 @@ impl GroupStore {
 
     /// Follows a log entry's journal location to its verified payload.
     fn log_value(&self, index: u64, pointer: &[u8]) -> Result<Vec<u8>, StorageError> {
-        let what = || format!("log group={} index={index}", self.group);
-        let location =
-            Location::decode(unframe(pointer, what)?).ok_or_else(|| StorageError::Malformed {
-                what: what(),
-                reason: "journal location is not 20 bytes",
-            })?;
-        self.shared.journal.read(location, what)
+        let location = decode_pointer(self.group, index, pointer)?;
+        self.shared.journal.read(location, || {
+            format!("log group={} index={index}", self.group)
+        })
     }
 
     /// A metadata value.
@@ -1181,6 +1376,180 @@ mod tests {
         drop((group, store));
         let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
         check_sized(&store.group(GroupId(3)), 0..3100, 2000);
+    }
+
+    fn journal_ids(dir: &Path) -> Vec<u64> {
+        journal_files(dir)
+            .iter()
+            .filter_map(|path| path.file_stem()?.to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// The id of the journal file being appended.
+    fn current_file(store: &Store) -> u64 {
+        store.shared.journal.current_file()
+    }
+
+    /// Writes `count` entries of filler to `group` from index `from` and deletes them again, so
+    /// the journal moves on by `count` * 2000 bytes and RocksDB persists its position past what
+    /// came before.
+    async fn filler(group: &GroupStore, from: u64, count: u64) {
+        append_sized(group, from..from + count, 2000).await;
+        let mut batch = group.batch();
+        group.delete_log_upto(&mut batch, from + count - 1);
+        group.write_durable(batch).await.unwrap();
+    }
+
+    /// A file no group's entries lie in is removed even while an older file is still needed: a
+    /// log written once, beside one written and trimmed all along, pins only its own file; a
+    /// file between a log's first and last entries stays even when every entry in it is gone.
+    #[tokio::test]
+    async fn journal_files_between_live_logs_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
+        let once = store.group(GroupId(1));
+        let trimmed = store.group(GroupId(2));
+        let ends = store.group(GroupId(4));
+        append_sized(&once, 0..10, 2000).await;
+        append_sized(&trimmed, 0..1500, 2000).await;
+        let ends_first = current_file(&store);
+        append_sized(&ends, 0..10, 2000).await;
+        append_sized(&trimmed, 1500..3000, 2000).await;
+        append_sized(&ends, 10..20, 2000).await;
+        let ends_last = current_file(&store);
+        append_sized(&trimmed, 3000..4500, 2000).await;
+        let mut batch = trimmed.batch();
+        trimmed.delete_log_upto(&mut batch, 4399);
+        trimmed.write_durable(batch).await.unwrap();
+        // Move the replay start past the trim.
+        filler(&store.group(GroupId(3)), 0, 1200).await;
+        let before = journal_ids(dir.path());
+        let removed = store.remove_unused_journal_files().unwrap();
+        let after = journal_ids(dir.path());
+        eprintln!("{before:?} -> {after:?}; `ends` spans {ends_first}..={ends_last}");
+        assert!(
+            ends_last >= ends_first + 2,
+            "a file lies between `ends`' entries"
+        );
+        assert_eq!(
+            after.first(),
+            Some(&1),
+            "the log written once keeps its file"
+        );
+        assert!(!after.contains(&2), "a file before `ends` goes");
+        for file in ends_first..=ends_last {
+            assert!(after.contains(&file), "file {file} is in `ends`' span");
+        }
+        assert!(
+            !after.contains(&(ends_last + 1)),
+            "a file after `ends` and before the trimmed log's entries goes"
+        );
+        assert!(removed.files >= 3, "{removed:?}");
+        check_sized(&once, 0..10, 2000);
+        check_sized(&ends, 0..20, 2000);
+        check_sized(&trimmed, 4400..4500, 2000);
+        drop((once, trimmed, ends, store));
+        let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
+        check_sized(&store.group(GroupId(1)), 0..10, 2000);
+        check_sized(&store.group(GroupId(4)), 0..20, 2000);
+        check_sized(&store.group(GroupId(2)), 4400..4500, 2000);
+    }
+
+    /// After an adoption the entries a group keeps past the adopted ones may lie in older files
+    /// than those: its first and last entries no longer bound its files, and none of them may
+    /// go while the adopted entries are there. Once they are gone the span is the log's ends
+    /// again and the adopted entries' files go.
+    #[tokio::test]
+    async fn journal_files_of_a_log_kept_past_an_adoption_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
+        let group = store.group(GroupId(1));
+        let staging = store.group(GroupId(2));
+        // Entries 0..600 span the first two files; 301.. are kept past the adoption.
+        append_sized(&group, 0..600, 2000).await;
+        assert_eq!(current_file(&store), 2);
+        filler(&store.group(GroupId(3)), 0, 1500).await;
+        let staged_first = current_file(&store);
+        append_sized(&staging, 0..301, 8000).await;
+        let staged_last = current_file(&store);
+        assert!(
+            staged_last >= staged_first + 2,
+            "the adopted entries span 3 files"
+        );
+        let mut batch = group.batch();
+        group.adopt(&mut batch, &staging, 300, &[]).unwrap();
+        group.write_durable(batch).await.unwrap();
+        filler(&store.group(GroupId(3)), 1500, 1200).await;
+        let removed = store.remove_unused_journal_files().unwrap();
+        let after = journal_ids(dir.path());
+        assert!(removed.files > 0, "the filler's files go: {removed:?}");
+        for file in (1..=2).chain(staged_first..=staged_last) {
+            assert!(
+                after.contains(&file),
+                "file {file} holds entries: {after:?}"
+            );
+        }
+        check_sized(&group, 0..301, 8000);
+        check_sized(&group, 301..600, 2000);
+        drop((group, staging, store));
+        let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
+        let group = store.group(GroupId(1));
+        check_sized(&group, 0..301, 8000);
+        check_sized(&group, 301..600, 2000);
+        let mut batch = group.batch();
+        group.delete_log_upto(&mut batch, 450);
+        group.write_durable(batch).await.unwrap();
+        filler(&store.group(GroupId(3)), 2700, 1200).await;
+        store.remove_unused_journal_files().unwrap();
+        let after = journal_ids(dir.path());
+        assert!(after.contains(&2), "entries 451.. are in file 2: {after:?}");
+        for file in staged_first + 1..=staged_last {
+            assert!(
+                !after.contains(&file),
+                "file {file} held only adopted entries: {after:?}"
+            );
+        }
+        check_sized(&group, 451..600, 2000);
+    }
+
+    /// A second adoption below the first keeps the first one's span with the entries it left:
+    /// the group then holds three runs out of journal order, and every file of each stays.
+    #[tokio::test]
+    async fn journal_spans_of_two_adoptions_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
+        let group = store.group(GroupId(1));
+        let staging = store.group(GroupId(2));
+        let filler_group = store.group(GroupId(3));
+        append_sized(&group, 0..600, 2000).await;
+        filler(&filler_group, 0, 1500).await;
+        let first_run = current_file(&store);
+        append_sized(&staging, 0..301, 8000).await;
+        let mut batch = group.batch();
+        group.adopt(&mut batch, &staging, 300, &[]).unwrap();
+        group.write_durable(batch).await.unwrap();
+        filler(&filler_group, 1500, 1500).await;
+        let second_run = current_file(&store);
+        append_sized(&staging, 0..101, 8000).await;
+        let mut batch = group.batch();
+        group.adopt(&mut batch, &staging, 100, &[]).unwrap();
+        group.write_durable(batch).await.unwrap();
+        filler(&filler_group, 3000, 1200).await;
+        store.remove_unused_journal_files().unwrap();
+        let after = journal_ids(dir.path());
+        for file in (1..=2).chain(first_run..=first_run + 1).chain([second_run]) {
+            assert!(
+                after.contains(&file),
+                "file {file} holds entries: {after:?}"
+            );
+        }
+        check_sized(&group, 0..301, 8000);
+        check_sized(&group, 301..600, 2000);
+        drop((group, staging, filler_group, store));
+        let store = Store::open(dir.path(), &small(1 << 20)).unwrap();
+        let group = store.group(GroupId(1));
+        check_sized(&group, 0..301, 8000);
+        check_sized(&group, 301..600, 2000);
     }
 
     /// A torn record at the end of the journal (a crash mid-write) is cut off at open; every
