@@ -70,6 +70,7 @@ pub use meta::MetaApply;
 pub use meta::StateApply;
 pub use network::INTERNAL_MESSAGE_BYTES_MAX;
 pub use network::Peers;
+pub use node::HandOff;
 pub use node::RaftNode;
 pub use options::RaftOptions;
 pub use producers::ProducerLimits;

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::RwLock;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -69,6 +70,9 @@ use crate::types::Command;
 use crate::types::Response;
 use crate::types::StampedBatch;
 
+mod drain;
+pub use drain::HandOff;
+
 type MetaRaft = Raft<C, Machine<MetadataLogic>>;
 
 #[derive(Clone)]
@@ -106,6 +110,10 @@ struct GroupHost {
     transfers: crate::snapshot::Transfers,
     /// When each metadata or state group last had its whole log purged (see `compact_logs`).
     state_purges: std::sync::Mutex<HashMap<GroupId, std::time::Instant>>,
+    /// Set once the node hands its leaderships off to stop (see `drain`).
+    draining: AtomicBool,
+    /// The other nodes the watchdog heard from within the minimum election timeout.
+    alive_peers: std::sync::Mutex<std::collections::HashSet<NodeId>>,
 }
 
 /// Every Raft group on this node. Cheap to clone.
@@ -213,6 +221,8 @@ impl RaftNode {
                 codec,
                 transfers: crate::snapshot::Transfers::default(),
                 state_purges: std::sync::Mutex::new(HashMap::new()),
+                draining: AtomicBool::new(false),
+                alive_peers: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }
@@ -323,6 +333,19 @@ impl RaftNode {
             .meta
             .get()
             .ok_or(WriteError::GroupNotFound(META_GROUP))
+    }
+
+    /// Every group hosted here but the metadata group.
+    fn partitions(&self) -> Vec<(GroupId, Partition)> {
+        let partitions = self
+            .host
+            .partitions
+            .read()
+            .expect("partition map lock is never poisoned");
+        partitions
+            .iter()
+            .map(|(group, partition)| (*group, partition.clone()))
+            .collect()
     }
 
     fn partition(&self, group: GroupId) -> Option<Partition> {

@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::time::Duration;
 
 use ordo_proto::internal::PingRequest;
@@ -114,6 +115,7 @@ impl RaftNode {
                         let mut request = tonic::Request::new(PingRequest { from: me });
                         request.set_timeout(interval * PING_TIMEOUT_INTERVALS);
                         match client.ping(request).await {
+                            Ok(response) if response.get_ref().draining => (*id, Ping::Draining),
                             Ok(_) => (*id, Ping::Alive),
                             // Nothing listens on its port: the process is gone (crashed or
                             // restarting), not paused or cut off. No need to wait out the
@@ -124,10 +126,15 @@ impl RaftNode {
                     }
                 });
             let now = Instant::now();
+            let mut draining = HashSet::new();
             for (id, ping) in futures::future::join_all(pings).await {
                 match ping {
                     Ping::Alive => {
                         last_alive.insert(id, now);
+                    }
+                    Ping::Draining => {
+                        last_alive.insert(id, now);
+                        draining.insert(id);
                     }
                     Ping::Refused => {
                         last_alive.remove(&id);
@@ -135,6 +142,16 @@ impl RaftNode {
                     Ping::Silent => {}
                 }
             }
+            // Peers that can take a leadership: alive and not stopping themselves.
+            self.set_alive_peers(
+                last_alive
+                    .iter()
+                    .filter(|(id, at)| {
+                        now.duration_since(**at) < alive_within && !draining.contains(*id)
+                    })
+                    .map(|(id, _)| *id)
+                    .collect(),
+            );
             let now = Instant::now();
             let alive = |node: NodeId| {
                 last_alive
@@ -157,6 +174,8 @@ impl RaftNode {
                             .entry(group)
                             .or_insert_with(|| now + election_jitter(&options));
                     }
+                    // A node handing its leaderships off to stop stands for none.
+                    Decision::Elect if self.draining() => {}
                     Decision::Elect => {
                         tracing::info!(%group, leader = ?view.leader, "leader unreachable; starting a pre-vote election");
                         self.elect(group).await;
@@ -171,6 +190,8 @@ impl RaftNode {
 /// What one ping found.
 enum Ping {
     Alive,
+    /// Alive, but stopping: it takes no leadership.
+    Draining,
     /// The connection was refused: nothing listens on the peer's port.
     Refused,
     /// No answer (timeout, reset, unreachable): maybe paused or cut off.

@@ -51,6 +51,12 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Take the node id from the host name's trailing ordinal plus one (`ordo-0` is node 1):
+    /// a Kubernetes StatefulSet's pod names. Ignored when a node id is given (flag,
+    /// `ORDO_NODE_ID` or the file).
+    #[arg(long)]
+    #[serde(skip)]
+    pub node_id_from_hostname: bool,
     /// Async worker threads (default: one per CPU). Nodes sharing a machine run faster with
     /// their share of the CPUs: every cross-thread wake-up costs (`ordo dev` sets it).
     #[arg(long, env = "ORDO_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -212,6 +218,9 @@ pub struct NodeConfig {
     pub initial_cluster: String,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM: the time the node takes at most to hand its leaderships off, finish the
+    /// calls in flight and stop, milliseconds (below Kubernetes' default 30 s grace period).
+    pub shutdown_grace_ms: u64,
     /// Request limits.
     pub limits: Limits,
     /// Raft timing.
@@ -237,6 +246,7 @@ impl Default for NodeConfig {
             advertise: None,
             initial_cluster: String::new(),
             metrics_listen: None,
+            shutdown_grace_ms: 20_000,
             limits: Limits::default(),
             raft: RaftConfig::default(),
             grpc: GrpcConfig::default(),
@@ -249,13 +259,14 @@ impl Default for NodeConfig {
 }
 
 /// Top-level keys read from `ORDO_*`; other `ORDO_*` variables (the CLI's) are ignored.
-const ENV_KEYS: [&str; 13] = [
+const ENV_KEYS: [&str; 14] = [
     "node_id",
     "data_dir",
     "listen",
     "advertise",
     "initial_cluster",
     "metrics_listen",
+    "shutdown_grace_ms",
     "limits",
     "raft",
     "grpc",
@@ -271,6 +282,33 @@ const ENV_KEYS: [&str; 13] = [
 fn env_key_read(key: &str) -> bool {
     let top = key.split('.').next().unwrap_or_default();
     ENV_KEYS.iter().any(|known| known.eq_ignore_ascii_case(top))
+}
+
+/// The node id of a StatefulSet pod: its host name's trailing ordinal plus one.
+fn node_id_from_hostname() -> Result<u64, ServerError> {
+    let hostname = match std::env::var("HOSTNAME") {
+        Ok(name) if !name.trim().is_empty() => name,
+        _ => std::fs::read_to_string("/proc/sys/kernel/hostname").map_err(|error| {
+            ServerError::Config(format!(
+                "--node-id-from-hostname: cannot read the host name: {error}"
+            ))
+        })?,
+    };
+    node_id_of_hostname(hostname.trim())
+}
+
+/// `name-N` -> N + 1.
+fn node_id_of_hostname(hostname: &str) -> Result<u64, ServerError> {
+    hostname
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<u64>().ok())
+        .and_then(|ordinal| ordinal.checked_add(1))
+        .ok_or_else(|| {
+            ServerError::Config(format!(
+                "--node-id-from-hostname: host name {hostname:?} does not end in -<ordinal> \
+                 (a StatefulSet pod's name, e.g. ordo-0); give --node-id instead"
+            ))
+        })
 }
 
 impl NodeConfig {
@@ -293,6 +331,10 @@ impl NodeConfig {
                     .filter(|key| env_key_read(key.as_str())),
             )
             .merge(Serialized::defaults(args));
+        // Only when neither a flag, the environment nor the file gave a node id.
+        if args.node_id_from_hostname && figment.extract_inner::<u64>("node_id").unwrap_or(0) == 0 {
+            figment = figment.merge(Serialized::default("node_id", node_id_from_hostname()?));
+        }
         let config: NodeConfig = figment
             .extract()
             .map_err(|error| ServerError::Config(error.to_string()))?;
@@ -348,6 +390,9 @@ impl NodeConfig {
         let fail = |message: String| Err(ServerError::Config(message));
         if self.node_id == 0 {
             return fail("node_id must be set (--node-id, ORDO_NODE_ID or node_id in the config file) and > 0".into());
+        }
+        if self.shutdown_grace_ms < 1000 {
+            return fail("shutdown_grace_ms must be at least 1000".into());
         }
         let cluster = self.cluster()?;
         if !cluster.contains_key(&self.node_id) {
@@ -457,6 +502,33 @@ mod tests {
             node_id: Some(node_id),
             initial_cluster: Some(cluster.into()),
             ..ServeArgs::default()
+        }
+    }
+
+    /// The config files of deploy/ load (every key known), with the node id from the pod name.
+    #[test]
+    fn deploy_config_files_load() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kustomize");
+        for file in ["base/ordo.toml", "overlays/5/ordo.toml"] {
+            let args = ServeArgs {
+                config: Some(root.join(file)),
+                node_id: Some(2),
+                ..ServeArgs::default()
+            };
+            let config = NodeConfig::load(&args).unwrap_or_else(|error| panic!("{file}: {error}"));
+            assert_eq!(config.node_id, 2);
+            assert!(config.cluster().unwrap().len() >= 3, "{file}");
+        }
+    }
+
+    /// A StatefulSet pod's name gives its node id; other names are refused with what to do.
+    #[test]
+    fn node_id_comes_from_the_pod_ordinal() {
+        assert_eq!(node_id_of_hostname("ordo-0").unwrap(), 1);
+        assert_eq!(node_id_of_hostname("my-ordo-cluster-4").unwrap(), 5);
+        for bad in ["ordo", "ordo-", "ordo-x", ""] {
+            let error = node_id_of_hostname(bad).unwrap_err().to_string();
+            assert!(error.contains("--node-id"), "{bad:?}: {error}");
         }
     }
 

@@ -151,7 +151,99 @@ async fn compact(
     }
 }
 
-/// Runs a node with `config` until `shutdown` turns true.
+/// The gRPC health service name that is SERVING while the node is caught up (see
+/// `RaftNode::caught_up`) and not stopping: Kubernetes' readiness probe. The empty name (every
+/// service) is SERVING while the process runs: the liveness probe.
+pub const READY_SERVICE: &str = "ordo.ready";
+
+/// How often readiness is looked at.
+const READINESS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Checks in a row that a ready node must fail to be reported not ready (a follower briefly
+/// behind under load does not leave the Service).
+const READINESS_FAILURES: u32 = 3;
+
+/// Keeps [`READY_SERVICE`]'s status current until `shutdown` turns true; once the node drains
+/// it stays NOT_SERVING.
+async fn report_readiness(
+    raft: RaftNode,
+    health: tonic_health::server::HealthReporter,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut seen = std::collections::HashMap::new();
+    let mut ready = false;
+    let mut failures = 0;
+    let mut tick = tokio::time::interval(READINESS_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        if raft.draining() {
+            // `drain` reported it.
+            return;
+        }
+        let caught_up = raft.caught_up(&mut seen);
+        failures = if caught_up { 0 } else { failures + 1 };
+        let now = caught_up || (ready && failures < READINESS_FAILURES);
+        if now == ready {
+            continue;
+        }
+        tracing::info!(ready = now, "readiness changed");
+        ready = now;
+        let status = if now {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        // Draining may have begun since the check: it wins.
+        if !raft.draining() {
+            health.set_service_status(READY_SERVICE, status).await;
+        }
+    }
+}
+
+/// Once a stop is `requested` (SIGTERM): reports not ready, hands every leadership to a
+/// caught-up replica (half the grace period at most), then tells everything to `stop` (the gRPC
+/// server finishes the calls in flight), and `abort`s the wait for calls still running when
+/// the grace period is nearly over.
+async fn drain(
+    raft: RaftNode,
+    health: tonic_health::server::HealthReporter,
+    mut requested: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    abort: tokio::sync::oneshot::Sender<()>,
+    grace: Duration,
+) {
+    // A dropped sender stops the node as a request does.
+    let _ = requested.wait_for(|stop| *stop).await;
+    let started = tokio::time::Instant::now();
+    raft.begin_draining();
+    health
+        .set_service_status(READY_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    let deadline = started + grace / 2;
+    match tokio::time::timeout_at(
+        deadline + READINESS_INTERVAL,
+        raft.hand_off_leaderships(deadline),
+    )
+    .await
+    {
+        Ok(handed) => tracing::info!(
+            handed_off = handed.handed_off,
+            still_leading = handed.still_leading.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "leaderships handed off; stopping"
+        ),
+        Err(_) => tracing::warn!("the leadership hand-off did not end in time; stopping"),
+    }
+    let _ = stop.send(true);
+    tokio::time::sleep_until(started + grace * 9 / 10).await;
+    let _ = abort.send(());
+}
+
+/// Runs a node with `config` until `shutdown` turns true: then it drains (hands its
+/// leaderships off) and stops within `shutdown_grace_ms`.
 pub async fn serve(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Result<(), ServerError> {
     use tracing::Instrument;
     let span = tracing::info_span!("node", node = config.node_id);
@@ -160,9 +252,11 @@ pub async fn serve(config: NodeConfig, shutdown: watch::Receiver<bool>) -> Resul
 
 async fn serve_node(
     config: NodeConfig,
-    shutdown: watch::Receiver<bool>,
+    requested: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
     let node_id = config.node_id;
+    // A stop is requested, then the node drains (see `drain`), then everything stops.
+    let (stop, shutdown) = watch::channel(false);
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::Io {
         context: format!("creating data dir {}", config.data_dir.display()),
         source,
@@ -254,6 +348,24 @@ async fn serve_node(
     health.set_serving::<AdminServer<Services>>().await;
     health.set_serving::<ConsumerGroupServer<Services>>().await;
     health.set_serving::<QueueServer<Services>>().await;
+    health
+        .set_service_status(READY_SERVICE, tonic_health::ServingStatus::NotServing)
+        .await;
+    tasks.spawn(report_readiness(
+        raft.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    let (abort, aborted) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(drain(
+        raft.clone(),
+        health.clone(),
+        requested,
+        stop,
+        abort,
+        grace,
+    ));
     // Reflection advertises the public services and health; the internal service is left out.
     let reflection = |own_name: &str| {
         tonic_reflection::server::Builder::configure()
@@ -326,8 +438,16 @@ async fn serve_node(
         )
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = grpc_shutdown.wait_for(|stop| *stop).await;
-        })
-        .await;
+        });
+    // Calls still running near the end of the grace period (a Subscribe that does not end)
+    // are not waited for: the node stops, and they end with the process.
+    let result = tokio::select! {
+        result = result => result,
+        Ok(()) = aborted => {
+            tracing::warn!("calls still running at the end of the shutdown grace period; stopping anyway");
+            Ok(())
+        }
+    };
     tracing::info!("grpc server stopped; stopping raft groups");
     raft.shutdown().await;
     while tasks.join_next().await.is_some() {}

@@ -658,6 +658,7 @@ impl internal_pb::internal_server::Internal for Services {
     ) -> Result<Response<internal_pb::PingResponse>, Status> {
         Ok(Response::new(internal_pb::PingResponse {
             node_id: self.broker.node_id(),
+            draining: self.broker.raft().draining(),
         }))
     }
 
