@@ -84,19 +84,21 @@ impl Broker {
             config,
             nodes,
         };
-        let topic = match self.meta_command(command, deadline).await? {
-            MetaAnswer::Created(topic) => topic,
-            MetaAnswer::AlreadyExists => return Err(BrokerError::TopicExists(name.to_string())),
-            MetaAnswer::Rejected(reason) => return Err(BrokerError::FailedPrecondition(reason)),
-            other => {
-                return Err(BrokerError::Internal(format!(
-                    "unexpected answer {other:?}"
-                )));
-            }
-        };
-        // Wait for the local state to include the topic and for leaders, so an immediate
-        // produce finds them. Best effort within the deadline.
-        let mut view = self.describe(&topic).await;
+        match self.meta_command(command, deadline).await? {
+            MetaAnswer::Created(topic) => Ok(self.describe_once_led(&topic, deadline).await),
+            MetaAnswer::AlreadyExists => Err(BrokerError::TopicExists(name.to_string())),
+            MetaAnswer::Rejected(reason) => Err(BrokerError::FailedPrecondition(reason)),
+            other => Err(BrokerError::Internal(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// The topic once every partition has a leader (the local state includes the topic and
+    /// its leaders, so an immediate produce finds them), or as it is at the deadline: best
+    /// effort.
+    async fn describe_once_led(&self, topic: &Topic, deadline: Instant) -> TopicView {
+        let mut view = self.describe(topic).await;
         while Instant::now() < deadline
             && view
                 .partitions
@@ -104,9 +106,9 @@ impl Broker {
                 .any(|partition| partition.leader.is_none())
         {
             tokio::time::sleep(LEADER_WAIT_POLL).await;
-            view = self.describe(&topic).await;
+            view = self.describe(topic).await;
         }
-        Ok(view)
+        view
     }
 
     /// Deletes a topic.
@@ -154,6 +156,47 @@ impl Broker {
         };
         match self.meta_command(command, Instant::now() + timeout).await? {
             MetaAnswer::Altered(topic) => Ok(self.describe(&topic).await),
+            MetaAnswer::NotFound => Err(BrokerError::TopicNotFound(name.to_string())),
+            MetaAnswer::Rejected(reason) => Err(BrokerError::FailedPrecondition(reason)),
+            other => Err(BrokerError::Internal(format!(
+                "unexpected answer {other:?}"
+            ))),
+        }
+    }
+
+    /// Raises a topic's partition count to `partitions` (the same count changes nothing) and
+    /// waits (until the deadline) for the new partitions to have a leader. Returns the topic.
+    pub async fn add_partitions(
+        &self,
+        name: &str,
+        partitions: u32,
+        timeout: Duration,
+    ) -> Result<TopicView, BrokerError> {
+        let deadline = Instant::now() + timeout;
+        validate_topic_name(name)?;
+        Limits::check(
+            "partitions_per_topic_max",
+            u64::from(partitions),
+            u64::from(self.state.options.limits.partitions_per_topic_max),
+        )?;
+        let current = self.topic_fresh(name, deadline).await?;
+        if (partitions as usize) < current.partitions.len() {
+            return Err(BrokerError::invalid(
+                reason::INVALID_PARTITIONS,
+                format!(
+                    "topic {name} has {} partitions and a partition count never goes down; \
+                     create a new topic to have fewer",
+                    current.partitions.len()
+                ),
+            ));
+        }
+        let command = MetaCommand::AddPartitions {
+            name: name.to_string(),
+            partitions,
+            nodes: self.state.options.nodes.keys().copied().collect(),
+        };
+        match self.meta_command(command, deadline).await? {
+            MetaAnswer::Altered(topic) => Ok(self.describe_once_led(&topic, deadline).await),
             MetaAnswer::NotFound => Err(BrokerError::TopicNotFound(name.to_string())),
             MetaAnswer::Rejected(reason) => Err(BrokerError::FailedPrecondition(reason)),
             other => Err(BrokerError::Internal(format!(

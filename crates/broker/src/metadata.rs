@@ -324,6 +324,16 @@ pub enum MetaCommand {
         /// Keys to remove.
         remove: Vec<String>,
     },
+    /// Raise a topic's partition count to `partitions`, placing the new partitions' replicas
+    /// over `nodes` as at create (the topic's replication factor).
+    AddPartitions {
+        /// The topic.
+        name: String,
+        /// The new count (validated by the proposer; never below the current one).
+        partitions: u32,
+        /// The nodes to place replicas on.
+        nodes: Vec<NodeId>,
+    },
 }
 
 /// Answers of metadata commands.
@@ -455,6 +465,40 @@ impl MetaState {
                 Some(_) => MetaAnswer::Deleted,
                 None => MetaAnswer::NotFound,
             },
+            MetaCommand::AddPartitions {
+                name,
+                partitions,
+                nodes,
+            } => {
+                let Some(topic) = self.topics.get(&name) else {
+                    return MetaAnswer::NotFound;
+                };
+                let current = topic.partitions.len() as u32;
+                if partitions < current {
+                    return MetaAnswer::Rejected(format!(
+                        "topic {name} has {current} partitions; a partition count never goes down"
+                    ));
+                }
+                if let Some(queue) = self.queues.values().find(|queue| queue.topic == name) {
+                    return MetaAnswer::Rejected(format!(
+                        "queue {} reads topic {name} partition by partition; delete the queue \
+                         before adding partitions",
+                        queue.name
+                    ));
+                }
+                let replication_factor = topic.partitions.first().map_or(1, Vec::len) as u32;
+                let Some(added) = self.assign(partitions - current, replication_factor, &nodes)
+                else {
+                    return MetaAnswer::Rejected(format!(
+                        "replication factor {replication_factor} is above the {} nodes to place \
+                         replicas on",
+                        nodes.len()
+                    ));
+                };
+                let topic = self.topics.get_mut(&name).expect("looked up above");
+                topic.partitions.extend(added);
+                MetaAnswer::Altered(topic.clone())
+            }
             MetaCommand::AlterTopicConfig { name, set, remove } => {
                 let Some(topic) = self.topics.get_mut(&name) else {
                     return MetaAnswer::NotFound;
@@ -719,6 +763,69 @@ mod tests {
             config: BTreeMap::new(),
             nodes: vec![1, 2, 3],
         }
+    }
+
+    /// Partitions are added, never removed: the old ones keep their replicas, the new ones are
+    /// placed evenly with the topic's replication factor; fewer partitions, a missing topic or
+    /// a queue reading the topic are refused and change nothing.
+    #[test]
+    fn partitions_are_added_never_removed() {
+        let mut state = MetaState::default();
+        let MetaAnswer::Created(before) = state.apply(1, create("a", 3, 3)) else {
+            panic!("created");
+        };
+        let add = |name: &str, partitions| MetaCommand::AddPartitions {
+            name: name.into(),
+            partitions,
+            nodes: vec![1, 2, 3],
+        };
+        let MetaAnswer::Altered(after) = state.apply(2, add("a", 6)) else {
+            panic!("added");
+        };
+        assert_eq!(after.partitions.len(), 6);
+        assert_eq!(after.partitions[..3], before.partitions[..]);
+        let mut leaders = BTreeMap::new();
+        for replicas in &after.partitions {
+            let mut distinct = replicas.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 3);
+            *leaders.entry(replicas[0]).or_insert(0) += 1;
+        }
+        assert_eq!(leaders.values().collect::<Vec<_>>(), vec![&2, &2, &2]);
+        assert!(
+            matches!(state.apply(3, add("a", 6)), MetaAnswer::Altered(ref same) if *same == after)
+        );
+        assert!(matches!(
+            state.apply(4, add("a", 2)),
+            MetaAnswer::Rejected(_)
+        ));
+        assert!(matches!(
+            state.apply(5, add("missing", 9)),
+            MetaAnswer::NotFound
+        ));
+        let queue = MetaCommand::CreateQueue {
+            name: "q".into(),
+            topic: "a".into(),
+            config: QueueConfig {
+                visibility_timeout_ms: 1000,
+                max_deliveries: 3,
+                key_ordered: false,
+                delay_ms: 0,
+                in_flight_max: 10,
+                dead_letter_topic: "dead".into(),
+            },
+            queues_max: 10,
+        };
+        assert!(matches!(
+            state.apply(6, create("dead", 1, 3)),
+            MetaAnswer::Created(_)
+        ));
+        assert!(matches!(state.apply(7, queue), MetaAnswer::QueueCreated(_)));
+        assert!(
+            matches!(state.apply(8, add("a", 8)), MetaAnswer::Rejected(reason) if reason.contains("queue q"))
+        );
+        assert_eq!(state.topics["a"].partitions.len(), 6);
     }
 
     /// Leaders and replicas spread evenly; replicas of a partition are distinct.

@@ -25,10 +25,16 @@ pub enum TopicCommand {
         #[arg(long = "config", value_parser = parse_entry)]
         config: Vec<(String, String)>,
     },
-    /// Change a topic's config, e.g. `ordo topic alter orders --config retention.ms=3600000`.
+    /// Change a topic's config, e.g. `ordo topic alter orders --config retention.ms=3600000`,
+    /// or raise its partition count (`--partitions 12`; keys move to other partitions).
     Alter {
         /// Topic name.
         name: String,
+        /// The new partition count: at least the current one (a count never goes down). A
+        /// key's partition is its hash modulo the count, so records of one key written before
+        /// and after may be in different partitions.
+        #[arg(long)]
+        partitions: Option<u32>,
         /// A config entry to set, KEY=VALUE (repeatable).
         #[arg(long = "config", value_parser = parse_entry)]
         config: Vec<(String, String)>,
@@ -96,20 +102,41 @@ pub async fn run(command: TopicCommand, global: &GlobalArgs) -> anyhow::Result<(
         }
         TopicCommand::Alter {
             name,
+            partitions,
             config,
             delete_config,
         } => {
-            if config.is_empty() && delete_config.is_empty() {
-                anyhow::bail!("nothing to change: give --config KEY=VALUE or --delete-config KEY");
+            if config.is_empty() && delete_config.is_empty() && partitions.is_none() {
+                anyhow::bail!(
+                    "nothing to change: give --partitions N, --config KEY=VALUE or --delete-config KEY"
+                );
             }
-            let topic = client
-                .alter_topic_config(&name, &config, &delete_config)
-                .await
-                .with_context(|| format!("cannot alter topic {name}"))?;
+            let mut topic = None;
+            if let Some(partitions) = partitions {
+                topic = Some(
+                    client
+                        .add_partitions(&name, partitions)
+                        .await
+                        .with_context(|| format!("cannot add partitions to topic {name}"))?,
+                );
+            }
+            if !config.is_empty() || !delete_config.is_empty() {
+                topic = Some(
+                    client
+                        .alter_topic_config(&name, &config, &delete_config)
+                        .await
+                        .with_context(|| format!("cannot alter topic {name}"))?,
+                );
+            }
+            let topic = topic.expect("one change was asked for");
             match global.output {
                 OutputFormat::Json => output::print_json(&topic),
                 OutputFormat::Table => {
-                    output::print_line(&format!("altered topic {}", topic.name))?;
+                    output::print_line(&format!(
+                        "altered topic {} ({} partitions)",
+                        topic.name,
+                        topic.partitions.len()
+                    ))?;
                     print_config(&topic)
                 }
             }

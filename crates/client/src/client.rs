@@ -423,6 +423,30 @@ impl Client {
         convert::required_topic(response.into_inner().topic, "alter topic config")
     }
 
+    /// Raises a topic's partition count to `partitions` (never lowers it; the same count
+    /// changes nothing). Keys move: a key's partition is its hash modulo the count. Returns the
+    /// topic as it is then.
+    pub async fn add_partitions(
+        &self,
+        name: &str,
+        partitions: u32,
+    ) -> Result<TopicDescription, ClientError> {
+        let request = proto::AddPartitionsRequest {
+            name: name.to_owned(),
+            partitions,
+        };
+        let (response, _) = self
+            .call(Effect::Write, Duration::ZERO, |channel, timeout| {
+                let request = timed(request.clone(), timeout);
+                async move { self.admin(channel).add_partitions(request).await }
+            })
+            .await?;
+        let topic = convert::required_topic(response.into_inner().topic, "add partitions")?;
+        // Routes cached for the old count would never pick the new partitions.
+        self.inner.routes.remove(name);
+        Ok(topic)
+    }
+
     /// Lists every topic.
     pub async fn list_topics(&self) -> Result<Vec<TopicSummary>, ClientError> {
         let (response, _) = self

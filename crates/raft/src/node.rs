@@ -810,17 +810,7 @@ impl RaftNode {
     /// retention moves). State groups and the metadata group snapshot and purge on their own
     /// (openraft's policy, [`RaftOptions::snapshot_entries`]). Call it periodically.
     pub async fn compact_logs(&self) {
-        let partitions: Vec<(GroupId, Partition)> = {
-            let partitions = self
-                .host
-                .partitions
-                .read()
-                .expect("partition map lock is never poisoned");
-            partitions
-                .iter()
-                .map(|(group, partition)| (*group, partition.clone()))
-                .collect()
-        };
+        let partitions = self.partitions();
         if let Some(meta) = self.host.meta.get() {
             self.purge_state_log(META_GROUP, meta).await;
         }
@@ -1244,15 +1234,7 @@ impl RaftNode {
 
     /// Stops every group.
     pub async fn shutdown(&self) {
-        let partitions: Vec<Partition> = {
-            let partitions = self
-                .host
-                .partitions
-                .read()
-                .expect("partition map lock is never poisoned");
-            partitions.values().cloned().collect()
-        };
-        for partition in partitions {
+        for (_, partition) in self.partitions() {
             let _ = partition.raft.shutdown().await;
         }
         if let Some(meta) = self.host.meta.get() {

@@ -546,6 +546,22 @@ impl pb::admin_server::Admin for Services {
         }))
     }
 
+    async fn add_partitions(
+        &self,
+        request: Request<pb::AddPartitionsRequest>,
+    ) -> Result<Response<pb::AddPartitionsResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
+        let request = request.into_inner();
+        let topic = self
+            .broker
+            .add_partitions(&request.name, request.partitions, timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::AddPartitionsResponse {
+            topic: Some(topic_to_wire(topic)),
+        }))
+    }
+
     async fn cluster_status(
         &self,
         _request: Request<pb::ClusterStatusRequest>,
