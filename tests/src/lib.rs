@@ -14,6 +14,7 @@
 
 pub mod chaos;
 pub mod group_member;
+pub mod load;
 pub mod queue_consumer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -124,16 +125,7 @@ impl TestCluster {
             }
             None => None,
         };
-        // Every listener stays bound until all ports are picked, so no two ports coincide.
-        let listeners = (0..size * 2)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("pick free ports on 127.0.0.1")?;
-        let addresses = listeners
-            .iter()
-            .map(TcpListener::local_addr)
-            .collect::<std::io::Result<Vec<_>>>()?;
-        drop(listeners);
+        let addresses = free_addresses(size * 2)?;
 
         let mut nodes = Vec::with_capacity(size);
         for index in 0..size {
@@ -167,6 +159,63 @@ impl TestCluster {
             cluster.spawn(node)?;
         }
         Ok(cluster)
+    }
+
+    /// Starts one more node, not named in the initial cluster: it joins through the initial
+    /// nodes. `id`: its node id (the next free one when `None`). Does not wait for it.
+    pub fn add_node(&mut self, id: Option<NodeId>) -> Result<NodeId> {
+        let addresses = free_addresses(2)?;
+        let next = self.nodes.iter().map(|node| node.id).max().unwrap_or(0) + 1;
+        let id = id.unwrap_or(next);
+        // A second process under a used id gets its own directory (it is the caller's
+        // conflict to make), named by its position.
+        let node_dir = self
+            .root
+            .path()
+            .join(format!("node-{id}-{}", self.nodes.len()));
+        let data_dir = node_dir.join("data");
+        fs::create_dir_all(&data_dir).with_context(|| format!("create {}", data_dir.display()))?;
+        let node = Node {
+            id,
+            address: addresses[0],
+            metrics_address: addresses[1],
+            data_dir,
+            log_path: node_dir.join("node.log"),
+            child: Mutex::new(None),
+        };
+        self.spawn(&node)?;
+        self.nodes.push(node);
+        Ok(id)
+    }
+
+    /// The exit status of a node's process if it has exited on its own, without reaping
+    /// others.
+    pub fn exited(&self, node: NodeId) -> Result<Option<ExitStatus>> {
+        let entry = self
+            .nodes
+            .iter()
+            .rev()
+            .find(|candidate| candidate.id == node)
+            .ok_or_else(|| anyhow!("node {node} is not part of this cluster"))?;
+        let mut child = lock(&entry.child);
+        let Some(process) = child.as_mut() else {
+            return Ok(None);
+        };
+        let status = process.try_wait().context("wait for a node")?;
+        if status.is_some() {
+            *child = None;
+        }
+        Ok(status)
+    }
+
+    /// The log of the last process started under `node`'s id.
+    pub fn last_log_path(&self, node: NodeId) -> PathBuf {
+        self.nodes
+            .iter()
+            .rev()
+            .find(|candidate| candidate.id == node)
+            .map(|candidate| candidate.log_path.clone())
+            .unwrap_or_default()
     }
 
     /// Ends a test: panics with `result`'s error while the cluster is still alive, so the
@@ -640,6 +689,19 @@ impl Drop for TestCluster {
             }
         }
     }
+}
+
+/// `count` distinct free addresses on 127.0.0.1: every listener stays bound until all ports are
+/// picked, so no two coincide.
+fn free_addresses(count: usize) -> Result<Vec<SocketAddr>> {
+    let listeners = (0..count)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("pick free ports on 127.0.0.1")?;
+    Ok(listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<std::io::Result<Vec<_>>>()?)
 }
 
 /// Locks a node's child slot. A poisoned lock only means another thread panicked while holding

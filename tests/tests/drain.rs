@@ -4,11 +4,8 @@
 //! fails no produce call (the client retries inside its deadline); a restarted node reports
 //! ready (`ordo.ready`) once it caught up.
 
-use std::collections::BTreeMap;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -18,6 +15,7 @@ use anyhow::bail;
 use anyhow::ensure;
 use ordo_tests::NodeId;
 use ordo_tests::TestCluster;
+use ordo_tests::load::produce_until;
 use ordo_tests::with_timeout;
 use tokio::time::sleep;
 use tonic_health::pb::HealthCheckRequest;
@@ -29,10 +27,6 @@ const CONFIG: &str = "shutdown_grace_ms = 10000\n";
 
 const TOPIC: &str = "rolling";
 const PARTITIONS: u32 = 6;
-
-/// Most produce calls the load sends (a bound; the rolling restart ends it sooner).
-const CALLS_MAX: usize = 200_000;
-const IN_FLIGHT: usize = 8;
 
 /// Waits until `node` reports `ordo.ready` SERVING.
 async fn wait_ready_probe(cluster: &TestCluster, node: NodeId) -> Result<Duration> {
@@ -60,59 +54,6 @@ async fn wait_ready_probe(cluster: &TestCluster, node: NodeId) -> Result<Duratio
     }
 }
 
-/// What the load saw.
-#[derive(Default)]
-struct Load {
-    /// Acked records: (partition, offset) -> value.
-    acked: BTreeMap<(u32, u64), String>,
-    failed: Vec<String>,
-    /// The longest time without an ack.
-    longest_gap: Duration,
-}
-
-/// Produces one-record calls, `IN_FLIGHT` at a time, until `stop` (or `CALLS_MAX`).
-async fn produce_until(client: ordo_client::Client, stop: Arc<AtomicBool>) -> Result<Load> {
-    let mut load = Load::default();
-    let mut tasks = tokio::task::JoinSet::new();
-    let mut last_ack = Instant::now();
-    let mut call = 0usize;
-    loop {
-        while tasks.len() < IN_FLIGHT && call < CALLS_MAX && !stop.load(Ordering::Relaxed) {
-            let client = client.clone();
-            let value = format!("r-{call}");
-            call += 1;
-            tasks.spawn(async move {
-                let outcome = client
-                    .produce(TOPIC, None, vec![ordo_client::Record::new(value.clone())])
-                    .await;
-                (value, outcome)
-            });
-        }
-        let Some(joined) = tasks.join_next().await else {
-            return Ok(load);
-        };
-        let (value, outcome) = joined.context("a produce task")?;
-        match outcome {
-            Ok(acks) => {
-                let now = Instant::now();
-                load.longest_gap = load.longest_gap.max(now - last_ack);
-                last_ack = now;
-                for ack in acks {
-                    ensure!(
-                        load.acked
-                            .insert((ack.partition, ack.offset), value.clone())
-                            .is_none(),
-                        "partition {} offset {} acked twice",
-                        ack.partition,
-                        ack.offset
-                    );
-                }
-            }
-            Err(error) => load.failed.push(format!("{value}: {error}")),
-        }
-    }
-}
-
 /// Stops every node in turn with SIGTERM (highest id first, as a StatefulSet's rolling update
 /// does) under load, restarting each and waiting for it to be ready before the next.
 #[tokio::test]
@@ -132,7 +73,7 @@ async fn a_rolling_restart_under_load_loses_nothing_and_fails_no_produce() {
             })
             .await?;
         let stop = Arc::new(AtomicBool::new(false));
-        let load = tokio::spawn(produce_until(client, stop.clone()));
+        let load = tokio::spawn(produce_until(client, TOPIC, stop.clone()));
         sleep(Duration::from_secs(2)).await;
         let mut nodes = cluster.node_ids();
         nodes.reverse();
@@ -177,56 +118,10 @@ async fn a_rolling_restart_under_load_loses_nothing_and_fails_no_produce() {
             );
         }
         sleep(Duration::from_secs(2)).await;
-        stop.store(true, Ordering::Relaxed);
-        let load = load.await.context("the load task")??;
-        eprintln!(
-            "acked {} calls, failed {}, longest time without an ack {:?}",
-            load.acked.len(),
-            load.failed.len(),
-            load.longest_gap
-        );
-        ensure!(
-            load.failed.is_empty(),
-            "{} produce calls failed, first: {}",
-            load.failed.len(),
-            load.failed[0]
-        );
-        ensure!(
-            load.acked.len() > 100,
-            "the load ran: {} acked",
-            load.acked.len()
-        );
+        let load = ordo_tests::load::finish(&stop, load).await?;
         // Every acked record is where it was acked, and no record is stored twice.
-        let mut seen = HashSet::new();
         let reader = cluster.running_nodes()[0];
-        for partition in 0..PARTITIONS {
-            let end = load
-                .acked
-                .range((partition, 0)..(partition + 1, 0))
-                .next_back()
-                .map_or(0, |((_, offset), _)| offset + 1);
-            let stored = cluster
-                .read_partition(reader, TOPIC, partition, end)
-                .await?;
-            for record in &stored {
-                let value = String::from_utf8_lossy(&record.value).into_owned();
-                ensure!(seen.insert(value.clone()), "{value} is stored twice");
-                if let Some(acked) = load.acked.get(&(partition, record.offset)) {
-                    ensure!(
-                        *acked == value,
-                        "partition {partition} offset {}: {value}, acked {acked}",
-                        record.offset
-                    );
-                }
-            }
-            let held: HashSet<u64> = stored.iter().map(|record| record.offset).collect();
-            for ((_, offset), value) in load.acked.range((partition, 0)..(partition + 1, 0)) {
-                ensure!(
-                    held.contains(offset),
-                    "acked {value} at partition {partition} offset {offset} is lost"
-                );
-            }
-        }
+        load.check(&cluster, reader, TOPIC, PARTITIONS).await?;
         Ok(())
     }
     .await;

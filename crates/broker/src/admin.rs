@@ -69,7 +69,7 @@ impl Broker {
             u64::from(limits.replication_factor_max),
         )?;
         crate::retention::validate_topic_config(&config)?;
-        let nodes: Vec<NodeId> = self.state.options.nodes.keys().copied().collect();
+        let nodes: Vec<NodeId> = self.placement_nodes();
         if replication_factor as usize > nodes.len() {
             return Err(BrokerError::FailedPrecondition(format!(
                 "replication factor {replication_factor} is above the {} nodes of the cluster; use at most {}",
@@ -193,7 +193,7 @@ impl Broker {
         let command = MetaCommand::AddPartitions {
             name: name.to_string(),
             partitions,
-            nodes: self.state.options.nodes.keys().copied().collect(),
+            nodes: self.placement_nodes(),
         };
         match self.meta_command(command, deadline).await? {
             MetaAnswer::Altered(topic) => Ok(self.describe_once_led(&topic, deadline).await),

@@ -40,12 +40,15 @@ impl Broker {
         shutdown: watch::Receiver<bool>,
     ) {
         tasks.spawn(self.clone().reconcile_loop(shutdown.clone()));
+        let broker = self.clone();
         tasks.spawn(
             self.state
                 .node
                 .clone()
-                .run_watchdog(self.state.options.nodes.clone(), shutdown.clone()),
+                .run_watchdog(move || broker.nodes(), shutdown.clone()),
         );
+        tasks.spawn(self.clone().meta_membership_loop(shutdown.clone()));
+        tasks.spawn(self.clone().move_loop(shutdown.clone()));
         tasks.spawn(self.clone().expiry_loop(shutdown.clone()));
         tasks.spawn(self.clone().queue_loop(shutdown.clone()));
         tasks.spawn(self.clone().retention_loop(shutdown.clone()));
@@ -58,11 +61,13 @@ impl Broker {
     async fn reconcile_loop(self, mut shutdown: watch::Receiver<bool>) {
         let mut meta = self.state.meta.clone();
         let me = self.node_id();
-        for (node, address) in &self.state.options.nodes {
-            self.state.node.peers().set_address(*node, address);
-        }
         loop {
             let state = meta.borrow_and_update().clone();
+            for (node, address) in self.nodes() {
+                if self.state.node.peers().address(node).as_deref() != Some(address.as_str()) {
+                    self.state.node.peers().set_address(node, &address);
+                }
+            }
             let mut wanted = std::collections::HashSet::new();
             // Every group this node may host: (name, id, replicas per partition, kind).
             let coordinators = state
@@ -81,10 +86,14 @@ impl Broker {
                 .chain(queues)
             {
                 for (partition, replicas) in partitions.iter().enumerate() {
-                    if !replicas.contains(&me) {
+                    let group = GroupId(crate::metadata::group_of(id, partition as u32));
+                    // A move's new replicas host the group from the move's start, the old
+                    // ones until it finished.
+                    let target = state.moves.get(&group.0);
+                    if !replicas.contains(&me) && !target.is_some_and(|target| target.contains(&me))
+                    {
                         continue;
                     }
-                    let group = GroupId(crate::metadata::group_of(id, partition as u32));
                     wanted.insert(group);
                     let members: BTreeMap<NodeId, String> = replicas
                         .iter()
@@ -136,7 +145,7 @@ impl Broker {
             self.retain_leader_hints(|group| existing.contains(&group.0));
             for group in self.state.node.partition_groups() {
                 if !wanted.contains(&group) {
-                    tracing::info!(%group, "removing partition group of a deleted topic");
+                    tracing::info!(%group, "removing a partition group this node no longer replicates");
                     if let Err(error) = self.state.node.remove_partition(group).await {
                         tracing::error!(%group, %error, "cannot remove partition group");
                     }
@@ -180,6 +189,10 @@ impl Broker {
                         continue;
                     }
                     let group = GroupId(crate::metadata::group_of(id, partition as u32));
+                    // A moving group's leadership is the move's to decide.
+                    if state.moves.contains_key(&group.0) {
+                        continue;
+                    }
                     let Some(status) = self.state.node.status(group) else {
                         continue;
                     };

@@ -40,8 +40,13 @@ const METADATA_CATCH_UP_MAX: Duration = Duration::from_secs(2);
 pub struct BrokerOptions {
     /// This node.
     pub node_id: NodeId,
-    /// Every node of the cluster (voters of the metadata group) and its advertised address.
+    /// The static cluster (`initial_cluster`): every node that forms the cluster at first
+    /// start, with its advertised address. Later nodes join and are found in the node table.
     pub nodes: BTreeMap<NodeId, String>,
+    /// This node's advertised address.
+    pub advertise: String,
+    /// Addresses of nodes of an existing cluster to join through (besides `nodes`).
+    pub join: Vec<String>,
     /// Request limits.
     pub limits: Limits,
     /// How often a leader checks whether to hand leadership back to a partition's preferred
@@ -109,7 +114,10 @@ impl Broker {
             .validate()
             .map_err(|error| BrokerError::Internal(error.to_string()))?;
         let (published, meta) = watch::channel(Arc::new(MetaState::default()));
-        node.start_meta(&options.nodes, Box::new(MetaMachine::new(published)))
+        for (id, address) in &options.nodes {
+            node.peers().set_address(*id, address);
+        }
+        node.start_meta(Box::new(MetaMachine::new(published)))
             .await
             .map_err(|error| BrokerError::Internal(error.to_string()))?;
         let produce_permits = Semaphore::new(options.limits.produce_in_flight_max as usize);
@@ -239,6 +247,9 @@ impl Broker {
 
     /// A node's advertised address.
     pub(crate) fn address(&self, node: NodeId) -> Option<String> {
+        if let Some(info) = self.state.meta.borrow().nodes.get(&node) {
+            return Some(info.address.clone());
+        }
         self.state.options.nodes.get(&node).cloned()
     }
 

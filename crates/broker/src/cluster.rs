@@ -57,6 +57,11 @@ pub struct NodeView {
     pub leader_count: u32,
     /// Partitions it replicates.
     pub replica_count: u32,
+    /// `ACTIVE`, `DRAINING`, or `UNREGISTERED` (static config only).
+    pub state: &'static str,
+    /// `VOTER` or `LEARNER` of the metadata group as the answering node sees it; `""` if
+    /// neither.
+    pub metadata_role: &'static str,
 }
 
 /// The cluster as this node sees it.
@@ -74,6 +79,8 @@ pub struct ClusterView {
     pub topics: u32,
     /// Partition count.
     pub partitions: u32,
+    /// Replica moves in progress.
+    pub moves: Vec<crate::MoveView>,
 }
 
 impl Broker {
@@ -115,8 +122,9 @@ impl Broker {
             .collect();
         let statuses = self.collect_status(&groups).await;
         let meta = self.state.node.status(ordo_raft::META_GROUP);
+        let meta_members = self.state.node.members(ordo_raft::META_GROUP);
         let mut nodes = Vec::new();
-        for (node, address) in &self.state.options.nodes {
+        for (node, address) in &self.nodes() {
             let reports = statuses.get(node).and_then(|reports| reports.as_ref());
             let leader_count = reports
                 .map(|reports| {
@@ -132,12 +140,24 @@ impl Broker {
                 .flat_map(|topic| topic.partitions.iter())
                 .filter(|replicas| replicas.contains(node))
                 .count() as u32;
+            let node_state = match state.nodes.get(node) {
+                Some(info) if info.draining => "DRAINING",
+                Some(_) => "ACTIVE",
+                None => "UNREGISTERED",
+            };
+            let metadata_role = match &meta_members {
+                Some(members) if members.all_voters.contains(node) => "VOTER",
+                Some(members) if members.learners.contains(node) => "LEARNER",
+                _ => "",
+            };
             nodes.push(NodeView {
                 node_id: *node,
                 address: address.clone(),
                 reachable: reports.is_some(),
                 leader_count,
                 replica_count,
+                state: node_state,
+                metadata_role,
             });
         }
         ClusterView {
@@ -147,6 +167,7 @@ impl Broker {
             nodes,
             topics: state.topics.len() as u32,
             partitions: groups.len() as u32,
+            moves: state.move_views(),
         }
     }
 
@@ -166,7 +187,7 @@ impl Broker {
     /// Every node's status of `groups`; `None` for a node that did not answer.
     async fn collect_status(&self, groups: &[u64]) -> BTreeMap<NodeId, Option<Vec<GroupStatus>>> {
         let me = self.node_id();
-        let calls = self.state.options.nodes.keys().copied().map(|node| {
+        let calls = self.nodes().into_keys().map(|node| {
             let groups = groups.to_vec();
             async move {
                 if node == me {

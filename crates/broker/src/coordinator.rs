@@ -383,7 +383,7 @@ impl Broker {
     }
 
     pub(crate) fn create_coordinators_command(&self) -> MetaCommand {
-        let nodes: Vec<NodeId> = self.state.options.nodes.keys().copied().collect();
+        let nodes: Vec<NodeId> = self.placement_nodes();
         MetaCommand::CreateCoordinators {
             shards: self.state.options.groups.coordinator_shards,
             replication_factor: COORDINATOR_REPLICAS.min(nodes.len() as u32).max(1),

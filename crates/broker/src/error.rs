@@ -142,6 +142,9 @@ pub enum BrokerError {
         /// The limit.
         max: u32,
     },
+    /// No such node in the node table.
+    #[error("node {0} is not a node of the cluster (see ordo cluster status)")]
+    NodeNotFound(NodeId),
     /// A bug or a storage failure on the server.
     #[error("{0}")]
     Internal(String),

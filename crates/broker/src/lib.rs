@@ -20,6 +20,8 @@
 //! - `producer`: idempotent producers: InitProducer and the registry check of every stamped produce.
 //! - `metadata`: the replicated metadata state (topics, replica assignment) and its commands,
 //!   applied through the metadata Raft group.
+//! - `nodes`: the node table and replica moves of the metadata state (join, drain, reassign,
+//!   rebalance plans).
 //! - `route`: the decisions of the retry loops (where a batch goes next; whether a call that ran
 //!   out of time may say "nothing written").
 //! - `rpc`: the contract of each internal call between nodes, used by both ends (this crate's
@@ -38,6 +40,8 @@
 //!   topic's partition, on its replicas): receive streams with flow control, settles, the lease
 //!   expiry and dead-letter loop.
 //! - `background`: reconcile this node's groups with the metadata; leader balance.
+//! - `membership`: forming or joining the cluster, the metadata group's voters, and driving
+//!   replica moves on each group's leader.
 //! - `peer`: [`Peer`](peer::Peer), the only code that calls other nodes over gRPC.
 //!
 //! The modules the next capabilities add (producer state, groups, queues, retention) follow the
@@ -58,8 +62,10 @@ mod error;
 mod fetch;
 pub mod group_state;
 mod limits;
+mod membership;
 mod metadata;
 mod names;
+pub mod nodes;
 mod peer;
 mod produce;
 mod producer;
@@ -94,6 +100,7 @@ pub use limits::GroupsConfig;
 pub use limits::InvalidLimits;
 pub use limits::Limits;
 pub use limits::QueuesConfig;
+pub use membership::MoveView;
 pub use metadata::MetaState;
 pub use metadata::Queue;
 pub use metadata::QueueConfig;

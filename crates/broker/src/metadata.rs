@@ -75,6 +75,12 @@ pub struct MetaState {
     pub coordinators: Option<Topic>,
     /// Queues by name.
     pub queues: BTreeMap<String, Queue>,
+    /// Every node of the cluster (`nodes`).
+    pub nodes: BTreeMap<NodeId, crate::nodes::NodeInfo>,
+    /// Nodes that left the cluster: never placed on, even when named by a static config.
+    pub removed_nodes: std::collections::BTreeSet<NodeId>,
+    /// Replica moves in progress: a group's replicas it moves to (`nodes`).
+    pub moves: BTreeMap<u64, Vec<NodeId>>,
 }
 
 /// A queue over a topic: per partition, a state group beside the topic's partition, on the same
@@ -125,6 +131,17 @@ impl Queue {
     }
 }
 
+/// The metadata state as written before the node table existed; still read.
+#[derive(Deserialize)]
+struct MetaStateBeforeNodes {
+    topics: BTreeMap<String, Topic>,
+    next_topic_id: u64,
+    applied_index: u64,
+    producers: ProducerRegistry,
+    coordinators: Option<Topic>,
+    queues: BTreeMap<String, Queue>,
+}
+
 /// The metadata state as written before queues existed; still read.
 #[derive(Deserialize)]
 struct MetaStateBeforeQueues {
@@ -162,6 +179,17 @@ impl MetaState {
             Ok(state) => return Ok(state),
             Err(error) => error,
         };
+        if let Ok(old) = postcard::from_bytes::<MetaStateBeforeNodes>(bytes) {
+            return Ok(MetaState {
+                topics: old.topics,
+                next_topic_id: old.next_topic_id,
+                applied_index: old.applied_index,
+                producers: old.producers,
+                coordinators: old.coordinators,
+                queues: old.queues,
+                ..MetaState::default()
+            });
+        }
         if let Ok(old) = postcard::from_bytes::<MetaStateBeforeQueues>(bytes) {
             return Ok(MetaState {
                 topics: old.topics,
@@ -169,7 +197,7 @@ impl MetaState {
                 applied_index: old.applied_index,
                 producers: old.producers,
                 coordinators: old.coordinators,
-                queues: BTreeMap::new(),
+                ..MetaState::default()
             });
         }
         if let Ok(old) = postcard::from_bytes::<MetaStateBeforeCoordinators>(bytes) {
@@ -178,8 +206,7 @@ impl MetaState {
                 next_topic_id: old.next_topic_id,
                 applied_index: old.applied_index,
                 producers: old.producers,
-                coordinators: None,
-                queues: BTreeMap::new(),
+                ..MetaState::default()
             });
         }
         match postcard::from_bytes::<MetaStateBeforeProducers>(bytes) {
@@ -187,9 +214,7 @@ impl MetaState {
                 topics: old.topics,
                 next_topic_id: old.next_topic_id,
                 applied_index: old.applied_index,
-                producers: ProducerRegistry::default(),
-                coordinators: None,
-                queues: BTreeMap::new(),
+                ..MetaState::default()
             }),
             Err(_) => Err(error),
         }
@@ -334,6 +359,41 @@ pub enum MetaCommand {
         /// The nodes to place replicas on.
         nodes: Vec<NodeId>,
     },
+    /// Add a node to the node table, or change its address (`nodes`).
+    RegisterNode {
+        /// Its id.
+        id: NodeId,
+        /// Its advertised address.
+        address: String,
+        /// The caller is that node, already a member of the cluster (its address changed):
+        /// a different address replaces the known one instead of being refused.
+        member: bool,
+    },
+    /// Move a node's replicas elsewhere, then remove it (`nodes`).
+    DrainNode {
+        /// The node.
+        id: NodeId,
+    },
+    /// Take a drained node that holds no replica out of the table (`nodes`).
+    RemoveNode {
+        /// The node.
+        id: NodeId,
+    },
+    /// Move groups' replicas (`nodes`): each group with its new replicas, the first the
+    /// preferred leader.
+    Reassign {
+        /// Groups and their new replicas.
+        moves: Vec<(u64, Vec<NodeId>)>,
+    },
+    /// A group's replicas are `replicas` now: its move is done (`nodes`).
+    FinishMove {
+        /// The group.
+        group: u64,
+        /// Its replicas: the move's target.
+        replicas: Vec<NodeId>,
+    },
+    /// Spread replicas and preferred leaders evenly over the active nodes (`nodes`).
+    Rebalance {},
 }
 
 /// Answers of metadata commands.
@@ -372,6 +432,12 @@ pub enum MetaAnswer {
         /// The limit.
         max: u32,
     },
+    /// A node command was applied.
+    Done,
+    /// No such node.
+    NodeNotFound(NodeId),
+    /// Moves started: the groups moving and their targets.
+    Moving(Vec<(u64, Vec<NodeId>)>),
 }
 
 impl MetaState {
@@ -462,7 +528,10 @@ impl MetaState {
                 MetaAnswer::QueueCreated(queue)
             }
             MetaCommand::DeleteQueue { name } => match self.queues.remove(&name) {
-                Some(_) => MetaAnswer::Deleted,
+                Some(_) => {
+                    self.forget_moves_of_deleted_groups();
+                    MetaAnswer::Deleted
+                }
                 None => MetaAnswer::NotFound,
             },
             MetaCommand::AddPartitions {
@@ -499,6 +568,16 @@ impl MetaState {
                 topic.partitions.extend(added);
                 MetaAnswer::Altered(topic.clone())
             }
+            MetaCommand::RegisterNode {
+                id,
+                address,
+                member,
+            } => self.register_node(id, address, member),
+            MetaCommand::DrainNode { id } => self.drain_node(id),
+            MetaCommand::RemoveNode { id } => self.remove_node(id),
+            MetaCommand::Reassign { moves } => self.reassign(moves),
+            MetaCommand::FinishMove { group, replicas } => self.finish_move(group, replicas),
+            MetaCommand::Rebalance {} => self.rebalance(),
             MetaCommand::AlterTopicConfig { name, set, remove } => {
                 let Some(topic) = self.topics.get_mut(&name) else {
                     return MetaAnswer::NotFound;
@@ -553,6 +632,7 @@ impl MetaState {
             Some(topic) => {
                 // A queue cannot outlive its log.
                 self.queues.retain(|_, queue| queue.topic_id != topic.id);
+                self.forget_moves_of_deleted_groups();
                 MetaAnswer::Deleted
             }
             None => MetaAnswer::NotFound,
@@ -570,6 +650,7 @@ impl MetaState {
         nodes: &[NodeId],
     ) -> Option<Vec<Vec<NodeId>>> {
         let mut nodes: Vec<NodeId> = nodes.to_vec();
+        nodes.retain(|node| self.placeable(*node));
         nodes.sort_unstable();
         nodes.dedup();
         if replication_factor == 0 || replication_factor as usize > nodes.len() {

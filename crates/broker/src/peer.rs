@@ -49,6 +49,80 @@ pub(crate) struct CallError {
     pub(crate) message: String,
 }
 
+/// A node known only by its address (a seed to join through): asked whether a cluster exists,
+/// and to let this node join.
+pub(crate) struct Seed {
+    address: String,
+    client: InternalClient<Channel>,
+}
+
+/// Why a seed did not let this node join.
+#[derive(Debug)]
+pub(crate) enum JoinFailure {
+    /// The cluster refused: the id or the address is another node's. Retrying changes nothing.
+    Refused(String),
+    /// No answer, or no metadata leader: retry.
+    Unavailable(String),
+}
+
+impl Seed {
+    /// The seed at `address` (`host:port` or a URI); `None` when the address is not one.
+    pub(crate) fn new(address: &str, connect_timeout: Duration) -> Option<Seed> {
+        let uri = if address.contains("://") {
+            address.to_string()
+        } else {
+            format!("http://{address}")
+        };
+        let channel = tonic::transport::Endpoint::from_shared(uri)
+            .ok()?
+            .connect_timeout(connect_timeout)
+            .connect_lazy();
+        Some(Seed {
+            address: address.to_string(),
+            client: InternalClient::new(channel),
+        })
+    }
+
+    /// Whether the seed holds the metadata group's config (a cluster exists); `None` when it
+    /// did not answer.
+    pub(crate) async fn formed(&self, timeout: Duration) -> Option<bool> {
+        let mut request = tonic::Request::new(ordo_proto::internal::PingRequest { from: 0 });
+        request.set_timeout(timeout);
+        let response = self.client.clone().ping(request).await.ok()?;
+        Some(response.get_ref().formed)
+    }
+
+    /// Asks the cluster, through the seed, to take node `id` at `address`.
+    pub(crate) async fn join(
+        &self,
+        id: NodeId,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<(), JoinFailure> {
+        let mut request = tonic::Request::new(ordo_proto::internal::JoinRequest {
+            node_id: id,
+            address: address.to_string(),
+        });
+        request.set_timeout(timeout);
+        match self.client.clone().join(request).await {
+            Ok(_) => Ok(()),
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                ) =>
+            {
+                Err(JoinFailure::Refused(status.message().to_string()))
+            }
+            Err(status) => Err(JoinFailure::Unavailable(format!(
+                "{}: {}",
+                self.address,
+                status.message()
+            ))),
+        }
+    }
+}
+
 /// One remote node.
 pub(crate) struct Peer<'a> {
     peers: &'a Peers,

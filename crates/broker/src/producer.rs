@@ -86,11 +86,8 @@ impl Broker {
             .min(FENCE_SPREAD_TIMEOUT);
         let me = self.node_id();
         let peers = self
-            .state
-            .options
-            .nodes
-            .keys()
-            .copied()
+            .nodes()
+            .into_keys()
             .filter(|node| *node != me)
             .map(|node| async move {
                 let applied = self.peer(node).meta_applied(index, wait).await;

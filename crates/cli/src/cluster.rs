@@ -9,18 +9,26 @@ use crate::output::{self, OutputFormat, or_dash};
 /// Cluster commands.
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
-    /// Nodes, their reachability and partition counts, and the metadata leader.
+    /// Nodes, their reachability, state and partition counts, the metadata leader, and the
+    /// replica moves in progress.
     Status,
+    /// Move replicas so every node holds about as many, and make every node the preferred
+    /// leader of about as many partitions.
+    Rebalance {
+        #[command(flatten)]
+        wait: crate::moves::WaitArgs,
+    },
 }
 
 /// Runs a cluster command.
 pub async fn run(command: ClusterCommand, global: &GlobalArgs) -> anyhow::Result<()> {
     match command {
         ClusterCommand::Status => status(global).await,
+        ClusterCommand::Rebalance { wait } => crate::moves::rebalance(global, &wait).await,
     }
 }
 
-async fn status(global: &GlobalArgs) -> anyhow::Result<()> {
+pub(crate) async fn status(global: &GlobalArgs) -> anyhow::Result<()> {
     let client = global.client().await?;
     let status = client
         .cluster_status()
@@ -35,6 +43,8 @@ async fn status(global: &GlobalArgs) -> anyhow::Result<()> {
         "reachable",
         "leaders",
         "replicas",
+        "state",
+        "metadata",
         "role",
     ]);
     for node in &status.nodes {
@@ -49,10 +59,31 @@ async fn status(global: &GlobalArgs) -> anyhow::Result<()> {
             if node.reachable { "yes" } else { "NO" }.to_owned(),
             node.leader_count.to_string(),
             node.replica_count.to_string(),
+            node.state.to_lowercase(),
+            node.metadata_role.to_lowercase(),
             role.to_owned(),
         ]);
     }
     output::print_line(&table.to_string())?;
+    if !status.moves.is_empty() {
+        let mut moves = output::table(["moving", "partition", "from", "to"]);
+        let list = |nodes: &[u64]| {
+            nodes
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        for view in &status.moves {
+            moves.add_row(vec![
+                view.owner.clone(),
+                view.partition.to_string(),
+                list(&view.from),
+                list(&view.to),
+            ]);
+        }
+        output::print_line(&moves.to_string())?;
+    }
     output::print_line(&format!(
         "metadata leader: {} (term {}); {} topics, {} partitions; answered by node {}",
         or_dash(status.metadata_leader.map(|id| format!("node {id}"))),

@@ -5,7 +5,8 @@
 //! - `main.rs`: command line, tracing set-up, and the one place errors become an exit code.
 //! - `serve`: hands `ordo serve` to the server crate; the only module that knows it.
 //! - `dev`: starts and supervises a cluster of child `ordo serve` processes.
-//! - `topic`, `produce`, `consume`, `group`, `cluster`, `bench`: one module per command group.
+//! - `topic`, `produce`, `consume`, `group`, `cluster`, `bench`: one module per command group;
+//!   `moves` holds `node`, `partition` and `cluster rebalance` (commands that move replicas).
 //! - `output`: table and JSON printing shared by the commands.
 //! - `signals`: Ctrl-C and SIGTERM as one awaitable.
 //!
@@ -16,6 +17,7 @@ mod cluster;
 mod consume;
 mod dev;
 mod group;
+mod moves;
 mod output;
 mod produce;
 mod queue;
@@ -114,9 +116,15 @@ enum Command {
     /// Create, list, describe and delete queues.
     #[command(subcommand)]
     Queue(queue::QueueCommand),
-    /// Inspect the cluster.
+    /// Inspect the cluster, rebalance it.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// List nodes, drain one (move its replicas away, then it leaves the cluster).
+    #[command(subcommand)]
+    Node(moves::NodeCommand),
+    /// Move partitions' replicas.
+    #[command(subcommand)]
+    Partition(moves::PartitionCommand),
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -175,6 +183,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Group(command) => group::run(command, &global).await,
         Command::Queue(command) => queue::run(command, &global).await,
         Command::Cluster(command) => cluster::run(command, &global).await,
+        Command::Node(command) => moves::run_node(command, &global).await,
+        Command::Partition(command) => moves::run_partition(command, &global).await,
         Command::Bench(command) => bench::run(command, &global).await,
     }
 }

@@ -32,7 +32,9 @@ use crate::idempotence::Idempotence;
 use crate::pipe::Pipe;
 use crate::routing::Routes;
 use crate::subscribe::Subscription;
-use crate::types::{ClusterStatus, FetchResult, StartAt, TopicDescription, TopicSummary};
+use crate::types::{
+    ClusterStatus, FetchResult, ReplicaMove, StartAt, TopicDescription, TopicSummary,
+};
 
 /// Tunables of a [`Client`]. Every field has a documented default; build with
 /// `ClientOptions { request_timeout: .., ..Default::default() }`.
@@ -445,6 +447,58 @@ impl Client {
         // Routes cached for the old count would never pick the new partitions.
         self.inner.routes.remove(name);
         Ok(topic)
+    }
+
+    /// Starts moving partitions of `topic` to new replicas: `(partition, replicas)`, the first
+    /// replica the preferred leader. Returns the moves started; [`Client::cluster_status`]
+    /// shows them until they finish.
+    pub async fn reassign_partitions(
+        &self,
+        topic: &str,
+        plan: &[(u32, Vec<u64>)],
+    ) -> Result<Vec<ReplicaMove>, ClientError> {
+        let request = proto::ReassignPartitionsRequest {
+            topic: topic.to_owned(),
+            assignments: plan
+                .iter()
+                .map(|(partition, replicas)| proto::PartitionAssignment {
+                    partition: *partition,
+                    replicas: replicas.clone(),
+                })
+                .collect(),
+        };
+        let (response, _) = self
+            .call(Effect::Write, Duration::ZERO, |channel, timeout| {
+                let request = timed(request.clone(), timeout);
+                async move { self.admin(channel).reassign_partitions(request).await }
+            })
+            .await?;
+        self.inner.routes.remove(topic);
+        Ok(moves(response.into_inner().moves))
+    }
+
+    /// Starts moving every replica off node `node_id`; it leaves the cluster once it holds
+    /// none.
+    pub async fn drain_node(&self, node_id: u64) -> Result<Vec<ReplicaMove>, ClientError> {
+        let request = proto::DrainNodeRequest { node_id };
+        let (response, _) = self
+            .call(Effect::Write, Duration::ZERO, |channel, timeout| {
+                let request = timed(request, timeout);
+                async move { self.admin(channel).drain_node(request).await }
+            })
+            .await?;
+        Ok(moves(response.into_inner().moves))
+    }
+
+    /// Starts the moves that spread replicas and preferred leaders evenly over the nodes.
+    pub async fn rebalance(&self) -> Result<Vec<ReplicaMove>, ClientError> {
+        let (response, _) = self
+            .call(Effect::Write, Duration::ZERO, |channel, timeout| {
+                let request = timed(proto::RebalanceRequest {}, timeout);
+                async move { self.admin(channel).rebalance(request).await }
+            })
+            .await?;
+        Ok(moves(response.into_inner().moves))
     }
 
     /// Lists every topic.
@@ -869,4 +923,8 @@ mod tests {
             .await;
         assert!(matches!(read, Err(ClientError::DeadlineExceeded { .. })));
     }
+}
+
+fn moves(moves: Vec<proto::ReplicaMove>) -> Vec<ReplicaMove> {
+    moves.into_iter().map(ReplicaMove::from).collect()
 }

@@ -9,8 +9,8 @@ use ordo_proto::v1 as proto;
 
 use crate::error::ClientError;
 use crate::types::{
-    ClusterStatus, FetchResult, NodeStatus, PartitionDescription, RecordAck, ReplicaStatus,
-    StartAt, StoredRecord, TopicDescription, TopicSummary,
+    ClusterStatus, FetchResult, NodeStatus, PartitionDescription, RecordAck, ReplicaMove,
+    ReplicaStatus, StartAt, StoredRecord, TopicDescription, TopicSummary,
 };
 
 impl From<proto::RecordAck> for RecordAck {
@@ -125,6 +125,19 @@ impl From<proto::NodeStatus> for NodeStatus {
             reachable: node.reachable,
             leader_count: node.leader_count,
             replica_count: node.replica_count,
+            state: node.state,
+            metadata_role: node.metadata_role,
+        }
+    }
+}
+
+impl From<proto::ReplicaMove> for ReplicaMove {
+    fn from(view: proto::ReplicaMove) -> Self {
+        ReplicaMove {
+            owner: view.owner,
+            partition: view.partition,
+            from: view.from,
+            to: view.to,
         }
     }
 }
@@ -140,6 +153,7 @@ impl From<proto::ClusterStatusResponse> for ClusterStatus {
             nodes,
             topics: status.topics,
             partitions: status.partitions,
+            moves: status.moves.into_iter().map(ReplicaMove::from).collect(),
         }
     }
 }
@@ -338,6 +352,8 @@ mod tests {
             reachable: id != 3,
             leader_count: 1,
             replica_count: 3,
+            state: "ACTIVE".into(),
+            metadata_role: "VOTER".into(),
         };
         let status = ClusterStatus::from(proto::ClusterStatusResponse {
             answered_by: 2,
@@ -346,7 +362,15 @@ mod tests {
             nodes: vec![node(3), node(1), node(2)],
             topics: 1,
             partitions: 3,
+            moves: vec![proto::ReplicaMove {
+                owner: "t".into(),
+                partition: 0,
+                from: vec![1, 2, 3],
+                to: vec![4, 2, 3],
+            }],
         });
+        assert_eq!(status.moves[0].to, vec![4, 2, 3]);
+        assert_eq!(status.nodes[0].state, "ACTIVE");
         let ids: Vec<u64> = status.nodes.iter().map(|node| node.node_id).collect();
         assert_eq!(ids, vec![1, 2, 3]);
         assert!(!status.nodes[2].reachable);

@@ -62,6 +62,6 @@ pub use queue::{
 };
 pub use subscribe::Subscription;
 pub use types::{
-    ClusterStatus, FetchResult, NodeStatus, PartitionDescription, Record, RecordAck, ReplicaStatus,
-    StartAt, StoredRecord, TopicDescription, TopicSummary,
+    ClusterStatus, FetchResult, NodeStatus, PartitionDescription, Record, RecordAck, ReplicaMove,
+    ReplicaStatus, StartAt, StoredRecord, TopicDescription, TopicSummary,
 };

@@ -127,6 +127,21 @@ pub struct ClusterStatus {
     pub topics: u32,
     /// Number of partitions over all topics.
     pub partitions: u32,
+    /// Replica moves in progress.
+    pub moves: Vec<ReplicaMove>,
+}
+
+/// One group's replicas moving (a reassignment, a drain or a rebalance).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReplicaMove {
+    /// The topic, `queue NAME`, or `__groups` for a consumer group coordinator shard.
+    pub owner: String,
+    /// The partition (or shard).
+    pub partition: u32,
+    /// Its replicas now.
+    pub from: Vec<u64>,
+    /// Its replicas once moved; the first is the preferred leader.
+    pub to: Vec<u64>,
 }
 
 /// One node of the cluster.
@@ -142,4 +157,8 @@ pub struct NodeStatus {
     pub leader_count: u32,
     /// Partitions this node holds a replica of.
     pub replica_count: u32,
+    /// `ACTIVE`, `DRAINING` (its replicas are moving away), or `UNREGISTERED`.
+    pub state: String,
+    /// `VOTER` or `LEARNER` of the metadata group; empty when neither.
+    pub metadata_role: String,
 }

@@ -125,6 +125,8 @@ pub mod reason {
     pub const QUEUE_EXISTS: &str = "QUEUE_EXISTS";
     /// The cluster holds as many queues as it may (metadata `max`).
     pub const TOO_MANY_QUEUES: &str = "TOO_MANY_QUEUES";
+    /// No such node in the cluster's node table (metadata `node`).
+    pub const NODE_NOT_FOUND: &str = "NODE_NOT_FOUND";
     /// A record's `ordo-deliver-at` header is not a decimal number of milliseconds.
     pub const INVALID_DELIVER_AT: &str = "INVALID_DELIVER_AT";
 }

@@ -133,6 +133,15 @@ pub enum GroupError {
         /// Why.
         reason: String,
     },
+    /// A membership change was not made: this node does not lead the group, another change is
+    /// in progress, or a new voter is not a learner yet. Nothing changed; it may be retried.
+    #[error("membership of group {group} not changed: {reason}")]
+    Membership {
+        /// The group.
+        group: GroupId,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Raft options that cannot work together (e.g. an election timeout not above the heartbeat

@@ -42,10 +42,10 @@ pub(crate) type PartitionRaft = Raft<C, Machine<GroupLogic>>;
 
 /// The first pause before a write refused by a leader whose lease lapsed is retried (see
 /// `propose`); it doubles on each refusal.
-const LEASE_RETRY_PAUSE_MIN: Duration = Duration::from_millis(1);
+pub(crate) const LEASE_RETRY_PAUSE_MIN: Duration = Duration::from_millis(1);
 /// The longest pause between two such retries: a lease is regained in one heartbeat round
 /// (milliseconds), so waiting longer would only add latency.
-const LEASE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(50);
+pub(crate) const LEASE_RETRY_PAUSE_MAX: Duration = Duration::from_millis(50);
 
 /// Committed record batches read from a partition.
 #[derive(Debug, Clone, Default)]

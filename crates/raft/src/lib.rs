@@ -53,6 +53,7 @@ mod node;
 mod options;
 mod producers;
 mod snapshot;
+mod throttle;
 mod types;
 mod watchdog;
 
@@ -71,6 +72,7 @@ pub use meta::StateApply;
 pub use network::INTERNAL_MESSAGE_BYTES_MAX;
 pub use network::Peers;
 pub use node::HandOff;
+pub use node::Members;
 pub use node::RaftNode;
 pub use options::RaftOptions;
 pub use producers::ProducerLimits;

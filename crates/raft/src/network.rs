@@ -163,6 +163,15 @@ impl Peers {
         peers.get(&node).map(|(_, channel)| channel.clone())
     }
 
+    /// The address known for `node`, if any.
+    pub fn address(&self, node: NodeId) -> Option<String> {
+        let peers = self
+            .inner
+            .lock()
+            .expect("peers lock is never poisoned: no panics while held");
+        peers.get(&node).map(|(address, _)| address.clone())
+    }
+
     /// Records a node's address, so forwarding can reach it before any Raft traffic did.
     pub fn set_address(&self, node: NodeId, address: &str) {
         if let Err(error) = self.client(node, address) {
@@ -183,23 +192,29 @@ pub(crate) struct NetworkFactory {
     pub(crate) group: GroupId,
     /// A partition's store: its snapshots carry records, read from here (see `snapshot`).
     pub(crate) records: Option<(ordo_storage::GroupStore, Arc<crate::machine::Retention>)>,
+    /// Bounds what moves send to new replicas.
+    pub(crate) throttle: Arc<crate::throttle::Throttle>,
 }
 
 impl RaftNetworkFactory<C> for NetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        // The node table's address wins over the one the membership recorded (a node that
+        // moved re-registers).
+        let address = self
+            .peers
+            .address(target)
+            .unwrap_or_else(|| node.addr.clone());
         GroupNetwork {
             client: self
                 .peers
-                .client(target, &node.addr)
-                .map_err(|source| RpcFailure::Address {
-                    address: node.addr.clone(),
-                    source,
-                }),
+                .client(target, &address)
+                .map_err(|source| RpcFailure::Address { address, source }),
             group: self.group,
             target,
             records: self.records.clone(),
+            throttle: self.throttle.clone(),
         }
     }
 }
@@ -212,6 +227,7 @@ pub(crate) struct GroupNetwork {
     group: GroupId,
     target: NodeId,
     records: Option<(ordo_storage::GroupStore, Arc<crate::machine::Retention>)>,
+    throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// Why a Raft RPC got no answer from its target's group. openraft sees each as `Unreachable`
@@ -356,6 +372,19 @@ impl GroupNetwork {
                 .iter()
                 .map(|(_, bytes)| bytes.len())
                 .sum::<usize>();
+            if self.throttle.applies(group, target) {
+                let bytes = chunk
+                    .rows
+                    .iter()
+                    .map(|(_, _, bytes)| bytes.len())
+                    .sum::<usize>()
+                    + chunk
+                        .entries
+                        .iter()
+                        .map(|(_, bytes)| bytes.len())
+                        .sum::<usize>();
+                self.throttle.take(bytes).await;
+            }
             let message = crate::snapshot::records_message(vote.clone(), chunk)
                 .map_err(|error| Unreachable::new(&RpcFailure::Encode(error)))?;
             self.call::<_, ()>(RaftKind::SnapshotChunk, &message, ttl)
@@ -389,6 +418,16 @@ impl RaftNetworkV2<C> for GroupNetwork {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
         let keep = entries_within(&rpc.entries, APPEND_ENTRIES_BYTES_MAX);
+        if self.throttle.applies(self.group, self.target) {
+            let bytes = rpc.entries[..keep]
+                .iter()
+                .map(|entry| match &entry.payload {
+                    openraft::EntryPayload::Normal(command) => command.payload_bytes(),
+                    _ => 0,
+                })
+                .sum::<usize>();
+            self.throttle.take(bytes).await;
+        }
         if keep == rpc.entries.len() {
             return Ok(self.call(RaftKind::Append, &rpc, option.hard_ttl()).await?);
         }

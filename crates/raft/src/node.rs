@@ -71,7 +71,9 @@ use crate::types::Response;
 use crate::types::StampedBatch;
 
 mod drain;
+mod membership;
 pub use drain::HandOff;
+pub use membership::Members;
 
 type MetaRaft = Raft<C, Machine<MetadataLogic>>;
 
@@ -114,6 +116,8 @@ struct GroupHost {
     draining: AtomicBool,
     /// The other nodes the watchdog heard from within the minimum election timeout.
     alive_peers: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// Bounds what moves send to their new replicas (see `throttle`).
+    throttle: Arc<crate::throttle::Throttle>,
 }
 
 /// Every Raft group on this node. Cheap to clone.
@@ -223,6 +227,7 @@ impl RaftNode {
                 state_purges: std::sync::Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 alive_peers: std::sync::Mutex::new(std::collections::HashSet::new()),
+                throttle: Arc::new(crate::throttle::Throttle::new(options.move_bytes_per_sec)),
             }),
         })
     }
@@ -252,6 +257,10 @@ impl RaftNode {
                 let view = crate::watchdog::GroupView {
                     leading: metrics.state == openraft::ServerState::Leader,
                     leader: metrics.current_leader,
+                    voter: metrics
+                        .membership_config
+                        .voter_ids()
+                        .any(|voter| voter == self.host.id),
                 };
                 (*group, view)
             })
@@ -272,15 +281,9 @@ impl RaftNode {
         &self.host.peers
     }
 
-    /// Starts the metadata group. The lowest-id voter initializes it on first start.
-    pub async fn start_meta(
-        &self,
-        voters: &BTreeMap<NodeId, String>,
-        apply: Box<dyn MetaApply>,
-    ) -> Result<(), GroupError> {
-        for (id, address) in voters {
-            self.host.peers.set_address(*id, address);
-        }
+    /// Starts the metadata group, as it is on disk: a new node's holds no config until it is
+    /// initialized ([`RaftNode::initialize_meta`]) or a leader sends it the log.
+    pub async fn start_meta(&self, apply: Box<dyn MetaApply>) -> Result<(), GroupError> {
         let store = self.host.store.group(META_GROUP);
         let machine = open_machine(store.clone(), MetadataLogic::new(apply)).await?;
         let log_store = self.open_log_store(store, None).await?;
@@ -288,6 +291,7 @@ impl RaftNode {
             peers: self.host.peers.clone(),
             group: META_GROUP,
             records: None,
+            throttle: self.host.throttle.clone(),
         };
         let fatal = stopped(META_GROUP);
         let raft = Raft::new(
@@ -299,13 +303,6 @@ impl RaftNode {
         )
         .await
         .map_err(fatal)?;
-        let lowest = voters.keys().next().copied();
-        if lowest == Some(self.host.id) && !raft.is_initialized().await.map_err(fatal)? {
-            tracing::info!(voters = ?voters.keys().collect::<Vec<_>>(), "initializing metadata group");
-            if let Err(error) = raft.initialize(members(voters)).await {
-                tracing::warn!(%error, "metadata group initialize");
-            }
-        }
         self.host
             .meta
             .set(raft)
@@ -432,6 +429,7 @@ impl RaftNode {
             records: retention
                 .clone()
                 .map(|retention| (store.clone(), retention)),
+            throttle: self.host.throttle.clone(),
         };
         let fatal = stopped(group);
         let raft = Raft::new(self.host.id, config, network, log_store, machine)
@@ -1059,6 +1057,29 @@ impl RaftNode {
             start,
             bytes,
         ))
+    }
+
+    /// Throttles what this node sends to `node` in `group` while it catches up (a move).
+    pub fn throttle(&self, group: GroupId, node: NodeId) {
+        self.host.throttle.add(group, node);
+    }
+
+    /// Keeps throttling only the `(group, node)` links `keep` says are still catching up.
+    pub fn retain_throttled(&self, keep: impl Fn(GroupId, NodeId) -> bool) {
+        self.host.throttle.retain(keep);
+    }
+
+    /// Asks this node, if it leads the metadata group, to hand leadership to `to`.
+    pub async fn transfer_meta_leader(&self, to: NodeId) -> Result<(), GroupError> {
+        let raft = self
+            .host
+            .meta
+            .get()
+            .ok_or(GroupError::NotFound(META_GROUP))?;
+        raft.trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(stopped(META_GROUP))
     }
 
     /// Asks this node, if it leads `group`, to hand leadership to `to`.

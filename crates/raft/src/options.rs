@@ -42,6 +42,9 @@ pub struct RaftOptions {
     /// their last purge, however few entries they have: the journal file holding their oldest
     /// entry can then be deleted (one group's old entry keeps every later file).
     pub state_purge_interval: Duration,
+    /// Bytes per second a node sends, over all moves, to the new replicas a move adds while
+    /// they catch up; 0: unlimited. Ordinary replication is never throttled.
+    pub move_bytes_per_sec: u64,
 }
 
 impl Default for RaftOptions {
@@ -60,6 +63,7 @@ impl Default for RaftOptions {
             snapshot_entries: 20_000,
             snapshot_entries_kept: 2_000,
             state_purge_interval: Duration::from_secs(60),
+            move_bytes_per_sec: 64 << 20,
         }
     }
 }

@@ -48,6 +48,9 @@ pub(crate) struct GroupView {
     pub(crate) leading: bool,
     /// The leader this node knows of.
     pub(crate) leader: Option<NodeId>,
+    /// This node votes in the group (a learner, e.g. a replica a move is adding, never
+    /// stands for election).
+    pub(crate) voter: bool,
 }
 
 /// What to do about one group.
@@ -70,7 +73,7 @@ pub(crate) fn decide(
     deadline: Option<Instant>,
     now: Instant,
 ) -> Decision {
-    if view.leading {
+    if view.leading || !view.voter {
         return Decision::Healthy;
     }
     match view.leader {
@@ -83,11 +86,11 @@ pub(crate) fn decide(
 }
 
 impl RaftNode {
-    /// Runs the failure detector until `shutdown` turns true. `nodes` are every node of the
-    /// cluster with its address.
+    /// Runs the failure detector until `shutdown` turns true. `nodes` tells, each round, every
+    /// node of the cluster with its address.
     pub async fn run_watchdog(
         self,
-        nodes: BTreeMap<NodeId, String>,
+        nodes: impl Fn() -> BTreeMap<NodeId, String> + Send + 'static,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let me = self.id();
@@ -103,6 +106,7 @@ impl RaftNode {
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => return,
             }
+            let nodes = nodes();
             let pings = nodes
                 .iter()
                 .filter(|(id, _)| **id != me)
@@ -230,7 +234,11 @@ mod tests {
     use super::*;
 
     fn view(leading: bool, leader: Option<NodeId>) -> GroupView {
-        GroupView { leading, leader }
+        GroupView {
+            leading,
+            leader,
+            voter: true,
+        }
     }
 
     /// A group led here, or by a live node, is healthy; a leaderless group or one led by a
@@ -267,6 +275,15 @@ mod tests {
         assert_eq!(
             decide(view(false, None), 1, alive, Some(now), later),
             Decision::Elect
+        );
+        // A learner never stands.
+        let learner = GroupView {
+            voter: false,
+            ..view(false, None)
+        };
+        assert_eq!(
+            decide(learner, 1, alive, Some(now), later),
+            Decision::Healthy
         );
         // A follower that still names itself leader (stale metrics) is not healthy.
         assert_eq!(

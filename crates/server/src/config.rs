@@ -47,6 +47,11 @@ pub struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initial_cluster: Option<String>,
+    /// Addresses of nodes of an existing cluster to join through: `host:port,host:port`. A node
+    /// not named in `initial_cluster` joins through those nodes (and these).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub join: Option<String>,
     /// Address of the Prometheus `/metrics` endpoint (off when absent).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,6 +117,9 @@ pub struct RaftConfig {
     /// the last time, however few entries they have, so their oldest entry does not keep old
     /// journal files. Milliseconds. Default 60000.
     pub state_purge_interval_ms: u64,
+    /// Bytes per second a node sends, over all replica moves, to the new replicas catching up;
+    /// 0: unlimited. Default 67108864 (64 MiB/s).
+    pub move_bytes_per_sec: u64,
 }
 
 impl Default for RaftConfig {
@@ -136,6 +144,7 @@ impl Default for RaftConfig {
             snapshot_entries_kept: options.snapshot_entries_kept,
             compact_interval_ms: 1_000,
             state_purge_interval_ms: millis(options.state_purge_interval),
+            move_bytes_per_sec: options.move_bytes_per_sec,
         }
     }
 }
@@ -214,8 +223,11 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// Advertised address (default: listen).
     pub advertise: Option<String>,
-    /// `id=host:port,...`; empty means a single-node cluster of this node.
+    /// `id=host:port,...`: the nodes that form the cluster at first start (the lowest id forms
+    /// it); empty means a single-node cluster of this node. A node not named here joins.
     pub initial_cluster: String,
+    /// `host:port,...`: nodes of an existing cluster to join through.
+    pub join: String,
     /// Prometheus endpoint.
     pub metrics_listen: Option<SocketAddr>,
     /// On SIGTERM: the time the node takes at most to hand its leaderships off, finish the
@@ -245,6 +257,7 @@ impl Default for NodeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7001)),
             advertise: None,
             initial_cluster: String::new(),
+            join: String::new(),
             metrics_listen: None,
             shutdown_grace_ms: 20_000,
             limits: Limits::default(),
@@ -259,12 +272,13 @@ impl Default for NodeConfig {
 }
 
 /// Top-level keys read from `ORDO_*`; other `ORDO_*` variables (the CLI's) are ignored.
-const ENV_KEYS: [&str; 14] = [
+const ENV_KEYS: [&str; 15] = [
     "node_id",
     "data_dir",
     "listen",
     "advertise",
     "initial_cluster",
+    "join",
     "metrics_listen",
     "shutdown_grace_ms",
     "limits",
@@ -349,9 +363,19 @@ impl NodeConfig {
             .unwrap_or_else(|| self.listen.to_string())
     }
 
-    /// The cluster's nodes and addresses.
+    /// The addresses to join through.
+    pub fn join_addresses(&self) -> Vec<String> {
+        self.join
+            .split(',')
+            .map(str::trim)
+            .filter(|address| !address.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The initial cluster's nodes and addresses.
     pub fn cluster(&self) -> Result<BTreeMap<u64, String>, ServerError> {
-        if self.initial_cluster.trim().is_empty() {
+        if self.initial_cluster.trim().is_empty() && self.join.trim().is_empty() {
             return Ok(BTreeMap::from([(self.node_id, self.advertise())]));
         }
         let mut nodes = BTreeMap::new();
@@ -394,13 +418,9 @@ impl NodeConfig {
         if self.shutdown_grace_ms < 1000 {
             return fail("shutdown_grace_ms must be at least 1000".into());
         }
-        let cluster = self.cluster()?;
-        if !cluster.contains_key(&self.node_id) {
-            return fail(format!(
-                "initial_cluster does not include this node ({})",
-                self.node_id
-            ));
-        }
+        // A node the initial cluster does not name joins (through those nodes, or `join`).
+        self.cluster()?;
+
         self.limits
             .validate()
             .map_err(|error| ServerError::Config(error.to_string()))?;
@@ -478,6 +498,7 @@ impl NodeConfig {
             snapshot_entries: self.raft.snapshot_entries,
             snapshot_entries_kept: self.raft.snapshot_entries_kept,
             state_purge_interval: Duration::from_millis(self.raft.state_purge_interval_ms),
+            move_bytes_per_sec: self.raft.move_bytes_per_sec,
         }
     }
 
@@ -555,13 +576,7 @@ mod tests {
     /// Each inconsistent setting is refused with a message naming it.
     #[test]
     fn bad_configs_are_refused() {
-        for (node_id, cluster) in [
-            (0, ""),
-            (4, "1=a:1,2=b:2"),
-            (1, "1=a:1,1=b:2"),
-            (1, "x=a:1"),
-            (1, "1a:1"),
-        ] {
+        for (node_id, cluster) in [(0, ""), (1, "1=a:1,1=b:2"), (1, "x=a:1"), (1, "1a:1")] {
             assert!(
                 NodeConfig::load(&args(node_id, cluster)).is_err(),
                 "{node_id} {cluster}"
@@ -573,6 +588,9 @@ mod tests {
         };
         config.raft.election_timeout_min_ms = 100;
         assert!(config.validate().is_err());
+        // A node the initial cluster does not name joins through it.
+        let joining = NodeConfig::load(&args(4, "1=a:1,2=b:2")).unwrap();
+        assert!(!joining.cluster().unwrap().contains_key(&4));
     }
 
     /// The raft defaults are the raft crate's: converted back to options, they are

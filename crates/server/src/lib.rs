@@ -13,6 +13,7 @@
 
 pub mod config;
 mod deadline;
+mod gate;
 mod groups;
 mod metrics;
 mod queues;
@@ -166,6 +167,7 @@ const READINESS_FAILURES: u32 = 3;
 /// Keeps [`READY_SERVICE`]'s status current until `shutdown` turns true; once the node drains
 /// it stays NOT_SERVING.
 async fn report_readiness(
+    broker: Broker,
     raft: RaftNode,
     health: tonic_health::server::HealthReporter,
     mut shutdown: watch::Receiver<bool>,
@@ -183,7 +185,8 @@ async fn report_readiness(
             // `drain` reported it.
             return;
         }
-        let caught_up = raft.caught_up(&mut seen);
+        // A removed node serves no client (see `gate`).
+        let caught_up = raft.caught_up(&mut seen) && !broker.removed();
         failures = if caught_up { 0 } else { failures + 1 };
         let now = caught_up || (ready && failures < READINESS_FAILURES);
         if now == ready {
@@ -276,6 +279,8 @@ async fn serve_node(
         BrokerOptions {
             node_id,
             nodes: cluster.clone(),
+            advertise: config.advertise(),
+            join: config.join_addresses(),
             limits: config.limits.clone(),
             leader_balance_interval: Duration::from_millis(config.raft.leader_balance_interval_ms),
             groups: config.groups.clone(),
@@ -352,10 +357,24 @@ async fn serve_node(
         .set_service_status(READY_SERVICE, tonic_health::ServingStatus::NotServing)
         .await;
     tasks.spawn(report_readiness(
+        broker.clone(),
         raft.clone(),
         health.clone(),
         shutdown.clone(),
     ));
+    // Forms or joins the cluster; a node the cluster refuses (its id or address is another
+    // node's) stops with the reason.
+    let (refused_tx, refused) = tokio::sync::oneshot::channel::<String>();
+    {
+        let broker = broker.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(error) = broker.bootstrap(shutdown).await {
+                tracing::error!(%error, "the cluster refused this node");
+                let _ = refused_tx.send(error.to_string());
+            }
+        });
+    }
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let (abort, aborted) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(drain(
@@ -408,6 +427,9 @@ async fn serve_node(
         )))
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .layer(gate::RemovedGateLayer {
+            broker: broker.clone(),
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -442,10 +464,14 @@ async fn serve_node(
     // Calls still running near the end of the grace period (a Subscribe that does not end)
     // are not waited for: the node stops, and they end with the process.
     let result = tokio::select! {
-        result = result => result,
+        result = result => result.map_err(ServerError::from),
         Ok(()) = aborted => {
             tracing::warn!("calls still running at the end of the shutdown grace period; stopping anyway");
             Ok(())
+        }
+        Ok(reason) = refused => {
+            tasks.abort_all();
+            Err(ServerError::Startup(format!("cannot join the cluster: {reason}")))
         }
     };
     tracing::info!("grpc server stopped; stopping raft groups");
@@ -455,5 +481,5 @@ async fn serve_node(
     drop(raft);
     drop(store);
     tracing::info!("ordo node stopped");
-    result.map_err(ServerError::from)
+    result
 }

@@ -580,12 +580,80 @@ impl pb::admin_server::Admin for Services {
                     reachable: node.reachable,
                     leader_count: node.leader_count,
                     replica_count: node.replica_count,
+                    state: node.state.to_string(),
+                    metadata_role: node.metadata_role.to_string(),
                 })
                 .collect(),
             topics: view.topics,
             partitions: view.partitions,
+            moves: moves_to_wire(view.moves),
         }))
     }
+
+    async fn reassign_partitions(
+        &self,
+        request: Request<pb::ReassignPartitionsRequest>,
+    ) -> Result<Response<pb::ReassignPartitionsResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
+        let request = request.into_inner();
+        if request.assignments.is_empty() {
+            return Err(invalid(
+                reason::MISSING_REQUEST,
+                "a reassignment names at least one partition and its new replicas",
+            ));
+        }
+        let plan = request
+            .assignments
+            .into_iter()
+            .map(|assignment| (assignment.partition, assignment.replicas))
+            .collect();
+        let moves = self
+            .broker
+            .reassign_partitions(&request.topic, plan, timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ReassignPartitionsResponse {
+            moves: moves_to_wire(moves),
+        }))
+    }
+
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
+        let moves = self
+            .broker
+            .drain_node(request.into_inner().node_id, timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DrainNodeResponse {
+            moves: moves_to_wire(moves),
+        }))
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<pb::RebalanceRequest>,
+    ) -> Result<Response<pb::RebalanceResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
+        let moves = self.broker.rebalance(timeout).await.map_err(to_status)?;
+        Ok(Response::new(pb::RebalanceResponse {
+            moves: moves_to_wire(moves),
+        }))
+    }
+}
+
+fn moves_to_wire(moves: Vec<ordo_broker::MoveView>) -> Vec<pb::ReplicaMove> {
+    moves
+        .into_iter()
+        .map(|view| pb::ReplicaMove {
+            owner: view.owner,
+            partition: view.partition,
+            from: view.from,
+            to: view.to,
+        })
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -675,7 +743,21 @@ impl internal_pb::internal_server::Internal for Services {
         Ok(Response::new(internal_pb::PingResponse {
             node_id: self.broker.node_id(),
             draining: self.broker.raft().draining(),
+            formed: self.broker.raft().meta_formed(),
         }))
+    }
+
+    async fn join(
+        &self,
+        request: Request<internal_pb::JoinRequest>,
+    ) -> Result<Response<internal_pb::JoinResponse>, Status> {
+        let timeout = request_timeout(request.metadata(), ADMIN_TIMEOUT_DEFAULT);
+        let request = request.into_inner();
+        self.broker
+            .join(request.node_id, &request.address, timeout)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(internal_pb::JoinResponse {}))
     }
 
     async fn forward_coordinator(

@@ -72,6 +72,18 @@ pub fn shutting_down(node: u64) -> Status {
     )
 }
 
+/// UNAVAILABLE for a call to a node drained and removed from the cluster: nothing was done.
+pub fn removed(node: u64) -> Status {
+    status(
+        Code::Unavailable,
+        format!(
+            "node {node} was removed from the cluster (drained); nothing was done; call another node"
+        ),
+        reason::UNAVAILABLE,
+        HashMap::new(),
+    )
+}
+
 /// Maps a broker error to its status.
 pub fn to_status(error: BrokerError) -> Status {
     let message = error.to_string();
@@ -101,6 +113,12 @@ pub fn to_status(error: BrokerError) -> Status {
             message,
             reason::PARTITION_NOT_FOUND,
             HashMap::from([(key::PARTITIONS.into(), partitions.to_string())]),
+        ),
+        BrokerError::NodeNotFound(node) => status(
+            Code::NotFound,
+            message,
+            reason::NODE_NOT_FOUND,
+            HashMap::from([("node".into(), node.to_string())]),
         ),
         BrokerError::TopicExists(_) => {
             status(Code::AlreadyExists, message, reason::TOPIC_EXISTS, none())
