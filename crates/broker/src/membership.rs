@@ -337,11 +337,13 @@ impl Broker {
                 return Ok(());
             }
         }
-        // Removed nodes leave once they are learners.
+        // Removed nodes leave once they are learners and have the whole log, so they applied
+        // their own removal (and refuse clients from then on): one that is down stays a
+        // learner until it comes back.
         let leaving: BTreeSet<NodeId> = members
             .learners
             .iter()
-            .filter(|id| state.removed_nodes.contains(id))
+            .filter(|id| state.removed_nodes.contains(id) && members.caught_up(**id, 0))
             .copied()
             .collect();
         if !leaving.is_empty() {
