@@ -1,6 +1,7 @@
 //! A produce load for tests that change the cluster under it (rolling restarts, joins, moves,
 //! drains): one-record calls, a few in flight, until told to stop (bounded), then a check that
-//! every acked record is stored where it was acked and none twice.
+//! every acked record is stored where it was acked and none twice; and the wait for the
+//! cluster's status to reach a state.
 
 use std::collections::BTreeMap;
 use std::collections::HashSet;
@@ -107,6 +108,29 @@ pub async fn finish(
         load.acked.len()
     );
     Ok(load)
+}
+
+/// Polls ClusterStatus through `client` until `done` holds for it, at most `within`; `what` names
+/// the wait in the error, with the last status.
+pub async fn wait_status(
+    client: &ordo_client::Client,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&ordo_client::ClusterStatus) -> bool,
+) -> Result<ordo_client::ClusterStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        let last = client.cluster_status().await;
+        if let Ok(status) = &last {
+            if done(status) {
+                return Ok(status.clone());
+            }
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!("{what}: not within {within:?}; last status {last:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 impl Load {

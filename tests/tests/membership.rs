@@ -11,39 +11,16 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 use std::time::Instant;
 
-use anyhow::Result;
-use anyhow::bail;
 use anyhow::ensure;
 use ordo_client::ClientError;
 use ordo_client::ClusterStatus;
 use ordo_tests::TestCluster;
 use ordo_tests::load::produce_until;
+use ordo_tests::load::wait_status;
 use tokio::time::sleep;
 
 const TOPIC: &str = "moving";
 const PARTITIONS: u32 = 4;
-
-/// Polls ClusterStatus until `done` holds for it, at most `within`.
-async fn wait_status(
-    client: &ordo_client::Client,
-    what: &str,
-    within: Duration,
-    done: impl Fn(&ClusterStatus) -> bool,
-) -> Result<ClusterStatus> {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = client.cluster_status().await;
-        if let Ok(status) = &last {
-            if done(status) {
-                return Ok(status.clone());
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within {within:?}; last status {last:#?}");
-        }
-        sleep(Duration::from_millis(200)).await;
-    }
-}
 
 fn role(status: &ClusterStatus, node: u64) -> Option<(String, String)> {
     status

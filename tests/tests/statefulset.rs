@@ -30,6 +30,7 @@ use anyhow::ensure;
 use ordo_client::ClusterStatus;
 use ordo_tests::chaos::net::Net;
 use ordo_tests::load::produce_until;
+use ordo_tests::load::wait_status;
 use tokio::time::sleep;
 
 const TOPIC: &str = "sts";
@@ -208,25 +209,8 @@ impl Drop for StatefulSet {
     }
 }
 
-async fn wait_status(
-    client: &ordo_client::Client,
-    what: &str,
-    done: impl Fn(&ClusterStatus) -> bool,
-) -> Result<ClusterStatus> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let last = client.cluster_status().await;
-        if let Ok(status) = &last {
-            if done(status) {
-                return Ok(status.clone());
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!("{what}: not within 120 s; last status {last:#?}");
-        }
-        sleep(Duration::from_millis(250)).await;
-    }
-}
+/// How long a membership change of the scenario may take.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn voters(status: &ClusterStatus) -> BTreeSet<u64> {
     status
@@ -301,9 +285,12 @@ async fn run(sts: &StatefulSet) -> Result<()> {
     for ordinal in 3..5 {
         sts.start(ordinal)?;
     }
-    let status = wait_status(&client, "ordo-3 and ordo-4 join", |status| {
-        active(status) == BTreeSet::from([1, 2, 3, 4, 5]) && voters(status).len() == 5
-    })
+    let status = wait_status(
+        &client,
+        "ordo-3 and ordo-4 join",
+        CHANGE_TIMEOUT,
+        |status| active(status) == BTreeSet::from([1, 2, 3, 4, 5]) && voters(status).len() == 5,
+    )
     .await?;
     eprintln!("scaled to 5: voters {:?}", voters(&status));
     for ordinal in 3..5 {
@@ -311,7 +298,10 @@ async fn run(sts: &StatefulSet) -> Result<()> {
     }
     let moves = client.rebalance().await?;
     ensure!(!moves.is_empty(), "the new nodes get replicas");
-    let status = wait_status(&client, "the rebalance", |status| status.moves.is_empty()).await?;
+    let status = wait_status(&client, "the rebalance", CHANGE_TIMEOUT, |status| {
+        status.moves.is_empty()
+    })
+    .await?;
     for node in [4, 5] {
         let held = status
             .nodes
@@ -329,14 +319,14 @@ async fn run(sts: &StatefulSet) -> Result<()> {
     for ordinal in [4, 3] {
         let node = ordinal as u64 + 1;
         client.drain_node(node).await?;
-        wait_status(&client, "a drain", |status| {
+        wait_status(&client, "a drain", CHANGE_TIMEOUT, |status| {
             status.moves.is_empty() && !status.nodes.iter().any(|view| view.node_id == node)
         })
         .await?;
         sts.stop(ordinal).await?;
         eprintln!("ordo-{ordinal} drained and stopped");
     }
-    let status = wait_status(&client, "three voters again", |status| {
+    let status = wait_status(&client, "three voters again", CHANGE_TIMEOUT, |status| {
         voters(status) == BTreeSet::from([1, 2, 3])
     })
     .await?;

@@ -93,48 +93,18 @@ impl MetaState {
     /// Every Raft group the metadata names but the metadata group: `(group, replicas, owner,
     /// partition)`.
     fn groups(&self) -> impl Iterator<Item = (u64, &Vec<NodeId>, Owner<'_>, u32)> {
-        let topics = self.topics.values().flat_map(|topic| {
-            topic
-                .partitions
-                .iter()
-                .enumerate()
-                .map(move |(p, replicas)| {
-                    (
-                        topic.group(p as u32),
-                        replicas,
-                        Owner::Topic(&topic.name),
-                        p as u32,
-                    )
-                })
-        });
-        let coordinators = self.coordinators.iter().flat_map(|topic| {
-            topic
-                .partitions
-                .iter()
-                .enumerate()
-                .map(move |(p, replicas)| {
-                    (
-                        topic.group(p as u32),
-                        replicas,
-                        Owner::Coordinators,
-                        p as u32,
-                    )
-                })
-        });
-        let queues = self.queues.values().flat_map(|queue| {
-            queue
-                .partitions
-                .iter()
-                .enumerate()
-                .map(move |(p, replicas)| {
-                    (
-                        queue.group(p as u32),
-                        replicas,
-                        Owner::Queue(&queue.name),
-                        p as u32,
-                    )
-                })
-        });
+        let topics = self
+            .topics
+            .values()
+            .flat_map(|topic| numbered(topic.id, &topic.partitions, Owner::Topic(&topic.name)));
+        let coordinators = self
+            .coordinators
+            .iter()
+            .flat_map(|topic| numbered(topic.id, &topic.partitions, Owner::Coordinators));
+        let queues = self
+            .queues
+            .values()
+            .flat_map(|queue| numbered(queue.id, &queue.partitions, Owner::Queue(&queue.name)));
         topics.chain(coordinators).chain(queues)
     }
 
@@ -501,6 +471,27 @@ impl MetaState {
             .collect();
         self.reassign(changed)
     }
+}
+
+/// Each partition of `owner` (whose groups are `group_of(id, partition)`) with its group and
+/// replicas.
+fn numbered<'a>(
+    id: u64,
+    partitions: &'a [Vec<NodeId>],
+    owner: Owner<'a>,
+) -> impl Iterator<Item = (u64, &'a Vec<NodeId>, Owner<'a>, u32)> + 'a {
+    partitions
+        .iter()
+        .enumerate()
+        .map(move |(partition, replicas)| {
+            let partition = partition as u32;
+            (
+                crate::metadata::group_of(id, partition),
+                replicas,
+                owner,
+                partition,
+            )
+        })
 }
 
 /// The node counting most and the one counting least (highest and lowest id on ties), when

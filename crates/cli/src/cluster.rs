@@ -66,22 +66,7 @@ pub(crate) async fn status(global: &GlobalArgs) -> anyhow::Result<()> {
     }
     output::print_line(&table.to_string())?;
     if !status.moves.is_empty() {
-        let mut moves = output::table(["moving", "partition", "from", "to"]);
-        let list = |nodes: &[u64]| {
-            nodes
-                .iter()
-                .map(u64::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        for view in &status.moves {
-            moves.add_row(vec![
-                view.owner.clone(),
-                view.partition.to_string(),
-                list(&view.from),
-                list(&view.to),
-            ]);
-        }
+        let moves = crate::moves::moves_table("moving", &status.moves);
         output::print_line(&moves.to_string())?;
     }
     output::print_line(&format!(

@@ -131,6 +131,27 @@ fn parse_assignment(text: &str) -> anyhow::Result<(u32, Vec<u64>)> {
     Ok((partition, nodes))
 }
 
+/// A table of moves: what moves (`first` names the column), its partition, from and to.
+pub(crate) fn moves_table(first: &str, moves: &[ReplicaMove]) -> comfy_table::Table {
+    let list = |nodes: &[u64]| {
+        nodes
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut table = output::table([first, "partition", "from", "to"]);
+    for view in moves {
+        table.add_row(vec![
+            view.owner.clone(),
+            view.partition.to_string(),
+            list(&view.from),
+            list(&view.to),
+        ]);
+    }
+    table
+}
+
 fn key(view: &ReplicaMove) -> (String, u32) {
     (view.owner.clone(), view.partition)
 }
@@ -148,22 +169,7 @@ async fn follow(
     } else if moves.is_empty() {
         output::print_line("no replica needs to move")?;
     } else {
-        let mut table = output::table(["owner", "partition", "from", "to"]);
-        for view in moves {
-            let list = |nodes: &[u64]| {
-                nodes
-                    .iter()
-                    .map(u64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
-            table.add_row(vec![
-                view.owner.clone(),
-                view.partition.to_string(),
-                list(&view.from),
-                list(&view.to),
-            ]);
-        }
+        let table = moves_table("owner", moves);
         output::print_line(&table.to_string())?;
     }
     if wait.no_wait || moves.is_empty() {
