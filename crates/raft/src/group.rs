@@ -265,16 +265,7 @@ pub(crate) fn status_of<SM: RaftStateMachine<C>>(
 ) -> GroupStatus {
     let metrics = raft.metrics();
     let metrics = metrics.borrow_watched();
-    let matched = metrics
-        .replication
-        .as_ref()
-        .map(|replication| {
-            replication
-                .iter()
-                .map(|(node, log_id)| (*node, log_id.as_ref().map(|id| id.index + 1).unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let matched = matched_of(&metrics);
     GroupStatus {
         group: group.0,
         leader: metrics.current_leader,
@@ -286,6 +277,20 @@ pub(crate) fn status_of<SM: RaftStateMachine<C>>(
         matched,
         voters: metrics.membership_config.voter_ids().collect(),
     }
+}
+
+/// On a leader: each member's matched entries (last matched index + 1); empty elsewhere.
+pub(crate) fn matched_of(metrics: &openraft::RaftMetrics<C>) -> BTreeMap<NodeId, u64> {
+    metrics
+        .replication
+        .as_ref()
+        .map(|replication| {
+            replication
+                .iter()
+                .map(|(node, log_id)| (*node, log_id.as_ref().map_or(0, |id| id.index + 1)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Reads committed batches of one partition, stopping at the high watermark.

@@ -50,16 +50,7 @@ fn hand_off_target(
     attempt: usize,
 ) -> Option<NodeId> {
     let last = metrics.last_log_index.map_or(0, |index| index + 1);
-    let matched: HashMap<NodeId, u64> = metrics
-        .replication
-        .as_ref()
-        .map(|replication| {
-            replication
-                .iter()
-                .map(|(node, log_id)| (*node, log_id.as_ref().map_or(0, |id| id.index + 1)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let matched = crate::group::matched_of(metrics);
     let mut voters: Vec<(bool, u64, NodeId)> = metrics
         .membership_config
         .voter_ids()

@@ -73,16 +73,7 @@ fn members_of<SM: RaftStateMachine<C>>(raft: &Raft<C, SM>) -> Members {
             == metrics.membership_config.log_id(),
         leader: metrics.current_leader,
         last_log_index: metrics.last_log_index.map_or(0, |index| index + 1),
-        matched: metrics
-            .replication
-            .as_ref()
-            .map(|replication| {
-                replication
-                    .iter()
-                    .map(|(node, log_id)| (*node, log_id.as_ref().map_or(0, |id| id.index + 1)))
-                    .collect()
-            })
-            .unwrap_or_default(),
+        matched: crate::group::matched_of(&metrics),
     }
 }
 
